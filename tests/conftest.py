@@ -1,0 +1,31 @@
+"""Shared fixtures: the real COCO-format sets in ../shared/data.
+
+They are absent on a fresh user's machine (tests skip with the reason) but required in CI.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _shared_set(name: str) -> Path:
+    root = SHARED_DATA / name
+    if not root.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the shared data set {root} is missing")
+        pytest.skip(f"{root} is absent (shared data sets live beside the checkout)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_coco() -> Path:
+    """50 train2017 + 50 val2017 COCO images with official annotations."""
+    return _shared_set("tiny_coco")
+
+
+@pytest.fixture(scope="session")
+def coco128() -> Path:
+    """128 COCO train2017 images with official annotations."""
+    return _shared_set("coco128")
