@@ -1,0 +1,247 @@
+"""The forward API every detector shares: ``DetectorOutput``, the ``Detector`` base and valid regions.
+
+A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 32) and the valid
+``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7, plus the anchors
+of the batch's grid. With targets it also returns each image's anchor assignment and the named
+loss terms. Distillation code reads these fields directly.
+
+Canonical padding: an image's own padded size is its size rounded up to 32
+(:func:`detectors.views.padded_size`). On each level, :func:`valid_level_sizes` gives the
+top-left region computed from that padding alone; anchors outside it (batch padding added for
+bigger batch-mates) are ignored by the assignment, the losses and ``postprocess``, so the
+assignment, losses and detections of an image do not depend on how it was batched (feature
+values near the region's border still do, through the convolutions' receptive fields).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from detectors.views import SIZE_DIVISOR, padded_size
+
+if TYPE_CHECKING:
+    from detectors.zoo import DetectorConfig
+
+STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
+# Values of ``matched_gt`` besides a GT index (as torchvision's Matcher uses them).
+BACKGROUND = -1
+IGNORE = -2
+
+
+@dataclass
+class DetectorOutput:
+    """What ``Detector.forward`` returns. Level lists run over P3..P7.
+
+    Anchor order, within a level and over the concatenation of levels, is (h, w, a): the same
+    order as ``flatten_levels`` gives the maps.
+    """
+
+    features: list[Tensor]                 # per level (N, C, H_l, W_l) FPN outputs
+    cls_logits: list[Tensor]               # per level (N, A*K, H_l, W_l), sigmoid logits
+    box_outputs: list[Tensor]              # per level (N, A*4, H_l, W_l) RetinaNet deltas, or
+    #                                        (N, 4*(reg_max+1), H_l, W_l) GFL distribution logits (after Scale)
+    anchors: list[Tensor]                  # per level (H_l*W_l*A, 4) xyxy pixels, shared by the batch
+    strides: tuple[int, ...]               # pixels per cell of each level
+    image_sizes: list[tuple[int, int]]     # valid (h, w) of each image, pixels
+    # Per image, over all anchors of all levels: "matched_gt" (A_total,) long, a GT index or
+    # BACKGROUND (-1) or IGNORE (-2: between IoU thresholds, or outside the image's valid region);
+    # GFL adds "atss_threshold" (n_gt,) float, the ATSS IoU threshold of each GT.
+    assignment: list[dict[str, Tensor]] | None = None
+    losses: dict[str, Tensor] | None = None  # named, already weighted terms: total = sum(values)
+
+
+def valid_level_sizes(image_size_hw: tuple[int, int], strides: tuple[int, ...] = STRIDES,
+                      size_divisor: int = SIZE_DIVISOR) -> list[tuple[int, int]]:
+    """(h_l, w_l) of each level computed from the image's canonical padding (size rounded up to 32).
+
+    Levels with stride <= ``size_divisor`` divide the padded size exactly; coarser levels follow
+    the stride-2 conv chain (3×3, padding 1), ``ceil(previous / 2)``, as P6 and P7 are computed.
+    """
+    padded_h, padded_w = padded_size(image_size_hw, size_divisor)
+    sizes: list[tuple[int, int]] = []
+    for index, stride in enumerate(strides):
+        if stride <= size_divisor:
+            if size_divisor % stride:
+                raise ValueError(f"stride {stride} does not divide the size divisor {size_divisor}")
+            sizes.append((padded_h // stride, padded_w // stride))
+        else:
+            if index == 0 or stride != 2 * strides[index - 1]:
+                raise ValueError(f"strides above {size_divisor} must double the previous one, got {strides}")
+            prev_h, prev_w = sizes[-1]
+            sizes.append((math.ceil(prev_h / 2), math.ceil(prev_w / 2)))
+    return sizes
+
+
+def flatten_levels(maps: list[Tensor], num_anchors: int) -> Tensor:
+    """Per-level maps (N, A*C, H_l, W_l) -> (N, sum_l H_l*W_l*A, C), rows in (level, h, w, a) order."""
+    rows = []
+    for level_map in maps:
+        n, channels, h, w = level_map.shape
+        level_map = level_map.view(n, num_anchors, channels // num_anchors, h, w)  # (N, A, C, H, W)
+        rows.append(level_map.permute(0, 3, 4, 1, 2).reshape(n, h * w * num_anchors, -1))  # (N, HWA, C)
+    return torch.cat(rows, dim=1)
+
+
+class Detector(nn.Module):
+    """Base of the dense one-stage detectors (RetinaNet, GFL): backbone -> head -> ``DetectorOutput``.
+
+    Subclasses provide the head, the anchor generator and four methods: ``match`` (one image's
+    assignment), ``compute_losses``, ``decode_boxes`` (for ``postprocess``) and their config.
+    """
+
+    strides: tuple[int, ...] = STRIDES
+
+    def __init__(self, config: DetectorConfig, backbone: nn.Module, anchor_generator: AnchorGenerator,
+                 head: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.backbone = backbone
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.num_anchors = anchor_generator.num_anchors_per_location()[0]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+        """Runs the detector on a padded batch; computes assignment and losses only with ``targets``.
+
+        Args:
+            images: (N, 3, H, W) normalised, zero-padded, H and W multiples of 32.
+            image_sizes: valid (h, w) of each image in pixels.
+            targets: per image ``boxes`` (n, 4) xyxy pixels and ``labels`` (n,) long in [0, K).
+        """
+        image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+        self._check_inputs(images, image_sizes, targets)
+        features = list(self.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
+        cls_logits, box_outputs = self.head(features)
+        anchors = self.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
+        out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(self.strides), image_sizes)
+        if targets is not None:
+            out.assignment = self.assign(out, targets)
+            out.losses = self.compute_losses(out, targets)
+        return out
+
+    def _check_inputs(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                      targets: list[dict[str, Tensor]] | None) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
+            raise ValueError(f"batch size {height}x{width} is not a multiple of {SIZE_DIVISOR}; pad the batch "
+                             f"(detectors.views.collate does)")
+        if len(image_sizes) != images.shape[0]:
+            raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
+        for size in image_sizes:
+            pad_h, pad_w = padded_size(size)
+            if pad_h > height or pad_w > width or min(size) < 1:
+                raise ValueError(f"image size {size} (padded {pad_h}x{pad_w}) does not fit the batch "
+                                 f"{height}x{width}")
+        if targets is None:
+            return
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]} images")
+        for target in targets:
+            boxes, labels = target["boxes"], target["labels"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"target boxes must be (n, 4) with labels (n,), got {tuple(boxes.shape)} "
+                                 f"and {tuple(labels.shape)}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"target labels must be in [0, {self.num_classes}), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+
+    # ------------------------------------------------------------------ anchors and valid regions
+    def grid_anchors(self, level_shapes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
+        """Per level (H_l*W_l*A, 4) xyxy pixel anchors centred at (j*stride, i*stride), order (h, w, a).
+
+        Uses the true strides (8..128), not torchvision's ``AnchorGenerator.forward`` estimate
+        ``padded size // map size``, which is off on P6/P7 unless the batch is a multiple of 128
+        and would make anchors depend on the batch's padding.
+        """
+        self.anchor_generator.set_cell_anchors(like.dtype, like.device)
+        strides = [[torch.tensor(s, device=like.device), torch.tensor(s, device=like.device)]
+                   for s in self.strides]
+        return self.anchor_generator.grid_anchors([list(shape) for shape in level_shapes], strides)
+
+    def valid_anchor_mask(self, image_size_hw: tuple[int, int], level_shapes: list[tuple[int, int]],
+                          device: torch.device | None = None) -> Tensor:
+        """(A_total,) bool: anchors inside the image's canonical-padding region of each level."""
+        masks = []
+        for (map_h, map_w), (valid_h, valid_w) in zip(level_shapes, valid_level_sizes(image_size_hw, self.strides)):
+            mask = torch.zeros(map_h, map_w, self.num_anchors, dtype=torch.bool, device=device)
+            mask[:valid_h, :valid_w] = True
+            masks.append(mask.reshape(-1))
+        return torch.cat(masks)
+
+    # ------------------------------------------------------------------ assignment
+    @torch.no_grad()
+    def assign(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image: ``match`` on the valid anchors only, then IGNORE for the rest of the batch grid."""
+        level_shapes = [tuple(m.shape[-2:]) for m in out.cls_logits]
+        anchors = torch.cat(out.anchors)  # (A_total, 4)
+        assignment = []
+        for image_size, target in zip(out.image_sizes, targets):
+            valid = self.valid_anchor_mask(image_size, level_shapes, anchors.device)  # (A_total,)
+            valid_per_level = [h * w * self.num_anchors for h, w in valid_level_sizes(image_size, self.strides)]
+            matched = self.match(anchors[valid], valid_per_level, target["boxes"].to(anchors))
+            matched_gt = torch.full((anchors.shape[0],), IGNORE, dtype=torch.long, device=anchors.device)
+            matched_gt[valid] = matched.pop("matched_gt")
+            assignment.append({"matched_gt": matched_gt, **matched})
+        return assignment
+
+    def match(self, anchors_xyxy: Tensor, num_anchors_per_level: list[int],
+              gt_boxes_xyxy: Tensor) -> dict[str, Tensor]:
+        """One image: ``matched_gt`` (A,) over the given anchors, plus family-specific entries."""
+        raise NotImplementedError
+
+    def compute_losses(self, out: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Named, weighted loss terms from ``out`` (with ``out.assignment`` filled in)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ inference
+    def decode_boxes(self, box_rows: Tensor, anchors_xyxy: Tensor, stride: int) -> Tensor:
+        """Rows of one level's box outputs (n, C) and their anchors (n, 4) -> boxes (n, 4) xyxy pixels."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def postprocess(self, out: DetectorOutput) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` (d, 4) xyxy view pixels clipped to the image, ``scores``, ``labels``.
+
+        Per level over the image's valid region: scores > score_thresh, top ``topk_candidates``,
+        decode, clip; then class-aware NMS over all levels and keep ``detections_per_img``.
+        """
+        config = self.config
+        num_anchors, num_classes = self.num_anchors, self.num_classes
+        detections = []
+        for index, image_size in enumerate(out.image_sizes):
+            image_boxes, image_scores, image_labels = [], [], []
+            level_sizes = valid_level_sizes(image_size, out.strides)
+            for level, (valid_h, valid_w) in enumerate(level_sizes):
+                map_h, map_w = out.cls_logits[level].shape[-2:]
+                logits = out.cls_logits[level][index, :, :valid_h, :valid_w]  # (A*K, h, w)
+                logits = logits.reshape(num_anchors, num_classes, valid_h, valid_w).permute(2, 3, 0, 1)
+                scores = logits.reshape(-1).sigmoid()  # (h*w*A*K,)
+                box_map = out.box_outputs[level][index, :, :valid_h, :valid_w]  # (A*C, h, w)
+                box_map = box_map.reshape(num_anchors, -1, valid_h, valid_w).permute(2, 3, 0, 1)
+                box_rows = box_map.reshape(valid_h * valid_w * num_anchors, -1)  # (hwA, C)
+                anchors = out.anchors[level].view(map_h, map_w, num_anchors, 4)[:valid_h, :valid_w].reshape(-1, 4)
+
+                keep = scores > config.score_thresh
+                scores, flat_indices = scores[keep], torch.where(keep)[0]
+                scores, order = scores.topk(min(config.topk_candidates, scores.numel()))
+                flat_indices = flat_indices[order]
+                anchor_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
+                boxes = self.decode_boxes(box_rows[anchor_indices], anchors[anchor_indices], out.strides[level])
+                image_boxes.append(clip_boxes_to_image(boxes, image_size))
+                image_scores.append(scores)
+                image_labels.append(flat_indices % num_classes)
+            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+            keep = batched_nms(boxes, scores, labels, config.nms_thresh)[: config.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
