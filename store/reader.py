@@ -1,0 +1,288 @@
+"""Reading a cache: random access by (image_id, view_index) and streaming, per field group.
+
+    cache = open_cache(url, expect=dict(teacher={"checkpoint_sha256": sha}, dataset=fingerprint,
+                                        views=[v.to_dict() for v in views], fields=["fpn", "head.cls"]))
+    sample = cache.get(139, 0, fields=["fpn"])            # {"fpn.p3": array (C, H, W), ...}
+    for sample in cache.iter(fields=["region", "meta"], rank=rank, world_size=world):
+        ...
+
+``fields`` takes field names ("fpn.p3"), groups ("fpn") or prefixes ("head.cls"). Only the files
+of the groups asked for are read. ``decode``: "numpy" (float32 / exact ints), "torch" (the same as
+tensors) or "compact" (uint8 + scales, int16 KLT coefficients, fp16: move those to the device and
+call ``store.dequantize`` there). Every sample also carries ``__key__`` (image_id, view_index)
+and ``__view__`` (its view spec from the manifest).
+"""
+from __future__ import annotations
+
+import io
+import sys
+from collections import OrderedDict
+
+import numpy as np
+
+from . import fsutil
+from .backends import ReadStats, make_backend
+from .errors import CacheError, CorruptShardError, IncompleteCacheError
+from .manifest import Manifest
+from .schema import FIELDS, expand_fields, group_of
+from .writer import MANIFEST, key_index, read_manifest, read_receipt, read_receipts, shard_summary
+
+DECODES = ("numpy", "torch", "compact")
+RECEIPTS_KEPT = 256        # receipts kept in memory per process (a receipt is ~1 KiB per sample)
+
+
+def open_cache(url: str, expect: dict | None = None, allow_incomplete: bool = False) -> "Cache":
+    """Open a cache for reading; refuse it if it does not match ``expect`` (see
+    ``Manifest.check``) or, unless ``allow_incomplete``, if shards are missing."""
+    return Cache(url, expect=expect, allow_incomplete=allow_incomplete)
+
+
+class Cache:
+    def __init__(self, url: str, expect: dict | None = None, allow_incomplete: bool = False):
+        self.url = str(url)
+        self.fs, self.root = fsutil.resolve(self.url)
+        manifest = read_manifest(self.fs, self.root)
+        if manifest is None:
+            raise CacheError(f"{self.url}: no {MANIFEST} (not a cache, or precompute has not started)")
+        self.manifest: Manifest = manifest
+        manifest.check(expect, where=self.url)
+        self._receipts: OrderedDict[int, dict] = OrderedDict()     # LRU of receipts read
+        if manifest["complete"]:
+            self.shards = {int(s["index"]): s for s in manifest["shards"]}     # summaries; receipts on demand
+            keys = self._load_index()
+        else:
+            receipts = read_receipts(self.fs, self.root)
+            self.shards = {i: shard_summary(r) for i, r in receipts.items()}
+            expected = manifest.num_shards
+            missing = ([i for i in range(expected) if i not in self.shards] if expected is not None
+                       else ["(open-ended cache not finalized)"])
+            if missing and not allow_incomplete:
+                raise IncompleteCacheError(
+                    f"{self.url} is incomplete: {len(missing)} shard(s) not committed "
+                    f"({', '.join(map(str, missing[:8]))}{'...' if len(missing) > 8 else ''}); "
+                    "resume the precompute, or pass allow_incomplete=True")
+            keys = key_index([receipts[i] for i in sorted(receipts)])
+        self.stats = ReadStats()
+        self.backend = make_backend(manifest.backend, self.fs, self.root, self.url, self.stats)
+        # (image_id, view_index) lookup: one sorted int64 array, a few bytes per sample
+        self._keys = keys
+        combined = _combine(keys["image_id"], keys["view_index"])
+        self._order = np.argsort(combined, kind="stable")
+        self._sorted = combined[self._order]
+        duplicate = np.flatnonzero(self._sorted[1:] == self._sorted[:-1])
+        if duplicate.size:
+            a, b = keys[self._order[duplicate[0]]], keys[self._order[duplicate[0] + 1]]
+            raise CacheError(f"{self.url}: sample (image_id={a['image_id']}, view={a['view_index']}) is in shard "
+                             f"{a['shard']} and shard {b['shard']}")
+        self._checked_files: set[str] = set()
+
+    def _load_index(self) -> np.ndarray:
+        info = self.manifest["index"]
+        data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        if fsutil.sha256_bytes(data) != info["sha256"]:
+            raise CorruptShardError(f"{self.url}: {info['path']} does not match its sha256 in the manifest")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def receipt(self, index: int) -> dict:
+        """A shard's receipt (keys, blob offsets and sizes), read once per process."""
+        receipt = self._receipts.get(index)
+        if receipt is None:
+            if index not in self.shards:
+                raise CacheError(f"{self.url}: no shard {index}")
+            receipt = read_receipt(self.fs, self.root, index)
+            if receipt["files"] != self.shards[index]["files"]:
+                raise CorruptShardError(f"shard {index}: its receipt does not match the manifest")
+            self._receipts[index] = receipt
+            if len(self._receipts) > RECEIPTS_KEPT:
+                self._receipts.popitem(last=False)
+        else:
+            self._receipts.move_to_end(index)
+        return receipt
+
+    # ------------------------------------------------------------------ index
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[tuple[int, int]]:
+        """Every (image_id, view_index), in shard order."""
+        return list(zip(self._keys["image_id"].tolist(), self._keys["view_index"].tolist()))
+
+    def __contains__(self, key) -> bool:
+        try:
+            self.locate(*key)
+        except CacheError:
+            return False
+        return True
+
+    @property
+    def views(self) -> list[dict]:
+        return self.manifest["views"]
+
+    def locate(self, image_id: int, view_index: int) -> tuple[int, int]:
+        """(shard index, row) of a sample."""
+        wanted = _combine(np.int64(image_id), np.int64(view_index))
+        pos = int(np.searchsorted(self._sorted, wanted))
+        if pos == len(self._sorted) or self._sorted[pos] != wanted:
+            raise CacheError(f"{self.url}: no sample (image_id={image_id}, view={view_index})")
+        entry = self._keys[self._order[pos]]
+        return int(entry["shard"]), int(entry["row"])
+
+    # ------------------------------------------------------------------ selection and decoding
+    def select(self, fields=None) -> dict[str, list[str]]:
+        """group -> field names (sorted) for a selection of names, groups or prefixes."""
+        wanted = self.manifest.fields if fields is None else expand_fields(_as_list(fields))
+        lacking = [n for n in wanted if n not in self.manifest.fields]
+        if lacking:
+            raise CacheError(f"{self.url} has no field(s) {', '.join(lacking)} "
+                             f"(it has {', '.join(self.manifest.fields)})")
+        groups: dict[str, list[str]] = {}
+        for name in sorted(wanted):
+            groups.setdefault(group_of(name), []).append(name)
+        return groups
+
+    def _check_files(self, receipt: dict, group: str) -> None:
+        """Cheap truncation check the first time a shard's group files are touched: sizes only."""
+        prefix = receipt["groups"][group]["path"]
+        for rel, info in receipt["files"].items():
+            if not rel.startswith(prefix) or rel in self._checked_files:
+                continue
+            path = fsutil.join(self.root, rel)
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                raise CorruptShardError(f"shard {receipt['index']}: file {rel} is missing") from None
+            if size != info["nbytes"]:
+                raise CorruptShardError(f"shard {receipt['index']}: file {rel} has {size} bytes, "
+                                        f"the receipt says {info['nbytes']} (truncated or replaced)")
+            self._checked_files.add(rel)
+
+    def _decode(self, receipt: dict, group: str, row: int, field: str, blob, decode: str):
+        codec = self.manifest.codec(field)
+        try:
+            if decode == "compact":
+                value = codec.decode_compact(blob)
+            else:
+                value = codec.decode(blob)
+        except CorruptShardError as e:
+            image_id, view_index = receipt["keys"][row]
+            raise CorruptShardError(f"shard {receipt['index']} ({receipt['groups'][group]['path']}), field {field}, "
+                                    f"sample (image_id={image_id}, view={view_index}): {e}") from None
+        if decode == "torch":
+            import torch
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        return value
+
+    def _sample(self, receipt, row, blobs_by_group: dict, decode: str) -> dict:
+        image_id, view_index = receipt["keys"][row]
+        out = {"__key__": (int(image_id), int(view_index)), "__view__": self.manifest["views"][int(view_index)]}
+        for group, blobs in blobs_by_group.items():
+            for field, blob in blobs.items():
+                out[field] = self._decode(receipt, group, row, field, blob, decode)
+        return out
+
+    # ------------------------------------------------------------------ random access
+    def get(self, image_id: int, view_index: int, fields=None, decode: str = "numpy") -> dict:
+        """One sample's fields (random access; reads only the groups asked for)."""
+        _check_decode(decode)
+        shard, row = self.locate(image_id, view_index)
+        receipt = self.receipt(shard)
+        blobs = {}
+        for group, names in self.select(fields).items():
+            self._check_files(receipt, group)
+            for _, found in self.backend.read_rows(receipt, group, [row], names):
+                blobs[group] = found
+        return self._sample(receipt, row, blobs, decode)
+
+    # ------------------------------------------------------------------ streaming
+    def shards_for(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,
+                   shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[int]:
+        """Shard indices read by one loader worker of one rank: split by rank, then by worker."""
+        order = sorted(self.shards)
+        if shuffle:
+            order = [order[i] for i in np.random.default_rng([seed, epoch]).permutation(len(order))]
+        return order[rank::world_size][worker_id::num_workers]
+
+    def iter(self, fields=None, rank: int = 0, world_size: int = 1, worker_id: int | None = None,
+             num_workers: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+             decode: str = "numpy"):
+        """Stream samples shard by shard. Inside a torch DataLoader worker the worker id and
+        count are taken from ``torch.utils.data.get_worker_info()`` unless given."""
+        _check_decode(decode)
+        if worker_id is None or num_workers is None:
+            worker_id, num_workers = _worker_info()
+        groups = self.select(fields)
+        for index in self.shards_for(rank, world_size, worker_id, num_workers, shuffle, seed, epoch):
+            receipt = self.receipt(index)
+            streams = []
+            for group, names in groups.items():
+                self._check_files(receipt, group)
+                streams.append((group, self.backend.stream(receipt, group, names)))
+            for items in zip(*(s for _, s in streams)):
+                rows = {row for row, _ in items}
+                if len(rows) != 1:
+                    raise CorruptShardError(f"shard {index}: group files disagree on the sample order")
+                yield self._sample(receipt, items[0][0], {g: b for (g, _), (_, b) in zip(streams, items)}, decode)
+            for group, stream in streams:       # run each stream to its end: tail checks (sha256)
+                for _ in stream:
+                    raise CorruptShardError(f"shard {index}: group {group} has more samples than the others")
+
+    def dequantize(self, sample: dict, device=None, dtype=None) -> dict:
+        """Float tensors on ``device`` for every decoded field of a sample (any decode mode);
+        integer fields (meta, region indices) are moved as they are."""
+        import torch
+
+        from .codecs import dequantize
+        out = {}
+        for name, value in sample.items():
+            if name.startswith("__"):
+                out[name] = value
+            elif FIELDS[name].kind == "float":
+                out[name] = dequantize(value, device=device, dtype=dtype, codec=self.manifest.codec(name))
+            else:
+                out[name] = torch.as_tensor(value).to(device, non_blocking=True)
+        return out
+
+    def dataset(self, fields=None, **kwargs):
+        """A torch IterableDataset over this cache (see store.torch_data)."""
+        from .torch_data import CacheIterableDataset
+        return CacheIterableDataset(self.url, fields=fields, **kwargs)
+
+    # ------------------------------------------------------------------ artifacts
+    def artifacts(self) -> dict:
+        if self.manifest["complete"]:
+            return dict(self.manifest["artifacts"])
+        from .writer import _read_artifacts
+        return _read_artifacts(self.fs, self.root)
+
+    def artifact(self, name: str) -> dict[str, np.ndarray]:
+        info = self.artifacts().get(name)
+        if info is None:
+            raise CacheError(f"{self.url} has no artifact {name!r} (it has {sorted(self.artifacts())})")
+        data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        if fsutil.sha256_bytes(data) != info["sha256"]:
+            raise CorruptShardError(f"{self.url}: artifact {info['path']} does not match its sha256")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def _combine(image_id, view_index):
+    """One sortable int64 per key (view indices < 2**16, image ids < 2**47)."""
+    return (np.asarray(image_id, np.int64) << 16) | np.asarray(view_index, np.int64)
+
+
+def _as_list(fields) -> list:
+    return [fields] if isinstance(fields, str) else list(fields)
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in DECODES:
+        raise CacheError(f"decode must be one of {DECODES}, got {decode!r}")
+
+
+def _worker_info() -> tuple[int, int]:
+    if "torch" not in sys.modules:          # no torch imported: not inside a DataLoader worker
+        return 0, 1
+    import torch.utils.data
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+

@@ -1,0 +1,190 @@
+"""The teacher-field vocabulary, defined once for precompute, store and train.
+
+A *sample* is one view of one image, keyed by ``(image_id, view_index)``: a dict that maps a
+field name to a numpy array (or torch tensor). A field's *group* is the text before its first
+dot; groups are stored in separate files, so a reader that asks for ``region`` never touches the
+bytes of ``fpn``.
+
+    group   field                 shape            dtype    what
+    fpn     fpn.p3 .. fpn.p7      (C, H_l, W_l)    float    FPN output of level l (stride 2**l)
+    head    head.cls.p3 .. p7     (A*K, H_l, W_l)  float    dense class logits (pre-sigmoid)
+    head    head.box.p3 .. p7     (A*B, H_l, W_l)  float    dense box outputs: RetinaNet deltas
+                                                            (B=4) or GFL distribution logits
+                                                            (B=4*(reg_max+1)), after Scale
+    region  region.level          (R,)             int8     level index into LEVELS (0 = p3)
+    region  region.index          (R,)             int32    flat location on that level,
+                                                            (h * W_l + w) * A + a
+    region  region.kind           (R,)             int8     REGION_POSITIVE or REGION_VLR
+    region  region.gt             (R,)             int32    index of the GT box (meta.gt_*)
+    region  region.iou            (R,)             float32  IoU (positives) / DIoU (VLR) with it
+    region  region.cls            (R, K)           float    teacher class logits at the row
+    region  region.box_dist       (R, B)           float    teacher box outputs at the row
+    meta    meta.image_id         ()               int64    COCO image id
+    meta    meta.view_index       ()               int32    index into the manifest's views
+    meta    meta.orig_hw          (2,)             int32    source image (h, w) in pixels
+    meta    meta.valid_hw         (2,)             int32    resized view (h, w) before padding
+    meta    meta.level_hw         (5, 2)           int32    (H_l, W_l) of every level P3..P7
+    meta    meta.gt_boxes_xyxy    (G, 4)           float32  GT used for the regions, view pixels
+    meta    meta.gt_labels        (G,)             int64    contiguous labels in [0, K)
+    image   image.encoded         (N,)             uint8    the source image file (JPEG/PNG
+                                                            bytes), for a self-contained stream
+
+``meta.image_id`` and ``meta.view_index`` are in every cache; the rest is what a precompute run
+chose to write. The view spec itself lives once in the manifest (``views[view_index]``) and a
+reader returns it as ``meta.view``.
+
+Shape symbols are checked per sample: all ``fpn`` levels share ``C``; ``head.*.p3`` has the
+``H_l, W_l`` of ``fpn.p3``; all ``region.*`` share ``R``; ``meta.level_hw`` agrees with every
+dense map written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SchemaError
+
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
+STRIDES = (8, 16, 32, 64, 128)
+GROUPS = ("fpn", "head", "region", "meta", "image")
+
+# region.kind values
+REGION_POSITIVE = 1
+REGION_VLR = 2
+
+KEY_FIELDS = ("meta.image_id", "meta.view_index")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    kind: str                     # "float": storage dtype chosen by the codec; "int"/"bytes": exact dtype
+    dtype: str | None             # exact numpy dtype for kind "int"/"bytes"; None for floats
+    shape: tuple[str | int, ...]  # symbolic; "_l" in a symbol is bound per level (H_l -> H_p3)
+    default_codec: str            # a preset name of store.codecs.make_codec
+    doc: str
+
+    @property
+    def group(self) -> str:
+        return group_of(self.name)
+
+    @property
+    def level(self) -> str | None:
+        last = self.name.rsplit(".", 1)[-1]
+        return last if last in LEVELS else None
+
+
+def group_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _build() -> dict[str, FieldSpec]:
+    specs: list[FieldSpec] = []
+    for level in LEVELS:
+        specs.append(FieldSpec(f"fpn.{level}", "float", None, ("C", "H_l", "W_l"), "klt",
+                               f"FPN output {level.upper()}"))
+    for level in LEVELS:
+        specs.append(FieldSpec(f"head.cls.{level}", "float", None, ("AK", "H_l", "W_l"), "sparse",
+                               f"dense class logits at {level.upper()}"))
+    for level in LEVELS:
+        specs.append(FieldSpec(f"head.box.{level}", "float", None, ("AB", "H_l", "W_l"), "int8",
+                               f"dense box outputs at {level.upper()}"))
+    specs += [
+        FieldSpec("region.level", "int", "int8", ("R",), "raw", "level index into LEVELS"),
+        FieldSpec("region.index", "int", "int32", ("R",), "raw", "flat (h*W+w)*A+a on the level"),
+        FieldSpec("region.kind", "int", "int8", ("R",), "raw", "REGION_POSITIVE / REGION_VLR"),
+        FieldSpec("region.gt", "int", "int32", ("R",), "raw", "index into meta.gt_*"),
+        FieldSpec("region.iou", "float", None, ("R",), "raw", "IoU or DIoU with that GT"),
+        FieldSpec("region.cls", "float", None, ("R", "K"), "fp16", "class logits at the row"),
+        FieldSpec("region.box_dist", "float", None, ("R", "B"), "fp16", "box outputs at the row"),
+        FieldSpec("meta.image_id", "int", "int64", (), "raw", "COCO image id"),
+        FieldSpec("meta.view_index", "int", "int32", (), "raw", "index into manifest views"),
+        FieldSpec("meta.orig_hw", "int", "int32", (2,), "raw", "source image (h, w)"),
+        FieldSpec("meta.valid_hw", "int", "int32", (2,), "raw", "view (h, w) before padding"),
+        FieldSpec("meta.level_hw", "int", "int32", (len(LEVELS), 2), "raw", "(H_l, W_l) per level"),
+        FieldSpec("meta.gt_boxes_xyxy", "float", None, ("G", 4), "raw", "GT boxes, view pixels"),
+        FieldSpec("meta.gt_labels", "int", "int64", ("G",), "raw", "contiguous GT labels"),
+        FieldSpec("image.encoded", "bytes", "uint8", ("N",), "stored", "source image file bytes"),
+    ]
+    return {s.name: s for s in specs}
+
+
+FIELDS: dict[str, FieldSpec] = _build()
+
+
+def field_spec(name: str) -> FieldSpec:
+    try:
+        return FIELDS[name]
+    except KeyError:
+        raise SchemaError(f"unknown field {name!r}; known fields: {', '.join(FIELDS)}") from None
+
+
+def expand_fields(names) -> list[str]:
+    """Expand field names ("fpn.p3"), groups ("fpn") and dotted prefixes ("head.cls") into field
+    names, in the order given (schema order within a group or prefix)."""
+    out: list[str] = []
+    for item in names:
+        if item in FIELDS:
+            matches = [item]
+        else:
+            matches = [n for n in FIELDS if n.startswith(item + ".")]
+            if not matches:
+                raise SchemaError(f"{item!r} is not a field, group or prefix; known fields: {', '.join(FIELDS)}")
+        out += [n for n in matches if n not in out]
+    return out
+
+
+def validate_sample(sample: dict, declared: list[str]) -> None:
+    """Check that a sample has exactly the declared fields, with dtypes and consistent shapes."""
+    missing = [n for n in declared if n not in sample]
+    extra = [n for n in sample if n not in declared]
+    if missing or extra:
+        problems = ([f"missing declared fields {missing}"] if missing else []) + \
+                   ([f"has fields the manifest does not declare {extra}"] if extra else [])
+        raise SchemaError(f"sample {_key_text(sample)}: {'; '.join(problems)}")
+    bound: dict[str, int] = {}
+    for name in declared:
+        spec = FIELDS[name]
+        value = sample[name]
+        shape = tuple(value.shape)
+        dtype = np.dtype(str(value.dtype).replace("torch.", ""))
+        if spec.kind == "float" and dtype.kind != "f":
+            raise SchemaError(f"sample {_key_text(sample)}: field {name} must be floating point, got {dtype}")
+        if spec.kind in ("int", "bytes") and dtype.kind not in "iub":
+            raise SchemaError(f"sample {_key_text(sample)}: field {name} must be integer, got {dtype}")
+        if len(shape) != len(spec.shape):
+            raise SchemaError(f"sample {_key_text(sample)}: field {name} has shape {shape}, "
+                              f"expected {len(spec.shape)} dims {spec.shape}")
+        for dim, symbol in zip(shape, spec.shape):
+            if isinstance(symbol, int):
+                if dim != symbol:
+                    raise SchemaError(f"sample {_key_text(sample)}: field {name} has shape {shape}, "
+                                      f"expected {spec.shape}")
+                continue
+            symbol = symbol.replace("_l", "_" + spec.level) if spec.level else symbol
+            if bound.setdefault(symbol, dim) != dim:
+                raise SchemaError(f"sample {_key_text(sample)}: field {name} has {symbol}={dim} but another "
+                                  f"field of this sample has {symbol}={bound[symbol]}")
+    if "meta.level_hw" in sample:
+        level_hw = np.asarray(sample["meta.level_hw"])
+        for i, level in enumerate(LEVELS):
+            hw = (bound.get(f"H_{level}"), bound.get(f"W_{level}"))
+            if hw[0] is not None and tuple(int(v) for v in level_hw[i]) != hw:
+                raise SchemaError(f"sample {_key_text(sample)}: meta.level_hw[{i}] = {level_hw[i].tolist()} "
+                                  f"but the {level} maps are {hw[0]}x{hw[1]}")
+
+
+def sample_key(sample: dict) -> tuple[int, int]:
+    try:
+        return int(sample["meta.image_id"]), int(sample["meta.view_index"])
+    except KeyError as e:
+        raise SchemaError(f"every sample needs meta.image_id and meta.view_index; missing {e}") from None
+
+
+def _key_text(sample: dict) -> str:
+    try:
+        image_id, view_index = sample_key(sample)
+        return f"(image_id={image_id}, view={view_index})"
+    except (SchemaError, TypeError, ValueError):
+        return "(no key)"

@@ -1,0 +1,460 @@
+"""Writing a cache: shards owned by one writer each, committed atomically, resumable.
+
+Samples are numbered by *position* 0..num_samples-1 in an order the caller keeps fixed
+(precompute: image index major, view index minor). Shard ``k`` holds positions
+``[k * shard_size, (k + 1) * shard_size)``. Rank ``r`` of ``world_size`` writers owns shards
+``r, r + world_size, ...`` (or the indices it is given). A shard is committed when its last
+sample arrives: group files are written under temporary names, fsynced and renamed, then the
+shard's receipt ``shards/NNNNNN.json`` (sample keys, per-blob offsets and sizes, file sizes and
+sha256) is written the same way. A shard without a receipt does not exist for readers; a resumed
+writer deletes what it left and writes it again. When every shard has a receipt, ``close()``
+folds the receipts into ``manifest.json`` and marks the cache complete.
+
+    manifest = Manifest.create(teacher=..., dataset=..., views=..., fields=[...],
+                               num_samples=N, shard_size=64, backend="zarr")
+    with open_writer("s3://bucket/cache", manifest, rank=rank, world_size=world) as writer:
+        for task in writer.pending_shards():               # skips complete shards (resume)
+            with writer.shard(task.index) as shard:
+                for position in task.positions:
+                    shard.write(sample_at(position))        # dict: field name -> array
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import fsutil
+from .backends import make_backend, shard_name
+from .errors import CacheError, SchemaError
+from .manifest import Manifest
+from .schema import FIELDS, field_spec, group_of, sample_key, validate_sample
+
+MANIFEST = "manifest.json"
+_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    start: int   # first sample position
+    stop: int    # one past the last
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.stop)
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+    spec = field_spec(name)
+    if hasattr(value, "detach"):                       # torch tensor, possibly on an accelerator
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.cpu().numpy()
+    if isinstance(value, (bytes, bytearray, memoryview)) and spec.kind == "bytes":
+        value = np.frombuffer(value, dtype=np.uint8)
+    arr = np.asarray(value)
+    if spec.kind in ("int", "bytes") and arr.dtype != np.dtype(spec.dtype):
+        if arr.dtype.kind not in "iub":
+            raise SchemaError(f"field {name} must be integer, got {arr.dtype}")
+        cast = arr.astype(spec.dtype)
+        if not np.array_equal(cast, arr):
+            raise SchemaError(f"field {name}: values do not fit {spec.dtype}")
+        arr = cast
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _raw_nbytes(name: str, arr: np.ndarray) -> int:
+    """Reference size: fp16 for float fields, the exact dtype for the others."""
+    return arr.size * 2 if FIELDS[name].kind == "float" else arr.nbytes
+
+
+def read_manifest(fs, root: str) -> Manifest | None:
+    path = fsutil.join(root, MANIFEST)
+    try:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(text, where=path)
+
+
+def load_manifest(url: str) -> Manifest | None:
+    """The manifest of the cache at ``url``, or None if there is none yet. To resume a precompute,
+    reuse it (its fitted codecs are what the written shards need) after ``manifest.check(expect)``:
+
+        manifest = load_manifest(url)
+        if manifest is None:
+            manifest = Manifest.create(..., calibration=first_samples)
+        else:
+            manifest.check(dict(teacher=..., dataset=..., views=..., fields=[...]))
+        writer = open_writer(url, manifest, rank=rank, world_size=world)
+    """
+    fs, root = fsutil.resolve(url)
+    return read_manifest(fs, root)
+
+
+def receipt_path(root: str, index: int) -> str:
+    return fsutil.join(root, "shards", shard_name(index) + ".json")
+
+
+def read_receipt(fs, root: str, index: int) -> dict:
+    path = receipt_path(root, index)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise CacheError(f"shard {index}: receipt {path} is missing") from None
+    except ValueError as e:
+        raise CacheError(f"shard {index}: unreadable receipt {path} ({e})") from None
+
+
+def committed_shards(fs, root: str) -> set[int]:
+    """Indices of the shards that have a receipt (listing only; receipts are written last)."""
+    return {int(name[:-5]) for name in fsutil.list_names(fs, fsutil.join(root, "shards"))
+            if re.fullmatch(r"\d{6,}\.json", name)}
+
+
+def read_receipts(fs, root: str) -> dict[int, dict]:
+    """Every committed shard's receipt."""
+    return {index: read_receipt(fs, root, index) for index in sorted(committed_shards(fs, root))}
+
+
+def finalize(url: str) -> Manifest:
+    """Fold shard receipts and artifacts into manifest.json and mark the cache complete.
+
+    Requires every declared shard (num_samples known) to be committed."""
+    fs, root = fsutil.resolve(url)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        raise CacheError(f"{url}: no {MANIFEST}")
+    receipts = read_receipts(fs, root)
+    _finalize(fs, root, manifest, receipts, expected=manifest.num_shards)
+    return manifest
+
+
+INDEX = "index.npy"
+INDEX_DTYPE = np.dtype([("image_id", "<i8"), ("view_index", "<i4"), ("shard", "<i4"), ("row", "<i4")])
+
+
+def shard_summary(receipt: dict) -> dict:
+    """What the manifest keeps of a receipt: enough to verify files, not the per-blob layout."""
+    return {k: receipt[k] for k in ("index", "start", "num_samples", "files", "committed")}
+
+
+def totals(receipts) -> dict:
+    """Stored and raw (fp16) bytes per field and per view, sample count per view."""
+    fields: dict[str, list[int]] = {}
+    views: dict[str, list[int]] = {}
+    for receipt in receipts:
+        row_views = [str(v) for _, v in receipt["keys"]]
+        for view in row_views:
+            views.setdefault(view, [0, 0, 0])[0] += 1
+        for layout in receipt["groups"].values():
+            for row, (sizes, raws) in enumerate(zip(layout["nbytes"], layout["raw_nbytes"])):
+                for name, stored, raw in zip(layout["fields"], sizes, raws):
+                    entry = fields.setdefault(name, [0, 0])
+                    entry[0] += stored
+                    entry[1] += raw
+                    views[row_views[row]][1] += stored
+                    views[row_views[row]][2] += raw
+    return dict(fields=fields, views=dict(sorted(views.items(), key=lambda kv: int(kv[0]))))
+
+
+def key_index(receipts) -> np.ndarray:
+    rows = [(image_id, view_index, r["index"], row) for r in receipts for row, (image_id, view_index) in
+            enumerate(r["keys"])]
+    return np.array(rows, dtype=INDEX_DTYPE)
+
+
+def _finalize(fs, root, manifest: Manifest, receipts: dict, expected: int | None) -> None:
+    indices = sorted(receipts)
+    wanted = range(expected) if expected is not None else range(len(indices))
+    missing = [i for i in wanted if i not in receipts]
+    if missing:
+        raise CacheError(f"{root}: cannot finalize, shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
+                         "are not committed")
+    ordered = [receipts[i] for i in indices]
+    out = io.BytesIO()
+    np.save(out, key_index(ordered))
+    data = out.getvalue()
+    fsutil.write_atomic(fs, fsutil.join(root, INDEX), data)
+    manifest.data["index"] = dict(path=INDEX, nbytes=len(data), sha256=fsutil.sha256_bytes(data))
+    manifest.data["shards"] = [shard_summary(r) for r in ordered]
+    manifest.data["totals"] = totals(ordered)
+    manifest.data["artifacts"] = _read_artifacts(fs, root)
+    manifest.data["complete"] = True
+    fsutil.write_atomic(fs, fsutil.join(root, MANIFEST), manifest.to_json().encode())
+
+
+def _read_artifacts(fs, root) -> dict:
+    out = {}
+    for name in fsutil.list_names(fs, fsutil.join(root, "artifacts")):
+        if name.endswith(".json") and fsutil.TMP_MARK not in name:
+            out[name[:-5]] = json.loads(fs.cat_file(fsutil.join(root, "artifacts", name)))
+    return out
+
+
+class ShardWriter:
+    """Collects the samples of one shard, encodes them, and commits them atomically."""
+
+    def __init__(self, writer: "CacheWriter", task: ShardTask | None, index: int, expected: int | None):
+        self.writer, self.index, self.expected = writer, index, expected
+        self.start = task.start if task is not None else None
+        self.keys: list[tuple[int, int]] = []
+        self._rows: list[dict] = []      # field -> blob bytes (or a Future of it)
+        self._raw: list[dict] = []
+        self.committed = False
+
+    def __len__(self):
+        return len(self.keys)
+
+    @property
+    def full(self) -> bool:
+        return self.expected is not None and len(self.keys) >= self.expected
+
+    def write(self, sample: dict) -> None:
+        if self.committed:
+            raise CacheError(f"shard {self.index} is already committed")
+        if self.full:
+            raise CacheError(f"shard {self.index} already holds its {self.expected} samples")
+        manifest = self.writer.manifest
+        arrays = {name: _to_numpy(name, value) for name, value in sample.items() if not name.startswith("__")}
+        validate_sample(arrays, manifest.fields)
+        key = sample_key(arrays)
+        if key in self.writer._keys_written or key in self.keys:
+            raise CacheError(f"shard {self.index}: sample (image_id={key[0]}, view={key[1]}) written twice")
+        if not 0 <= key[0] < 2 ** 47:
+            raise CacheError(f"sample (image_id={key[0]}, view={key[1]}): image ids must be in [0, 2**47)")
+        if not 0 <= key[1] < len(manifest["views"]):
+            raise CacheError(f"sample (image_id={key[0]}, view={key[1]}): view index out of range "
+                             f"(the manifest declares {len(manifest['views'])} views)")
+        pool = self.writer._pool
+        row = {}
+        for name, arr in arrays.items():
+            codec = manifest.codec(name)
+            row[name] = pool.submit(codec.encode, arr) if pool else codec.encode(arr)
+        self.keys.append(key)
+        self._rows.append(row)
+        self._raw.append({name: _raw_nbytes(name, arr) for name, arr in arrays.items()})
+
+    def commit(self) -> dict:
+        if self.committed:
+            raise CacheError(f"shard {self.index} is already committed")
+        if self.expected is not None and len(self.keys) != self.expected:
+            raise CacheError(f"shard {self.index}: {len(self.keys)} samples written, {self.expected} expected; "
+                             "not committed")
+        if not self.keys:
+            raise CacheError(f"shard {self.index}: no samples; not committed")
+        writer, manifest = self.writer, self.writer.manifest
+        groups = {}
+        for name in sorted(manifest.fields):
+            groups.setdefault(group_of(name), []).append(name)
+        built_groups = {}
+        for group, fields in groups.items():
+            rows = [[_result(row[f]) for f in fields] for row in self._rows]
+            built_groups[group] = (fields, rows)
+        backend = writer.backend
+        for rel in backend.leftovers(self.index):
+            fsutil.remove(writer.fs, backend.path(rel))
+        built, layout = backend.build(self.index, self.keys, built_groups)
+        for group, fields in groups.items():
+            layout[group]["raw_nbytes"] = [[raw[f] for f in fields] for raw in self._raw]
+        files = backend.commit(built)
+        receipt = dict(index=self.index, start=self.start, num_samples=len(self.keys), backend=backend.name,
+                       keys=[list(k) for k in self.keys], groups=layout, files=files,
+                       writer=dict(host=socket.gethostname(), pid=os.getpid(), rank=writer.rank),
+                       committed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        path = receipt_path(writer.root, self.index)
+        fsutil.write_atomic(writer.fs, path, json.dumps(receipt, separators=(",", ":")).encode())
+        writer.committed.add(self.index)
+        writer._keys_written.update(self.keys)
+        self.committed = True
+        self._rows, self._raw = [], []
+        return receipt
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and not self.committed:
+            self.commit()
+        return False
+
+
+def _result(value):
+    return value.result() if hasattr(value, "result") else value
+
+
+class CacheWriter:
+    """See the module docstring. ``encode_threads`` > 0 encodes fields in a thread pool."""
+
+    def __init__(self, url: str, manifest: Manifest, rank: int = 0, world_size: int = 1,
+                 shards=None, encode_threads: int = 0):
+        self.url = str(url)
+        self.fs, self.root = fsutil.resolve(self.url)
+        if not 0 <= rank < world_size:
+            raise CacheError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        existing = read_manifest(self.fs, self.root)
+        if existing is not None:
+            manifest.check_same_declaration(existing, where=self.url)
+            self.manifest = existing
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
+            fsutil.write_atomic(self.fs, fsutil.join(self.root, MANIFEST), manifest.to_json().encode())
+            self.manifest = read_manifest(self.fs, self.root)      # another rank may have won the race
+            manifest.check_same_declaration(self.manifest, where=self.url)
+        self.backend = make_backend(self.manifest.backend, self.fs, self.root, self.url)
+        self.committed = committed_shards(self.fs, self.root)
+        num_shards = self.manifest.num_shards
+        if shards is not None:
+            self.owned = sorted(int(i) for i in shards)
+        elif num_shards is not None:
+            self.owned = list(range(rank, num_shards, world_size))
+        elif world_size > 1:
+            raise CacheError("several writers need num_samples in the manifest (to agree on the shards)")
+        else:
+            self.owned = None                                   # open-ended single writer
+        if num_shards is not None and self.owned and self.owned[-1] >= num_shards:
+            raise CacheError(f"shard {self.owned[-1]} is beyond the {num_shards} shards of "
+                             f"{num_samples_text(self.manifest)}")
+        self._keys_written: set = set()
+        self._pool = ThreadPoolExecutor(encode_threads) if encode_threads > 0 else None
+        self._position = 0
+        self._current: ShardWriter | None = None
+        self.skipped = 0
+
+    # ------------------------------------------------------------------ shard-level API
+    def task(self, index: int) -> ShardTask:
+        size, n = self.manifest.shard_size, self.manifest.num_samples
+        start = index * size
+        stop = start + size if n is None else min(n, start + size)
+        if stop <= start:
+            raise CacheError(f"shard {index} is empty: {num_samples_text(self.manifest)}")
+        return ShardTask(index, start, stop)
+
+    def is_complete(self, index: int) -> bool:
+        return index in self.committed
+
+    def pending_shards(self) -> list[ShardTask]:
+        """The shards this writer owns that are not committed yet, in order."""
+        if self.owned is None:
+            raise CacheError("pending_shards() needs num_samples in the manifest; use write() instead")
+        return [self.task(i) for i in self.owned if i not in self.committed]
+
+    def shard(self, index: int) -> ShardWriter:
+        if self.owned is not None and index not in self.owned:
+            raise CacheError(f"shard {index} is not owned by this writer (rank {self.rank} of {self.world_size})")
+        if index in self.committed:
+            raise CacheError(f"shard {index} is already complete")
+        task = self.task(index)
+        expected = task.stop - task.start if self.manifest.num_samples is not None else None
+        return ShardWriter(self, task, index, expected)
+
+    # ------------------------------------------------------------------ sequential API
+    def write(self, sample: dict) -> bool:
+        """Write the sample at the next position (single writer). Returns False when that
+        position belongs to a shard committed by an earlier run (resume), True otherwise."""
+        if self.world_size != 1:
+            raise CacheError("write() is for a single writer; with several ranks use pending_shards()/shard()")
+        position = self._position
+        index = position // self.manifest.shard_size
+        if self.manifest.num_samples is not None and position >= self.manifest.num_samples:
+            raise CacheError(f"sample at position {position} is beyond {num_samples_text(self.manifest)}")
+        if index in self.committed:
+            self._position += 1
+            self.skipped += 1
+            return False
+        if self._current is None or self._current.index != index:
+            self._commit_current(partial_ok=False)
+            task = self.task(index)
+            self._current = ShardWriter(self, task, index, task.stop - task.start)
+        self._current.write(sample)           # a refused sample does not take the position
+        self._position += 1
+        if self._current.full:
+            self._current.commit()
+            self._current = None
+        return True
+
+    def _commit_current(self, partial_ok: bool) -> None:
+        current, self._current = self._current, None
+        if current is None or current.committed or not len(current):
+            return
+        if partial_ok and self.manifest.num_samples is None:
+            current.expected = len(current)
+        current.commit()
+
+    # ------------------------------------------------------------------ global artifacts
+    def put_artifact(self, name: str, arrays, meta: dict | None = None) -> dict:
+        """Store arrays once per cache (MasKD tokens, teacher neck+head weights): ``arrays`` is an
+        array or a dict name -> array (a state dict works); read back with ``Cache.artifact``."""
+        if not _ARTIFACT_NAME.match(name):
+            raise CacheError(f"artifact name {name!r} must match {_ARTIFACT_NAME.pattern}")
+        if not isinstance(arrays, dict):
+            arrays = {"value": arrays}
+        plain = {}
+        for key, value in arrays.items():
+            if hasattr(value, "detach"):
+                value = value.detach().cpu()
+                value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+            plain[key] = np.asarray(value)
+        out = io.BytesIO()
+        np.savez(out, **plain)
+        data = out.getvalue()
+        rel = fsutil.join("artifacts", name + ".npz")
+        fsutil.write_atomic(self.fs, fsutil.join(self.root, rel), data)
+        info = dict(path=rel, nbytes=len(data), sha256=fsutil.sha256_bytes(data),
+                    arrays={k: dict(shape=list(v.shape), dtype=v.dtype.str) for k, v in plain.items()},
+                    meta=meta or {})
+        fsutil.write_atomic(self.fs, fsutil.join(self.root, "artifacts", name + ".json"),
+                            json.dumps(info, indent=1).encode())
+        current = read_manifest(self.fs, self.root)
+        if current["complete"]:                    # already finalized: list the artifact there too
+            current.data["artifacts"] = _read_artifacts(self.fs, self.root)
+            fsutil.write_atomic(self.fs, fsutil.join(self.root, MANIFEST), current.to_json().encode())
+        return info
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> bool:
+        """Commit a trailing partial shard (open-ended writer), and finalize the cache if every
+        shard is committed. Returns whether the cache is complete."""
+        self._commit_current(partial_ok=True)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self.committed = committed_shards(self.fs, self.root)        # other ranks may have finished too
+        expected = self.manifest.num_shards
+        if expected is None:                                          # open-ended: shards 0..last, no gap
+            expected = max(self.committed) + 1 if self.committed else None
+        if expected is None or any(i not in self.committed for i in range(expected)):
+            return False
+        _finalize(self.fs, self.root, self.manifest, read_receipts(self.fs, self.root), expected)
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        elif self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        return False
+
+
+def num_samples_text(manifest: Manifest) -> str:
+    return f"the manifest's num_samples={manifest.num_samples} with shard_size={manifest.shard_size}"
+
+
+def open_writer(url: str, manifest: Manifest, rank: int = 0, world_size: int = 1, shards=None,
+                encode_threads: int = 0) -> CacheWriter:
+    """Create a cache at ``url`` (or resume one with the same declaration) and return its writer."""
+    return CacheWriter(url, manifest, rank=rank, world_size=world_size, shards=shards,
+                       encode_threads=encode_threads)

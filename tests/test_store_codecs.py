@@ -1,0 +1,162 @@
+"""Codecs: exact round trips, declared error bounds on random and FPN-like data, configs, corruption."""
+import numcodecs
+import numpy as np
+import pytest
+import torch
+
+from store import (Affine, CacheError, CorruptShardError, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
+                   SparseScoreCodec, dequantize, make_codec, measure_error)
+from store.synthetic import StructuredFPN
+
+RNG = np.random.default_rng(0)
+RANDOM = RNG.standard_normal((32, 24, 40)).astype(np.float32) * 3 + 1
+FPN = StructuredFPN(channels=64, rank=12, seed=1)
+STRUCTURED_FIT = [FPN.level(0, 30, 40, np.random.default_rng(i)) for i in range(4)]
+STRUCTURED = FPN.level(0, 36, 52, np.random.default_rng(99))
+LOSSY = ["fp16", "bf16", "int8", "sparse"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.int8, np.uint8, np.int32])
+@pytest.mark.parametrize("preset", ["raw", "stored"])
+def test_lossless_is_exact_for_every_dtype(preset, dtype):
+    x = (RNG.standard_normal((7, 5, 3)) * 100).astype(dtype)
+    codec = make_codec(preset)
+    y = codec.decode(codec.encode(x))
+    assert codec.lossless and codec.error_bound()["kind"] == "exact"
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("preset,dtype", [("fp16", np.float16), ("bf16", None)])
+def test_cast_codecs_are_exact_on_their_own_dtype(preset, dtype):
+    codec = make_codec(preset)
+    if dtype is None:   # values representable in bf16: fp32 with the low 16 bits zero
+        x = (RANDOM.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    else:
+        x = RANDOM.astype(dtype)
+    np.testing.assert_array_equal(codec.decode(codec.encode(x)).astype(np.float32), x.astype(np.float32))
+
+
+@pytest.mark.parametrize("data", ["random", "structured"])
+@pytest.mark.parametrize("preset", LOSSY + ["klt"])
+def test_lossy_codecs_keep_their_declared_bound(preset, data):
+    x = RANDOM if data == "random" else STRUCTURED
+    fit = [RANDOM * 0.9] if data == "random" else STRUCTURED_FIT
+    codec = make_codec(preset, calibration=fit)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape
+    measured, allowed = measure_error(codec.error_bound(), x, y)
+    assert measured <= allowed, (preset, data, measured, allowed)
+    assert not np.array_equal(y, x)          # lossy in fact
+
+
+def test_klt_meets_bound_on_data_it_was_not_fitted_on_and_compresses_structure():
+    codec = KLTCodec.fit(STRUCTURED_FIT, max_rel_rmse=0.01)
+    for seed in range(3):
+        x = FPN.level(0, 20 + seed * 7, 33, np.random.default_rng(1000 + seed)) * (1 + seed)   # other sizes and scales
+        blob = codec.encode(x)
+        rel = np.linalg.norm(codec.decode(blob) - x) / np.linalg.norm(x)
+        assert rel <= 0.01
+        assert len(blob) < 0.35 * x.size * 2            # well under fp16 on low-rank smooth data
+    # a basis fitted on unrelated data still keeps the bound (only the size suffers)
+    foreign = KLTCodec.fit([RANDOM[:, :, :20].repeat(2, axis=0)], max_rel_rmse=0.005)
+    rel = np.linalg.norm(foreign.decode(foreign.encode(STRUCTURED)) - STRUCTURED) / np.linalg.norm(STRUCTURED)
+    assert rel <= 0.005
+
+
+def test_klt_refuses_wrong_channel_count():
+    codec = KLTCodec.fit(STRUCTURED_FIT)
+    with pytest.raises(CacheError, match="64 channels"):
+        codec.encode(RANDOM)
+
+
+def test_int8_bound_is_per_channel():
+    x = RANDOM.copy()
+    x[3] *= 1000                                         # one wide channel must not hurt the others
+    codec = Int8AffineCodec()
+    y = codec.decode(codec.encode(x))
+    span = x.reshape(32, -1).max(1) - x.reshape(32, -1).min(1)
+    err = np.abs(y - x).reshape(32, -1).max(1)
+    assert np.all(err <= span / 510 * (1 + 1e-5))
+    assert err[0] < 0.05
+
+
+def test_sparse_scores_drop_below_floor_and_keep_the_rest():
+    logits = RNG.standard_normal((80, 10, 12)).astype(np.float32) * 2 - 6     # mostly background
+    codec = SparseScoreCodec(floor=0.01)
+    blob = codec.encode(logits)
+    y = codec.decode(blob)
+    p, q = 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-y))
+    kept = p >= 0.01
+    assert np.all(np.abs(q - p)[~kept] <= 0.005)
+    np.testing.assert_allclose(y[kept], logits[kept].astype(np.float16).astype(np.float32))
+    assert len(blob) < 0.3 * logits.size * 2
+
+
+@pytest.mark.parametrize("preset", ["raw", "fp16", "bf16", "stored", "int8", "sparse", "klt"])
+def test_config_round_trips_through_numcodecs(preset):
+    codec = make_codec(preset, calibration=STRUCTURED_FIT)
+    again = numcodecs.get_codec(codec.get_config())
+    assert type(again) is type(codec) and again.get_config() == codec.get_config()
+    blob = codec.encode(STRUCTURED)
+    np.testing.assert_array_equal(again.decode(blob), codec.decode(blob))
+
+
+@pytest.mark.parametrize("preset", ["raw", "fp16", "int8", "sparse", "klt"])
+def test_any_flipped_byte_is_detected(preset):
+    codec = make_codec(preset, calibration=STRUCTURED_FIT)
+    blob = bytearray(codec.encode(STRUCTURED))
+    for position in (5, 20, len(blob) // 2, len(blob) - 1):
+        broken = bytearray(blob)
+        broken[position] ^= 0x10
+        with pytest.raises(CorruptShardError):
+            codec.decode(bytes(broken))
+    with pytest.raises(CorruptShardError):
+        codec.decode(bytes(blob[: len(blob) - 3]))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 0, 2), (1, 1, 1)])
+@pytest.mark.parametrize("preset", ["raw", "fp16", "int8", "sparse"])
+def test_edge_shapes(preset, shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    codec = make_codec(preset)
+    assert codec.decode(codec.encode(x)).shape == x.shape
+
+
+def test_constant_and_zero_maps():
+    klt = make_codec("klt", calibration=[RANDOM[:8]])
+    for x in (np.zeros((8, 4, 4), np.float32), np.full((8, 4, 4), 2.5, np.float32)):
+        np.testing.assert_allclose(make_codec("int8").decode(make_codec("int8").encode(x)), x, atol=1e-6)
+        y = klt.decode(klt.encode(x))
+        assert np.linalg.norm(y - x) <= 0.01 * np.linalg.norm(x)
+        if not x.any():
+            assert not y.any()
+
+
+def test_compact_forms_dequantize_to_the_same_values():
+    for preset, kind in (("int8", Affine), ("klt", KLTCoeffs), ("fp16", np.ndarray), ("sparse", np.ndarray)):
+        codec = make_codec(preset, calibration=STRUCTURED_FIT)
+        blob = codec.encode(STRUCTURED)
+        compact = codec.decode_compact(blob)
+        assert isinstance(compact, kind)
+        if preset in ("int8", "klt"):
+            payload = compact.q if preset == "int8" else compact.codes
+            assert payload.dtype.itemsize <= 2              # what crosses to the device is small
+        dense = dequantize(compact, device="cpu")
+        assert dense.dtype == torch.float32
+        np.testing.assert_allclose(dense.numpy(), codec.decode(blob), rtol=1e-4, atol=1e-4)
+    bf16 = make_codec("bf16")
+    assert bf16.decode_compact(bf16.encode(RANDOM)).dtype == torch.bfloat16
+
+
+def test_unrepresentable_input_is_refused():
+    with pytest.raises(CacheError, match="overflows fp16"):
+        make_codec("fp16").encode(np.array([1e6], np.float32))
+    with pytest.raises(CacheError, match="non-finite"):
+        make_codec("int8").encode(np.array([np.nan], np.float32))
+    with pytest.raises(CacheError, match="calibration"):
+        make_codec("klt")
+    with pytest.raises(CacheError, match="unknown codec preset"):
+        make_codec("jpeg")
+    with pytest.raises(CacheError):
+        LosslessCodec(dtype="float8")
