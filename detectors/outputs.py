@@ -120,6 +120,27 @@ class Detector(nn.Module):
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         self._check_inputs(images, image_sizes, targets)
         features = list(self.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
+        return self.forward_features(features, image_sizes, targets)
+
+    def forward_features(self, features: list[Tensor], image_sizes: list[tuple[int, int]],
+                         targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+        """The part of ``forward`` after the neck: head, anchors, and with ``targets`` assignment and losses.
+
+        For code that changes the FPN features before the head (MasKD stage 1 feeds masked teacher
+        features to the frozen head). ``features`` are P3..P7, each (N, C, H_l, W_l), laid out as
+        ``backbone`` lays out a padded batch; ``image_sizes`` and ``targets`` as in ``forward``.
+        """
+        image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+        if len(features) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature levels (P3..P7), got {len(features)}")
+        if len(image_sizes) != features[0].shape[0] or (targets is not None and len(targets) != len(image_sizes)):
+            raise ValueError(f"{len(image_sizes)} image_sizes and {None if targets is None else len(targets)} "
+                             f"targets for features of {features[0].shape[0]} images")
+        for size in image_sizes:
+            for feature, valid_hw in zip(features, valid_level_sizes(size, self.strides)):
+                if valid_hw[0] > feature.shape[-2] or valid_hw[1] > feature.shape[-1]:
+                    raise ValueError(f"image size {size} needs level maps of at least {valid_hw}, got "
+                                     f"{tuple(feature.shape[-2:])}")
         cls_logits, box_outputs = self.head(features)
         anchors = self.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
         out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(self.strides), image_sizes)

@@ -1,0 +1,143 @@
+"""Distillation methods: one file each, and the registry that builds them by name.
+
+    method = build_method("ld+frs", "gfl", {"frs.feat_weight": 0.2}, student_channels=64, teacher_channels=128)
+    teacher = collate_teacher(samples, level_sizes, device)      # fields: method.fields
+    terms = method(student_out, teacher, targets, iteration)     # {"ld_main": ..., "frs_feat": ...}
+    loss = sum(student_out.losses.values()) + sum(terms.values())
+
+Names: none, frs, icd, maskd, ld, defeat (``METHODS``). ``"a+b"`` combines methods: their terms
+are added side by side (term names are unique per method) and their fields and parameter groups
+are joined. Overrides are config keys, either plain (``"feat_weight"``) when exactly one of the
+combined methods has that key, or qualified (``"frs.feat_weight"``); unknown keys are rejected
+with the known ones listed. Defaults are the official values for the detector family (``retina``
+or ``gfl``), see each method's ``Config``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import (FAMILIES, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,
+                                config_keys)
+from train.methods.defeat import DeFeat
+from train.methods.frs import FRS
+from train.methods.icd import ICD, DatasetStats
+from train.methods.ld import LD
+from train.methods.maskd import MasKD
+from train.methods.none import NoDistillation
+from train.teacher_batch import TeacherBatch
+
+METHODS: dict[str, type[DistillationMethod]] = {
+    cls.NAME: cls for cls in (NoDistillation, FRS, ICD, MasKD, LD, DeFeat)
+}
+
+__all__ = ["METHODS", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat", "DistillationMethod", "FRS", "ICD",
+           "LD", "MasKD", "MethodConfig", "NoDistillation", "ParamGroupSpec", "build_method", "list_methods",
+           "parse_method_names"]
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def parse_method_names(spec: str) -> list[str]:
+    """``"ld+frs"`` -> ``["ld", "frs"]``, checked against the registry."""
+    names = [name.strip().lower() for name in spec.split("+")]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown distillation method(s) {unknown} in {spec!r}; known: {list(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {spec!r} names a method twice")
+    if len(names) > 1 and "none" in names:
+        raise ValueError(f"'none' cannot be combined with other methods ({spec!r})")
+    return names
+
+
+def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None, *,
+                 student_channels: int = 256, teacher_channels: int = 256, num_classes: int = 80,
+                 num_levels: int = 5, maskd_tokens: Any = None,
+                 dataset_stats: DatasetStats | None = None) -> DistillationMethod:
+    """Builds a method (or a ``+`` combination) with the official defaults of ``family`` and ``overrides``.
+
+    Args:
+        spec: ``"frs"``, ``"ld+frs"``, ...
+        family: the student's (and teacher's) detector family, ``"retina"`` or ``"gfl"``.
+        overrides: config keys -> values (plain or ``"<method>.<key>"``).
+        student_channels, teacher_channels: FPN widths, for adapters and projections.
+        num_classes: the detector's classes (ICD's query one-hots).
+        maskd_tokens: MasKD's stage-1 receptive tokens (``precompute.maskd_tokens.load_receptive_tokens``).
+        dataset_stats: ICD's class and box-size statistics (``DatasetStats.from_dataset``); default
+            uniform, the official fallback for datasets other than COCO.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown detector family {family!r}; expected one of {FAMILIES}")
+    names = parse_method_names(spec)
+    per_method = _split_overrides(names, dict(overrides or {}))
+    context = BuildContext(student_channels=student_channels, teacher_channels=teacher_channels,
+                           num_classes=num_classes, num_levels=num_levels, maskd_tokens=maskd_tokens,
+                           dataset_stats=dataset_stats)
+    parts = []
+    for name in names:
+        cls = METHODS[name]
+        parts.append(cls.build(cls.Config.for_family(family, **per_method[name]), context))
+    return parts[0] if len(parts) == 1 else CombinedMethod(parts)
+
+
+def _split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    keys = {name: config_keys(METHODS[name].Config) for name in names}
+    per_method: dict[str, dict[str, Any]] = {name: {} for name in names}
+    unknown, ambiguous = [], []
+    for key, value in overrides.items():
+        method, _, plain = key.rpartition(".")
+        if method:
+            if method in keys and plain in keys[method]:
+                per_method[method][plain] = value
+            else:
+                unknown.append(key)
+            continue
+        owners = [name for name in names if key in keys[name]]
+        if len(owners) == 1:
+            per_method[owners[0]][key] = value
+        elif owners:
+            ambiguous.append(f"{key} (use one of {[f'{o}.{key}' for o in owners]})")
+        else:
+            unknown.append(key)
+    if unknown or ambiguous:
+        known = [f"{name}.{k}" for name in names for k in keys[name]]
+        problems = ([f"unknown override keys {unknown}"] if unknown else []) + \
+                   ([f"ambiguous override keys {ambiguous}"] if ambiguous else [])
+        raise ValueError(f"{'; '.join(problems)} for method {'+'.join(names)!r}; known keys: {known} "
+                         f"(the part after the dot alone where it is unique)")
+    return per_method
+
+
+class CombinedMethod(DistillationMethod):
+    """Several methods side by side: their terms, fields and parameter groups joined."""
+
+    def __init__(self, parts: list[DistillationMethod]) -> None:
+        super().__init__({part.NAME: part.config for part in parts})
+        self.parts = nn.ModuleDict({part.NAME: part for part in parts})
+        self.NAME = "+".join(part.NAME for part in parts)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for part in self.parts.values():
+            out += [f for f in part.fields if f not in out]
+        return tuple(out)
+
+    def param_groups(self) -> list[ParamGroupSpec]:
+        return [group for part in self.parts.values() for group in part.param_groups()]
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for name, part in self.parts.items():
+            part_terms = part(student, teacher, targets, iteration)
+            clash = set(part_terms) & set(terms)
+            if clash:
+                raise RuntimeError(f"loss terms {sorted(clash)} of {name!r} clash with another method's")
+            terms.update(part_terms)
+        return terms

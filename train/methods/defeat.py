@@ -1,0 +1,160 @@
+"""DeFeat: distillation with decoupled foreground and background features.
+
+Paper: Guo et al., "Distilling Object Detectors via Decoupled Features", CVPR 2021.
+Official code: https://github.com/ggjy/DeFeat.pytorch @c46a793 (``mmdet/apis/train.py``:
+``batch_processor_kd`` with ``neck-adapt,neck-decouple,mask-neck-gt,pixel-wise``;
+``mmdet/models/dense_heads/anchor_head.py``: ``get_gt_mask``, ``_map_roi_levels``;
+``mmdet/models/detectors/single_stage_kd.py``: the adapters).
+
+GT mask M (N, 1, H, W) per level: each GT box goes to one level,
+
+    k = floor(log2(√((w+1)(h+1)) / 56 + 1e-6)) clipped to [0, L−1],   level k = P(k+3)
+
+which is the official single-stage rule: ``_map_roi_levels`` (FPN's RoI rule with mmdet v1's +1)
+applied to the anchor head's levels, P3–P7 for RetinaNet and GFL. Its cells
+[int(y1/s), int(y2/s)) × [int(x1/s), int(x2/s)) on that level are set (one cell when the range is
+empty), s the level's stride. With the adapter A_l (3×3 conv C_s → C_t, weights N(0,1) fmod 2 ×
+1e-4, default bias, no activation, trained with the student) and M_c = M repeated over C_t:
+
+    defeat_fg = w_fg / L · Σ_l Σ M·(A_l(F_s) − F_t)² / max(1, 2·Σ M_c)
+    defeat_bg = w_bg / L · Σ_l Σ B·(A_l(F_s) − F_t)² / max(1, 2·Σ B_c),   B = valid · (1 − M)
+
+COCO weights per the author: w_fg = 4, w_bg = 16 (the released VOC config has 3 and 12).
+
+Head term (optional, off by default): the author's head term is a KL on a two-stage detector's
+RoI class scores (``head-cls``, not enabled in the released config; its values there are weight 2
+for fg and bg, T = 1). For these one-stage heads we use, per anchor at the fg (M) and bg (B)
+locations, the binary KL of the sigmoid class scores at temperature T summed over classes,
+
+    defeat_head_fg = w_hfg · T² · Σ_{fg anchors} Σ_k KL(Bern(σ(t_k/T)) ‖ Bern(σ(s_k/T))) / #fg anchors
+
+and likewise ``defeat_head_bg``. Binary rather than softmax KL because a sigmoid head has no
+background class: a softmax over K classes would throw away "how much background" a location is.
+
+Difference from the official code: the background mask is restricted to each image's valid
+region (the official 1 − M also covers batch padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import BuildContext, DistillationMethod, MethodConfig, check_same_shape, require
+from train.teacher_batch import TeacherBatch
+
+# FPN's RoI-to-level rule (as mmdetection's ``_map_roi_levels``): canonical size 56 -> level 0.
+FINEST_SCALE = 56
+
+
+@dataclass(frozen=True)
+class DeFeatConfig(MethodConfig):
+    fg_weight: float = 4.0          # w_fg (COCO, per the author; VOC release 3)
+    bg_weight: float = 16.0         # w_bg (COCO, per the author; VOC release 12)
+    head_fg_weight: float = 0.0     # one-stage head KL at fg anchors (off; the author's two-stage value is 2)
+    head_bg_weight: float = 0.0     # one-stage head KL at bg anchors (off; the author's two-stage value is 2)
+    head_temperature: float = 1.0   # T of the head term
+
+
+class DeFeat(DistillationMethod):
+    NAME = "defeat"
+    FIELDS = ("fpn", "head.cls")
+    Config = DeFeatConfig
+
+    def __init__(self, config: DeFeatConfig, student_channels: int = 256, teacher_channels: int = 256,
+                 num_levels: int = 5) -> None:
+        super().__init__(config)
+        self.adapters = nn.ModuleList([nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
+                                       for _ in range(num_levels)])
+        with torch.no_grad():
+            for adapter in self.adapters:
+                adapter.weight.normal_().fmod_(2).mul_(1e-4)
+
+    @classmethod
+    def build(cls, config: DeFeatConfig, context: BuildContext) -> DeFeat:
+        return cls(config, context.student_channels, context.teacher_channels, context.num_levels)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        head = self.config.head_fg_weight or self.config.head_bg_weight
+        return ("fpn", "head.cls") if head else ("fpn",)
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int) -> dict[str, Tensor]:
+        config = self.config
+        teacher_fpn = require(teacher.fpn, "fpn", "DeFeat")
+        gt_masks = gt_level_masks(targets, teacher.level_sizes, teacher.valid_sizes, student.strides,
+                                  teacher.valid[0].device)
+        num_levels = len(teacher.valid)
+        fg_loss = bg_loss = 0.0
+        for level, (valid, fg) in enumerate(zip(teacher.valid, gt_masks)):
+            adapted = self.adapters[level](student.features[level])  # (N, C_t, H, W)
+            check_same_shape(adapted, teacher_fpn[level], f"adapted features of level {level}")
+            channels = adapted.shape[1]
+            squared_error = (adapted - teacher_fpn[level]) ** 2  # (N, C, H, W)
+            bg = valid & ~fg  # (N, 1, H, W)
+            fg_loss = fg_loss + (squared_error * fg).sum() / max(1.0, 2.0 * channels * float(fg.sum()))
+            bg_loss = bg_loss + (squared_error * bg).sum() / max(1.0, 2.0 * channels * float(bg.sum()))
+        terms = {"defeat_fg": config.fg_weight / num_levels * fg_loss,
+                 "defeat_bg": config.bg_weight / num_levels * bg_loss}
+        if config.head_fg_weight or config.head_bg_weight:
+            teacher_cls = require(teacher.cls, "head.cls", "DeFeat (head term)")
+            fg_kl, bg_kl, fg_count, bg_count = 0.0, 0.0, 0, 0
+            temperature = config.head_temperature
+            for level, (valid, fg) in enumerate(zip(teacher.valid, gt_masks)):
+                s_logits, t_logits = student.cls_logits[level], teacher_cls[level]  # (N, A*K, H, W)
+                check_same_shape(s_logits, t_logits, f"class logits of level {level}")
+                num_anchors = student.anchors[level].shape[0] // (s_logits.shape[-2] * s_logits.shape[-1])
+                kl = binary_kl_with_temperature(s_logits, t_logits, temperature)  # (N, A*K, H, W)
+                kl = kl.sum(dim=1, keepdim=True)  # (N, 1, H, W): Σ over anchors and classes
+                bg = valid & ~fg
+                fg_kl, bg_kl = fg_kl + (kl * fg).sum(), bg_kl + (kl * bg).sum()
+                fg_count += int(fg.sum()) * num_anchors
+                bg_count += int(bg.sum()) * num_anchors
+            if config.head_fg_weight:
+                terms["defeat_head_fg"] = config.head_fg_weight * temperature ** 2 * fg_kl / max(1, fg_count)
+            if config.head_bg_weight:
+                terms["defeat_head_bg"] = config.head_bg_weight * temperature ** 2 * bg_kl / max(1, bg_count)
+        return terms
+
+
+def binary_kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Element-wise KL(Bern(σ(t/T)) ‖ Bern(σ(s/T))); the teacher side is detached."""
+    t = teacher_logits.detach() / temperature
+    s = student_logits / temperature
+    p = t.sigmoid()
+    # p·(log p − log q) + (1−p)·(log(1−p) − log(1−q)),
+    # with log σ(x) = −softplus(−x) and log(1−σ(x)) = −softplus(x)
+    return p * (F.softplus(-s) - F.softplus(-t)) + (1 - p) * (F.softplus(s) - F.softplus(t))
+
+
+def gt_level_masks(targets: list[dict[str, Tensor]], level_sizes: list[tuple[int, int]],
+                   valid_sizes: list[list[tuple[int, int]]], strides: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> list[Tensor]:
+    """Per level (N, 1, H_l, W_l) bool: the cells of the GT boxes assigned to that level (see the docstring).
+
+    Built on the CPU (a few boxes per image) and moved to ``device`` once.
+    """
+    num_levels = len(level_sizes)
+    masks = [torch.zeros(len(targets), 1, h, w, dtype=torch.bool) for h, w in level_sizes]
+    for image, target in enumerate(targets):
+        boxes = target["boxes"].detach().float().cpu()  # (n, 4) xyxy pixels
+        if boxes.numel() == 0:
+            continue
+        scale = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)).sqrt()
+        box_levels = torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(0, num_levels - 1).long()
+        for box, level in zip(boxes.tolist(), box_levels.tolist()):
+            stride = strides[level]
+            valid_h, valid_w = valid_sizes[image][level]
+            x1, x2 = min(int(box[0] / stride), valid_w), min(int(box[2] / stride), valid_w)
+            y1, y2 = min(int(box[1] / stride), valid_h), min(int(box[3] / stride), valid_h)
+            x1, y1 = max(x1, 0), max(y1, 0)
+            if x1 == x2 or y1 == y2:  # thinner than a cell: its top-left cell
+                masks[level][image, 0, min(y1, valid_h - 1), min(x1, valid_w - 1)] = True
+            else:
+                masks[level][image, 0, y1:y2, x1:x2] = True
+    return [mask.to(device, non_blocking=True) for mask in masks]
+

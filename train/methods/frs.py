@@ -1,0 +1,93 @@
+"""FRS: Feature Richness Score distillation.
+
+Paper: Du et al., "Distilling Object Detectors with Feature Richness", NeurIPS 2021.
+Official code: https://github.com/duzhixing/FRS @decd60c (``detectors/distill_frs_single.py``,
+``neck/adap.py``, ``config/distill_frs/*``).
+
+Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's s:
+
+    S    = max over the A*K channels of σ(t)                      (N, 1, H, W), no gradient
+    feat = Σ_{n,c,h,w} S·(F_t − Adapt_l(F_s))² / Σ_{n,h,w} S
+    cls  = Σ_{n,ak,h,w} S·BCE(σ(s), σ(t)) / Σ_{n,h,w} S          (element-wise over anchors and classes)
+
+    frs_feat = w_f · ramp · Σ_l feat_l,   frs_cls = w_c · ramp · Σ_l cls_l,
+    ramp = min(1, iteration / 500)
+
+``Adapt_l`` is a 3×3 conv C_s → C_t with bias, no activation, PyTorch's default init (the
+official ``ADAP`` neck), trained with the student. The richness mask is dense: it keeps rich
+features outside GT boxes and drops background-like ones inside.
+
+Differences from the official code: sums run only over each image's valid region (the official
+code also counts batch padding, where the teacher's logits are real values); BCE is computed from
+logits (``binary_cross_entropy_with_logits``), which equals the official ``F.binary_cross_entropy``
+on sigmoids except where that one clamps log(0) at −100.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
+                                require)
+from train.teacher_batch import TeacherBatch
+
+
+@dataclass(frozen=True)
+class FRSConfig(MethodConfig):
+    feat_weight: float = 0.005      # w_f (RetinaNet); GFL 0.1; FCOS 0.01
+    cls_weight: float = 0.02        # w_c (RetinaNet); GFL 0.05; FCOS 0.05
+    warmup_iters: int = 500         # linear ramp of both terms from 0
+
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {"feat_weight": 0.1, "cls_weight": 0.05}}
+
+
+class FRS(DistillationMethod):
+    NAME = "frs"
+    FIELDS = ("fpn", "head.cls")
+    Config = FRSConfig
+
+    def __init__(self, config: FRSConfig, student_channels: int = 256, teacher_channels: int = 256,
+                 num_levels: int = 5) -> None:
+        super().__init__(config)
+        # No adapters when the feature term is off (unused parameters would trouble DDP).
+        self.adapters = nn.ModuleList([nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
+                                       for _ in range(num_levels if config.feat_weight else 0)])
+
+    @classmethod
+    def build(cls, config: FRSConfig, context: BuildContext) -> FRS:
+        return cls(config, context.student_channels, context.teacher_channels, context.num_levels)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        # The richness mask always needs the class logits; the features only for the feature term.
+        return ("fpn", "head.cls") if self.config.feat_weight else ("head.cls",)
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int) -> dict[str, Tensor]:
+        config = self.config
+        teacher_cls = require(teacher.cls, "head.cls", "FRS")
+        if config.feat_weight:
+            teacher_fpn = require(teacher.fpn, "fpn", "FRS")
+        feat_loss = cls_loss = 0.0
+        for level, valid in enumerate(teacher.valid):
+            t_logits, s_logits = teacher_cls[level], student.cls_logits[level]  # (N, A*K, H, W)
+            check_same_shape(s_logits, t_logits, f"class logits of level {level}")
+            richness = t_logits.sigmoid().amax(dim=1, keepdim=True) * valid  # (N, 1, H, W), zero outside valid
+            richness_sum = richness.sum().clamp(min=1e-12)
+            if config.feat_weight:
+                adapted = self.adapters[level](student.features[level])  # (N, C_t, H, W)
+                check_same_shape(adapted, teacher_fpn[level], f"adapted features of level {level}")
+                feat_loss = feat_loss + ((teacher_fpn[level] - adapted) ** 2 * richness).sum() / richness_sum
+            if config.cls_weight:
+                bce = F.binary_cross_entropy_with_logits(s_logits, t_logits.sigmoid(), reduction="none")
+                cls_loss = cls_loss + (bce * richness).sum() / richness_sum
+        ramp = linear_ramp(iteration, config.warmup_iters)
+        terms = {}
+        if config.feat_weight:
+            terms["frs_feat"] = config.feat_weight * ramp * feat_loss
+        if config.cls_weight:
+            terms["frs_cls"] = config.cls_weight * ramp * cls_loss
+        return terms

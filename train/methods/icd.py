@@ -1,0 +1,407 @@
+"""ICD: Instance-Conditional knowledge Distillation.
+
+Paper: Kang et al., "Instance-Conditional Knowledge Distillation for Object Detection",
+NeurIPS 2021. Official code: https://github.com/megvii-research/ICD @acf2726
+(``pytorch_release/models/{teacher,distiller,utils}.py``; the MegEngine release has the same
+modules).
+
+The idea: a small transformer decoder on the teacher side is trained, online, to *identify*
+instances from the teacher's FPN features: each query describes a box (its class, a jittered
+point inside it, its scale) and the decoder must tell real boxes from fake ones and regress the
+box from the point (the auxiliary task). Its attention of a real instance's query over all
+positions says where the teacher's features hold that instance; the student is distilled there.
+The teacher side reads nothing but the cached F_t, so it trains from the cache alone.
+
+Per batch (all positions of all levels flattened into one sequence of length S, batch padding
+masked out of every attention):
+
+1. Queries per image: its n GT boxes plus fake boxes, min(max(1, 6n), max(300, n)) in all. Fake
+   classes are drawn from the dataset's class frequencies, fake sizes (w, h relative to the
+   image) from N(mean, std) of that class clipped to mean ± 2 std and to [0.002, 0.7], fake
+   centres uniformly in [0.03, 0.97]. Every box's centre is jittered by U(±0.3)·(w, h).
+   Descriptor = one-hot class ⊕ sine embedding of the jittered centre (2 × 128) ⊕ scale one-hot
+   (5 bins of floor(log2(side in pixels)) − 5, clipped to [0, 4], for w and for h) → 3-layer MLP → C.
+2. Decoder (1 layer, 8 heads of C/8): key = F_t + Linear(sine position embedding), value = F_t;
+   attention logits A = q·k/√(C/8); then residual + LayerNorm, FFN C → 4C → C, residual + LayerNorm.
+3. Auxiliary loss (trains the teacher side only): an MLP C → C → C → 5 on each decoded query:
+   ``icd_aux_cls`` = BCE(logit, real?) averaged over all queries; ``icd_aux_box`` = Σ_4 |σ(pred) −
+   d| / (w, h, w, h) averaged over real queries, d = distances from the jittered centre to the
+   box's left, top, right, bottom edges (image-relative coordinates).
+4. Distillation: V_t = LN(W_v^t F_t) (the decoder's own value projection, detached), V_s =
+   LN(W_v^s F_s) with the student's own value projection; LN non-affine over each head's C/8
+   dims. M[n, h, s] = Σ_{real queries k} softmax_s(A[n, h, k, :] / τ), τ = 1, detached.
+
+       icd_distill = 8 · mean_{n, heads, c} [ Σ_s M·(V_s − V_t)² / Σ_s M ]
+
+   For the first 1000 iterations F_s is detached (only W_v^s and the teacher side learn).
+
+All of ICD's parameters (teacher side and W_v^s) train with their own optimiser
+(:meth:`ICD.param_groups`): AdamW lr 1e-4, weight decay 1e-4, linear warmup (1000 iterations,
+from 0.001·lr; the warmup length is our choice, detectron2's default) then cosine, gradient norm
+clipped at 0.01. The official runs also initialise the student's FPN and head from the teacher
+("inherit"); that is the trainer's business.
+
+Choices where the official code gives no single answer: the model width C is the teacher's FPN
+width (the official 256); the scale bins use log2 exactly (the official multiplies ln by 1.44);
+each image's scale bins use its own size (the official PyTorch code reuses the last image's);
+dropout is 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec, require
+from train.teacher_batch import TeacherBatch
+
+if TYPE_CHECKING:
+    from detectors.data import CocoDetection
+
+QUERY_POS_FEATS = 128          # sine features per coordinate of a query's centre (2 × 128)
+SCALE_BINS = 5                 # per side; one-hot of w and of h -> 10
+SCALE_BIN_OFFSET = 5           # bin = floor(log2(side px)) − 5: < 64 px -> 0, >= 512 px -> 4
+FAKE_CENTER_RANGE = (0.03, 0.97)
+FAKE_SIZE_RANGE = (2e-3, 0.7)
+SINE_TEMPERATURE = 10000.0
+
+
+# ---------------------------------------------------------------------------------------------- dataset stats
+@dataclass
+class DatasetStats:
+    """Class frequencies and box sizes of a training set, for ICD's fake queries.
+
+    Sizes are (w, h) relative to the image's width and height, per class.
+    """
+
+    class_freq: Tensor   # (K,) sums to 1
+    size_mean: Tensor    # (K, 2)
+    size_std: Tensor     # (K, 2)
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_freq.shape[0]
+
+    @classmethod
+    def uniform(cls, num_classes: int) -> DatasetStats:
+        """Uniform classes and sizes N(0.2, 0.2): the official fallback for sets other than COCO-80."""
+        return cls(torch.full((num_classes,), 1.0 / num_classes), torch.full((num_classes, 2), 0.2),
+                   torch.full((num_classes, 2), 0.2))
+
+    @classmethod
+    def from_boxes(cls, labels: Tensor, relative_sizes: Tensor, num_classes: int) -> DatasetStats:
+        """From every box's label (B,) and relative (w, h) (B, 2). Classes with fewer than two boxes
+        take the statistics of all boxes (they are drawn rarely or never anyway)."""
+        labels, relative_sizes = labels.long(), relative_sizes.double()
+        if labels.numel() == 0:
+            return cls.uniform(num_classes)
+        counts = torch.bincount(labels, minlength=num_classes).double()  # (K,)
+        all_mean, all_std = relative_sizes.mean(0), relative_sizes.std(0, unbiased=False)
+        mean = all_mean.repeat(num_classes, 1)
+        std = all_std.repeat(num_classes, 1)
+        for label in range(num_classes):
+            sizes = relative_sizes[labels == label]
+            if sizes.shape[0] >= 2:
+                mean[label], std[label] = sizes.mean(0), sizes.std(0, unbiased=False)
+        return cls((counts / counts.sum()).float(), mean.float(), std.float())
+
+    @classmethod
+    def from_dataset(cls, dataset: CocoDetection) -> DatasetStats:
+        """From a :class:`detectors.data.CocoDetection`'s annotations (non-crowd boxes of positive size)."""
+        labels, sizes = [], []
+        for ann in dataset.coco.dataset["annotations"]:
+            image = dataset.coco.imgs[ann["image_id"]]
+            w, h = float(ann["bbox"][2]), float(ann["bbox"][3])
+            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+                continue
+            labels.append(dataset.cat_id_to_label[ann["category_id"]])
+            sizes.append((min(w / image["width"], 1.0), min(h / image["height"], 1.0)))
+        return cls.from_boxes(torch.tensor(labels, dtype=torch.long), torch.tensor(sizes).reshape(-1, 2),
+                              dataset.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- queries
+@dataclass
+class InstanceQueries:
+    """The queries of a batch, padded to the longest image; coordinates relative to each image."""
+
+    labels: Tensor        # (N, Q) long
+    boxes: Tensor         # (N, Q, 4) xyxy in [0, 1]
+    centers: Tensor       # (N, Q, 2) jittered centre (x, y)
+    is_real: Tensor       # (N, Q) bool: a GT box
+    is_query: Tensor      # (N, Q) bool: not padding
+    image_sizes: list[tuple[int, int]]  # (h, w) pixels, for the scale bins
+
+
+def num_queries(num_gt: int, fake_ratio: int, max_queries: int) -> int:
+    """Real plus fake queries of an image with ``num_gt`` boxes: min(max(1, (r+1)·n), max(M, n))."""
+    return min(max(1, (fake_ratio + 1) * num_gt), max(max_queries, num_gt))
+
+
+def sample_queries(targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]], stats: DatasetStats,
+                   fake_ratio: int = 5, max_queries: int = 300, center_jitter: float = 0.3,
+                   generator: torch.Generator | None = None) -> InstanceQueries:
+    """Real GT queries plus fake ones drawn from ``stats`` (see the module docstring), on the CPU."""
+    rows = []
+    for target, (height, width) in zip(targets, image_sizes):
+        gt_boxes = target["boxes"].detach().float().cpu()  # (n, 4) pixels
+        gt_labels = target["labels"].detach().long().cpu()
+        num_real = gt_boxes.shape[0]
+        num_fake = num_queries(num_real, fake_ratio, max_queries) - num_real
+        fake_labels = torch.multinomial(stats.class_freq.double(), num_fake, replacement=True,
+                                        generator=generator) if num_fake else torch.zeros(0, dtype=torch.long)
+        mean, std = stats.size_mean[fake_labels], stats.size_std[fake_labels]  # (F, 2)
+        sizes = mean + std * torch.randn(num_fake, 2, generator=generator)
+        sizes = torch.maximum(torch.minimum(sizes, mean + 2 * std), mean - 2 * std).clamp(*FAKE_SIZE_RANGE)
+        centers = torch.rand(num_fake, 2, generator=generator).clamp(*FAKE_CENTER_RANGE)
+        fake_boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1).clamp(0, 1)  # (F, 4)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = torch.cat([gt_boxes / scale, fake_boxes])  # (Q, 4) relative xyxy
+        box_sizes = boxes[:, 2:] - boxes[:, :2]  # (Q, 2) w, h
+        jitter = (torch.rand(boxes.shape[0], 2, generator=generator) * 2 - 1) * center_jitter
+        jittered = (boxes[:, :2] + boxes[:, 2:]) / 2 + jitter * box_sizes  # (Q, 2)
+        rows.append((torch.cat([gt_labels, fake_labels]), boxes, jittered, num_real))
+
+    longest = max(labels.shape[0] for labels, *_ in rows)
+    n = len(rows)
+    queries = InstanceQueries(labels=torch.zeros(n, longest, dtype=torch.long), boxes=torch.zeros(n, longest, 4),
+                              centers=torch.zeros(n, longest, 2), is_real=torch.zeros(n, longest, dtype=torch.bool),
+                              is_query=torch.zeros(n, longest, dtype=torch.bool),
+                              image_sizes=[tuple(size) for size in image_sizes])
+    for i, (labels, boxes, centers, num_real) in enumerate(rows):
+        count = labels.shape[0]
+        queries.labels[i, :count], queries.boxes[i, :count], queries.centers[i, :count] = labels, boxes, centers
+        queries.is_real[i, :num_real] = True
+        queries.is_query[i, :count] = True
+    return queries
+
+
+def query_descriptors(queries: InstanceQueries, num_classes: int) -> Tensor:
+    """(N, Q, K + 2·128 + 10): one-hot class ⊕ sine(centre x) ⊕ sine(centre y) ⊕ scale one-hots (w, h)."""
+    one_hot = F.one_hot(queries.labels, num_classes).float()  # (N, Q, K)
+    position = point_sine_embedding(queries.centers, QUERY_POS_FEATS)  # (N, Q, 256)
+    sizes_px = (queries.boxes[..., 2:] - queries.boxes[..., :2]) * torch.tensor(
+        [[[w, h]] for h, w in queries.image_sizes], dtype=torch.float32, device=queries.boxes.device)  # (N, Q, 2)
+    bins = (torch.floor(torch.log2(sizes_px.clamp(min=1e-6))) - SCALE_BIN_OFFSET).clamp(0, SCALE_BINS - 1).long()
+    scale = F.one_hot(bins, SCALE_BINS).float().flatten(2)  # (N, Q, 10)
+    return torch.cat([one_hot, position, scale], dim=2) * queries.is_query[..., None]
+
+
+def point_sine_embedding(points: Tensor, num_feats: int) -> Tensor:
+    """Points (..., P) in [0, 1] -> (..., P·num_feats): per coordinate v, with
+    f_i = 10000^(2⌊i/2⌋/num_feats), [sin(2πv/f_0), sin(2πv/f_2), ..., cos(2πv/f_1), cos(2πv/f_3), ...]."""
+    dim_t = SINE_TEMPERATURE ** (2 * (torch.arange(num_feats, device=points.device) // 2) / num_feats)
+    angles = points[..., None] * (2 * math.pi) / dim_t  # (..., P, num_feats)
+    return torch.cat([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
+
+
+def grid_sine_embedding(valid_sizes: list[tuple[int, int]], map_size: tuple[int, int], channels: int,
+                        device: torch.device) -> Tensor:
+    """DETR's normalised sine position embedding of one level: (N, channels, H, W).
+
+    Location (i, j) of an image with valid region (h, w): y = 2π(i+1)/h, x = 2π(j+1)/w;
+    channels/2 features each, interleaved sin/cos: [sin(y/f_0), cos(y/f_1), sin(y/f_2), ...] then x.
+    Values outside the valid region are irrelevant (those keys are masked out).
+    """
+    num_feats = channels // 2
+    dim_t = SINE_TEMPERATURE ** (2 * (torch.arange(num_feats, device=device) // 2) / num_feats)
+    map_h, map_w = map_size
+    out = []
+    for h, w in valid_sizes:
+        y = torch.arange(1, map_h + 1, device=device, dtype=torch.float32).clamp(max=h) / (h + 1e-6) * 2 * math.pi
+        x = torch.arange(1, map_w + 1, device=device, dtype=torch.float32).clamp(max=w) / (w + 1e-6) * 2 * math.pi
+
+        def interleave(values: Tensor) -> Tensor:
+            angles = values[:, None] / dim_t  # (L, F)
+            return torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=2).flatten(1)  # (L, F)
+
+        pos_y = interleave(y)[:, None, :].expand(map_h, map_w, num_feats)
+        pos_x = interleave(x)[None, :, :].expand(map_h, map_w, num_feats)
+        out.append(torch.cat([pos_y, pos_x], dim=2).permute(2, 0, 1))  # (C, H, W)
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (not after the last)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def _xavier_as_packed(linear: nn.Linear, packed_rows: int) -> None:
+    """Xavier-uniform as if ``linear`` were one slice of an in-projection of ``packed_rows`` rows
+    (torch's MultiheadAttention initialises q, k, v as one (3C, C) matrix); zero bias."""
+    bound = math.sqrt(6.0 / (linear.in_features + packed_rows))
+    nn.init.uniform_(linear.weight, -bound, bound)
+    nn.init.zeros_(linear.bias)
+
+
+class InstanceDecoderLayer(nn.Module):
+    """Cross-attention of instance queries over the flattened teacher features, then FFN.
+
+    No self-attention: each query is decoded independently of the others.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_ratio: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads or dim // num_heads < 2:
+            raise ValueError(f"ICD width {dim} must split into {num_heads} heads of at least 2 dims (the "
+                             f"distillation normalises each head's values; one dim would normalise to 0)")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.pos_proj = nn.Linear(dim, dim)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            _xavier_as_packed(projection, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out_proj.bias)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.ReLU(), nn.Linear(ffn_ratio * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, queries: Tensor, features: Tensor, positions: Tensor,
+                key_padding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """queries (N, Q, C), features and positions (N, S, C), key_padding (N, S) True = ignore.
+
+        Returns decoded queries (N, Q, C), attention logits (N, heads, Q, S) with −inf at ignored
+        keys, and the projected values (N, S, heads, C/heads).
+        """
+        n, num_q, dim = queries.shape
+        seq = features.shape[1]
+        q = self.q_proj(queries).view(n, num_q, self.num_heads, self.head_dim).transpose(1, 2)  # (N, h, Q, d)
+        k = self.k_proj(features + self.pos_proj(positions)).view(n, seq, self.num_heads, self.head_dim)
+        values = self.v_proj(features).view(n, seq, self.num_heads, self.head_dim)  # (N, S, h, d)
+        logits = q @ k.permute(0, 2, 3, 1) / math.sqrt(self.head_dim)  # (N, h, Q, S)
+        logits = logits.masked_fill(key_padding[:, None, None, :], float("-inf"))
+        attended = logits.softmax(dim=-1) @ values.transpose(1, 2)  # (N, h, Q, d)
+        attended = self.out_proj(attended.transpose(1, 2).reshape(n, num_q, dim))  # (N, Q, C)
+        decoded = self.norm1(queries + attended)
+        decoded = self.norm2(decoded + self.ffn(decoded))
+        return decoded, logits, values
+
+
+@dataclass(frozen=True)
+class ICDConfig(MethodConfig):
+    distill_weight: float = 8.0         # w, one-stage detectors
+    aux_cls_weight: float = 1.0         # BCE real vs fake
+    aux_box_weight: float = 1.0         # L1 box-edge regression of real queries
+    temperature: float = 1.0            # τ of the attention softmax in M
+    num_heads: int = 8
+    ffn_ratio: int = 4
+    fake_ratio: int = 5                 # fake per real query -> 6n queries
+    max_queries: int = 300
+    center_jitter: float = 0.3          # U(±0.3)·(w, h)
+    detach_student_iters: int = 1000    # F_s detached before this iteration
+    lr: float = 1e-4                    # ICD's own AdamW
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.01
+    warmup_iters: int = 1000
+
+
+class ICD(DistillationMethod):
+    NAME = "icd"
+    FIELDS = ("fpn",)
+    Config = ICDConfig
+
+    def __init__(self, config: ICDConfig, num_classes: int = 80, student_channels: int = 256,
+                 teacher_channels: int = 256, stats: DatasetStats | None = None) -> None:
+        super().__init__(config)
+        self.num_classes = num_classes
+        self.stats = stats if stats is not None else DatasetStats.uniform(num_classes)
+        if self.stats.num_classes != num_classes:
+            raise ValueError(f"dataset stats for {self.stats.num_classes} classes, detector with {num_classes}")
+        dim = teacher_channels
+        # Teacher side (trained by the auxiliary task only).
+        self.query_encoder = MLP(num_classes + 2 * QUERY_POS_FEATS + 2 * SCALE_BINS, dim, dim, 3)
+        self.decoder = InstanceDecoderLayer(dim, config.num_heads, config.ffn_ratio)
+        self.aux_head = MLP(dim, dim, 5, 3)
+        # Student side: its own value projection.
+        self.student_value = nn.Linear(student_channels, dim)
+        _xavier_as_packed(self.student_value, 3 * dim)
+
+    @classmethod
+    def build(cls, config: ICDConfig, context: BuildContext) -> ICD:
+        return cls(config, context.num_classes, context.student_channels, context.teacher_channels,
+                   context.dataset_stats)
+
+    def param_groups(self) -> list[ParamGroupSpec]:
+        config = self.config
+        return [ParamGroupSpec("icd", [p for p in self.parameters() if p.requires_grad], optimizer="adamw",
+                               lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                               warmup_iters=config.warmup_iters)]
+
+    def make_queries(self, targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]) -> InstanceQueries:
+        config = self.config
+        return sample_queries(targets, image_sizes, self.stats, config.fake_ratio, config.max_queries,
+                              config.center_jitter)
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
+        """``queries``: fixed queries instead of sampling them (tests)."""
+        config = self.config
+        teacher_fpn = require(teacher.fpn, "fpn", "ICD")
+        device = teacher_fpn[0].device
+        if queries is None:
+            queries = self.make_queries(targets, student.image_sizes)
+        labels, boxes, centers = queries.labels.to(device), queries.boxes.to(device), queries.centers.to(device)
+        is_real, is_query = queries.is_real.to(device), queries.is_query.to(device)
+
+        # Sequences over all positions of all levels: (N, S, C) and the padding mask (N, S).
+        teacher_seq = torch.cat([f.flatten(2).transpose(1, 2) for f in teacher_fpn], dim=1)
+        key_padding = torch.cat([(~valid).flatten(1) for valid in teacher.valid], dim=1)
+        positions = torch.cat([
+            grid_sine_embedding([sizes[level] for sizes in teacher.valid_sizes], tuple(f.shape[-2:]), f.shape[1],
+                                device).flatten(2).transpose(1, 2)
+            for level, f in enumerate(teacher_fpn)], dim=1)
+
+        # Teacher side: decode the instance queries and train on the auxiliary task.
+        descriptors = query_descriptors(InstanceQueries(labels, boxes, centers, is_real, is_query,
+                                                        queries.image_sizes), self.num_classes)
+        decoded, logits, teacher_values = self.decoder(self.query_encoder(descriptors), teacher_seq, positions,
+                                                       key_padding)
+        prediction = self.aux_head(decoded)  # (N, Q, 5)
+        is_query_f, is_real_f = is_query.float(), is_real.float()
+        bce = F.binary_cross_entropy_with_logits(prediction[..., 0], is_real_f, reduction="none")
+        aux_cls = (bce * is_query_f).sum() / is_query_f.sum().clamp(min=1e-6)
+        edges = torch.cat([centers - boxes[..., :2], boxes[..., 2:] - centers], dim=2)  # (N, Q, 4) l, t, r, b
+        box_sizes = (boxes[..., 2:] - boxes[..., :2]).repeat(1, 1, 2).clamp(min=1e-7)  # (N, Q, 4) w, h, w, h
+        box_error = ((prediction[..., 1:].sigmoid() - edges).abs() / box_sizes).sum(dim=2)  # (N, Q)
+        aux_box = (box_error * is_real_f).sum() / is_real_f.sum().clamp(min=1e-6)
+
+        # Distillation: the student's values where the teacher's real-instance attention looks.
+        with torch.no_grad():
+            attention = (logits / config.temperature).softmax(dim=-1)  # (N, h, Q, S)
+            mask = torch.einsum("nhqs,nq->nhs", attention, is_real_f)  # (N, h, S): Σ over real queries
+            head_dim = teacher_values.shape[-1]
+            teacher_v = F.layer_norm(teacher_values, (head_dim,))  # (N, S, h, d)
+        student_features = student.features
+        if iteration < config.detach_student_iters:
+            student_features = [f.detach() for f in student_features]
+        for level, f in enumerate(student_features):
+            if f.shape[-2:] != teacher_fpn[level].shape[-2:]:
+                raise ValueError(f"student map {tuple(f.shape[-2:])} and teacher map "
+                                 f"{tuple(teacher_fpn[level].shape[-2:])} of level {level} differ")
+        student_seq = torch.cat([f.flatten(2).transpose(1, 2) for f in student_features], dim=1)  # (N, S, C_s)
+        n, seq = student_seq.shape[:2]
+        student_v = F.layer_norm(self.student_value(student_seq).view(n, seq, -1, head_dim), (head_dim,))
+        squared_error = (student_v - teacher_v) ** 2  # (N, S, h, d)
+        masked = torch.einsum("nhs,nshd->nhd", mask, squared_error)  # (N, h, d)
+        distill = (masked / mask.sum(dim=-1).clamp(min=1e-6)[..., None]).mean()
+
+        return {"icd_distill": config.distill_weight * distill,
+                "icd_aux_cls": config.aux_cls_weight * aux_cls,
+                "icd_aux_box": config.aux_box_weight * aux_box}

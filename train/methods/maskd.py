@@ -1,0 +1,133 @@
+"""MasKD stage 2: masked feature distillation with frozen receptive tokens.
+
+Paper: Huang et al., "Masked Distillation with Receptive Tokens", ICLR 2023.
+Official code: https://github.com/hunto/MasKD @b5af34f (``mmrazor/mmrazor/models/losses/maskd.py``,
+``mmrazor/configs/distill/maskd/*``, ``mmrazor/mmrazor/models/distillers/single_teacher.py``).
+
+Stage 1 (learning the tokens on the frozen teacher) runs once in precompute
+(:mod:`precompute.maskd_tokens`); this module receives its result, frozen. Per level l, with the
+align conv A_l (1×1, C_s → C_t, bias, PyTorch default init, trained with the student):
+
+    M_t = σ(token_t · F_t)                                     (N, T, H, W), no gradient
+          after ``student_mask_warmup`` iterations also × σ(token_t · A_l(F_s)) (no gradient)
+    p   = softmax_t(prob_head(F_t))                            (N, T)
+    L_l = mean_n Σ_t p_t · mean_c [ Σ_hw M_t²·(A_l(F_s) − F_t)² / Σ_hw M_t ]
+    maskd_feat = λ · Σ_l L_l
+
+plus, when ``head_weight`` > 0, ``maskd_head = head_weight · Σ_l mean |box_s − box_t|`` over the
+valid locations and all box channels (the official config distils ``bbox_head.retina_reg`` with
+mmdet's ``L1Loss``, reduction mean, once per level).
+
+Official settings: RetinaNet λ = 7, student masks after 7000 iterations, head term weight 1
+(``retinanet_r101-retinanet_r50_coco.py``). The official repository has no GFL config; GFL uses
+its closest released one-stage config, FCOS (``fcos_r101-fcos_r50_coco.py``): λ = 10, student
+masks after 5000 iterations, no head term (our choice; L1 on GFL's distribution logits is not
+something the authors tried). The official runs also initialise the student's neck and head from
+the teacher ("inherit"); that is the trainer's business.
+
+Differences from the official code: the sums over h, w run over each image's valid region only,
+and p is computed per image on its valid crop of F_t (the official prob head pools over the
+padded batch map, which makes p depend on batch-mates). Tokens module: any object with
+``masks(features, level) -> (N, T, H, W)`` and ``weights(features, level) -> (N, T)``
+(:class:`precompute.maskd_tokens.ReceptiveTokens`, rebuilt with ``load_receptive_tokens``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require)
+from train.teacher_batch import TeacherBatch
+
+
+class ReceptiveTokensLike(Protocol):
+    """What stage 2 needs from stage 1's tokens (``precompute.maskd_tokens.ReceptiveTokens``)."""
+
+    def masks(self, features: Tensor, level: int) -> Tensor:
+        """(N, C, H, W) -> σ(tokens · F) (N, T, H, W)."""
+
+    def weights(self, features: Tensor, level: int) -> Tensor:
+        """(N, C, H, W) -> token weights p (N, T), a softmax over tokens."""
+
+
+@dataclass(frozen=True)
+class MasKDConfig(MethodConfig):
+    loss_weight: float = 7.0            # λ (RetinaNet 7; FCOS, used for GFL, 10)
+    student_mask_warmup: int = 7000     # iterations before masks are also multiplied by the student's
+    head_weight: float = 1.0            # L1 on dense box outputs (RetinaNet 1; GFL 0, see the docstring)
+
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {"loss_weight": 10.0, "student_mask_warmup": 5000, "head_weight": 0.0}}
+
+
+class MasKD(DistillationMethod):
+    NAME = "maskd"
+    FIELDS = ("fpn", "head.box")
+    Config = MasKDConfig
+
+    def __init__(self, config: MasKDConfig, tokens: ReceptiveTokensLike, student_channels: int = 256,
+                 teacher_channels: int = 256, num_levels: int = 5) -> None:
+        super().__init__(config)
+        if tokens is None:
+            raise ValueError("MasKD needs the receptive tokens learnt in precompute (stage 1): "
+                             "precompute.maskd_tokens.load_receptive_tokens(cache.artifact('maskd_tokens'))")
+        for attribute in ("masks", "weights"):
+            if not callable(getattr(tokens, attribute, None)):
+                raise TypeError(f"MasKD tokens must have a {attribute}(features, level) method; got {type(tokens)}")
+        if isinstance(tokens, nn.Module):
+            tokens.eval().requires_grad_(False)
+        self.tokens = tokens  # registered as a submodule when it is one (moves with .to(device)); frozen
+        self.align = nn.ModuleList([nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+                                    for _ in range(num_levels)])
+
+    @classmethod
+    def build(cls, config: MasKDConfig, context: BuildContext) -> MasKD:
+        return cls(config, context.maskd_tokens, context.student_channels, context.teacher_channels,
+                   context.num_levels)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("fpn", "head.box") if self.config.head_weight else ("fpn",)
+
+    def train(self, mode: bool = True) -> MasKD:
+        super().train(mode)
+        if isinstance(self.tokens, nn.Module):
+            self.tokens.eval()  # frozen, always
+        return self
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int) -> dict[str, Tensor]:
+        config = self.config
+        teacher_fpn = require(teacher.fpn, "fpn", "MasKD")
+        use_student_masks = iteration >= config.student_mask_warmup
+        feat_loss = 0.0
+        for level, valid in enumerate(teacher.valid):
+            f_t = teacher_fpn[level]  # (N, C, H, W), zero outside valid
+            aligned = self.align[level](student.features[level])  # (N, C, H, W)
+            check_same_shape(aligned, f_t, f"aligned features of level {level}")
+            with torch.no_grad():
+                masks = self.tokens.masks(f_t, level) * valid  # (N, T, H, W), zero outside valid
+                if use_student_masks:
+                    masks = masks * self.tokens.masks(aligned, level)
+                weights = torch.cat([self.tokens.weights(f_t[i:i + 1, :, :h, :w], level)  # (1, T) each
+                                     for i, (h, w) in enumerate(size[level] for size in teacher.valid_sizes)])
+            squared_error = (aligned - f_t) ** 2  # (N, C, H, W)
+            # Σ_hw M_t² (A(F_s) − F_t)² for every (n, t, c) without materialising (N, T, C, H, W).
+            masked_error = torch.einsum("nthw,nchw->ntc", masks ** 2, squared_error)  # (N, T, C)
+            mask_area = masks.sum(dim=(2, 3)).clamp(min=1e-12)  # (N, T)
+            per_token = (masked_error / mask_area[:, :, None]).mean(dim=2)  # (N, T): mean over channels
+            feat_loss = feat_loss + (per_token * weights).sum(dim=1).mean()
+        terms = {"maskd_feat": config.loss_weight * feat_loss}
+        if config.head_weight:
+            teacher_box = require(teacher.box, "head.box", "MasKD (head term)")
+            head_loss = 0.0
+            for level, valid in enumerate(teacher.valid):
+                s_box, t_box = student.box_outputs[level], teacher_box[level]  # (N, A*B, H, W)
+                check_same_shape(s_box, t_box, f"box outputs of level {level}")
+                count = valid.sum().clamp(min=1) * s_box.shape[1]
+                head_loss = head_loss + ((s_box - t_box).abs() * valid).sum() / count
+            terms["maskd_head"] = config.head_weight * head_loss
+        return terms

@@ -1,0 +1,25 @@
+"""No distillation: the baseline student. Reads no teacher field, adds no loss term."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from detectors.outputs import DetectorOutput
+from train.methods.base import DistillationMethod, MethodConfig
+from train.teacher_batch import TeacherBatch
+
+
+@dataclass(frozen=True)
+class NoneConfig(MethodConfig):
+    """No hyperparameters."""
+
+
+class NoDistillation(DistillationMethod):
+    NAME = "none"
+    FIELDS = ()
+    Config = NoneConfig
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int) -> dict[str, Tensor]:
+        return {}
