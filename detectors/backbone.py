@@ -33,12 +33,13 @@ _STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
 def group_norm(num_channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``max_groups`` that divides ``num_channels``.
+    """GroupNorm with at most ``max_groups`` groups of at least two channels each.
 
-    ``gcd(32, C)``: 32 groups for the reference widths (256), and still valid for small demo
-    widths (e.g. 48 channels -> 16 groups).
+    ``gcd(32, C // 2)``: 32 groups for the reference widths (256, as mmdetection), and still valid
+    for small demo widths (32 channels -> 16 groups). Two channels per group keep a 1x1 map (P7 of
+    a small image) normalisable.
     """
-    return nn.GroupNorm(math.gcd(max_groups, num_channels), num_channels)
+    return nn.GroupNorm(math.gcd(max_groups, max(1, num_channels // 2)), num_channels)
 
 
 def norm_layer_factory(norm: str, eps: float = 1e-5) -> Callable[[int], nn.Module]:

@@ -168,7 +168,7 @@ def test_gfl_head_structure_and_decode():
     head = model.head
     assert len(head.cls_convs) == 2 and len(head.scales) == 5
     conv_block = head.cls_convs[0]
-    assert conv_block[0].bias is None and conv_block[1].num_groups == 32  # gcd(32, 64)
+    assert conv_block[0].bias is None and conv_block[1].num_groups == 16  # gcd(32, 32 // 2)
     torch.testing.assert_close(head.gfl_cls.bias, torch.full((3,), -torch.log(torch.tensor(99.0)).item()))
     assert head.gfl_reg.out_channels == 68
     # decode: centre (16, 8), stride 8, distances (1, 2, 3, 4) bins -> one-hot distributions
@@ -196,7 +196,8 @@ def test_neck_options():
     model = build_detector(config)
     extra = model.backbone.fpn.extra_blocks
     assert extra.p6.in_channels == 32 and extra.relu_before_p7
-    assert model.backbone.body.bn1.num_groups == 8  # gcd(32, 8)
+    assert model.backbone.body.bn1.num_groups == 4  # gcd(32, 8 // 2)
+    assert build_detector("gfl-r50").head.cls_convs[0][1].num_groups == 32  # mmdetection's GN(32) at 256
     c5 = torch.randn(1, 32, 4, 4)
     p, names = extra([torch.randn(1, 16, 4, 4)], [c5], ["c5"])
     assert names == ["c5", "p6", "p7"]
