@@ -1,0 +1,28 @@
+"""Precompute: run a frozen teacher once over every (image, view) and write its outputs to the store.
+
+    python -m precompute --help                       # the command line (make cache)
+
+Modules:
+    fields.py       the one definition of every teacher field (``extract_fields``), LD regions,
+                    which fields each distillation method reads (``FIELD_GROUPS_FOR_METHOD``)
+    teacher.py      ``load_teacher``: this project's, torchvision and mmdetection checkpoints, frozen
+    plan.py         task order (image-major, views minor), shard ranges, batches of one padded shape
+    pipeline.py     the run: loader -> forward -> writer thread, ranks, resume, artefacts, finalize
+    maskd_tokens.py MasKD stage 1 (receptive tokens), stored as a cache artefact
+"""
+from importlib import import_module
+
+# Imported on first use (PEP 562), so that `python -m precompute --help` does not import torch.
+_EXPORTS = {
+    "ARTIFACTS_FOR_METHOD": "precompute.fields", "FIELD_GROUPS_FOR_METHOD": "precompute.fields",
+    "INHERIT_ARTIFACT": "precompute.fields", "MASKD_ARTIFACT": "precompute.fields",
+    "extract_fields": "precompute.fields", "fields_for_methods": "precompute.fields", "ld_regions": "precompute.fields",
+    "resolve_fields": "precompute.fields", "Teacher": "precompute.teacher", "load_teacher": "precompute.teacher",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'precompute' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Write (precompute); ``fields`` takes groups, prefixes or names, each with its de
 (store/schema.py) or a dict name -> codec preset:
 
     from store import Manifest, load_manifest, open_writer, sha256_file
-    declared = dict(teacher={"arch": "gfl-r101", "checkpoint_sha256": sha256_file(ckpt)},
+    declared = dict(teacher={"arch": "gfl-r101", "checkpoint_sha256": sha256_file(ckpt)[0]},
                     dataset=dataset.fingerprint(), views=[v.to_dict() for v in views])
     manifest = load_manifest(url)                       # resuming: keep the fitted codecs
     if manifest is None:

@@ -138,7 +138,7 @@ def _as_tensor(value, device):
             value = value.view(np.int16)
         elif value.dtype == np.uint32:
             value = value.view(np.int32)
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = torch.from_numpy(np.asarray(value, order="C"))
     elif value.dtype == torch.uint16:
         value = value.view(torch.int16)
     elif value.dtype == torch.uint32:
@@ -197,7 +197,7 @@ def to_torch(value):
         if value.dtype in (np.uint16, np.uint32):
             return torch.from_numpy(value.view(np.int16 if value.dtype == np.uint16 else np.int32)).view(
                 torch.uint16 if value.dtype == np.uint16 else torch.uint32)
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.asarray(value, order="C"))
     if isinstance(value, Affine):
         return dataclasses.replace(value, q=to_torch(value.q), scale=to_torch(value.scale),
                                    offset=to_torch(value.offset))

@@ -169,7 +169,7 @@ class Cache:
                                     f"sample (image_id={image_id}, view={view_index}): {e}") from None
         if decode == "torch":
             import torch
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            value = torch.from_numpy(np.asarray(value, order="C"))
         return value
 
     def _sample(self, receipt, row, blobs_by_group: dict, decode: str) -> dict:

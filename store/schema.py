@@ -16,7 +16,8 @@ bytes of ``fpn``.
                                                             (h * W_l + w) * A + a
     region  region.kind           (R,)             int8     REGION_POSITIVE or REGION_VLR
     region  region.gt             (R,)             int32    index of the GT box (meta.gt_*)
-    region  region.iou            (R,)             float32  IoU (positives) / DIoU (VLR) with it
+    region  region.iou            (R,)             float32  IoU with it (VLR rows are chosen by DIoU,
+                                                            weighted by IoU, as official LD)
     region  region.cls            (R, K)           float    teacher class logits at the row
     region  region.box_dist       (R, B)           float    teacher box outputs at the row
     meta    meta.image_id         ()               int64    COCO image id
@@ -95,7 +96,7 @@ def _build() -> dict[str, FieldSpec]:
         FieldSpec("region.index", "int", "int32", ("R",), "raw", "flat (h*W+w)*A+a on the level"),
         FieldSpec("region.kind", "int", "int8", ("R",), "raw", "REGION_POSITIVE / REGION_VLR"),
         FieldSpec("region.gt", "int", "int32", ("R",), "raw", "index into meta.gt_*"),
-        FieldSpec("region.iou", "float", None, ("R",), "raw", "IoU or DIoU with that GT"),
+        FieldSpec("region.iou", "float", None, ("R",), "raw", "IoU with that GT (the LD loss weight)"),
         FieldSpec("region.cls", "float", None, ("R", "K"), "fp16", "class logits at the row"),
         FieldSpec("region.box_dist", "float", None, ("R", "B"), "fp16", "box outputs at the row"),
         FieldSpec("meta.image_id", "int", "int64", (), "raw", "COCO image id"),

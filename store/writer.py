@@ -422,9 +422,10 @@ class CacheWriter:
         return info
 
     # ------------------------------------------------------------------ closing
-    def close(self) -> bool:
+    def close(self, finalize: bool = True) -> bool:
         """Commit a trailing partial shard (open-ended writer), and finalize the cache if every
-        shard is committed. Returns whether the cache is complete."""
+        shard is committed. Returns whether the cache is complete. ``finalize=False`` leaves the
+        finalization to one process (``store.finalize(url)`` once every rank has closed)."""
         self._commit_current(partial_ok=True)
         if self._pool is not None:
             self._pool.shutdown()
@@ -433,7 +434,7 @@ class CacheWriter:
         expected = self.manifest.num_shards
         if expected is None:                                          # open-ended: shards 0..last, no gap
             expected = max(self.committed) + 1 if self.committed else None
-        if expected is None or any(i not in self.committed for i in range(expected)):
+        if not finalize or expected is None or any(i not in self.committed for i in range(expected)):
             return False
         _finalize(self.fs, self.root, self.manifest, read_receipts(self.fs, self.root), expected)
         return True

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from detectors import build_detector
+from detectors.zoo import MODELS
 from detectors.data import CocoDetection
 from detectors.synth import SynthConfig, generate
 from detectors.views import Batch, ViewSpec
@@ -14,7 +15,7 @@ from precompute.maskd_tokens import (MASKD_ARTIFACT, ReceptiveTokens, cosine_lr,
 from store import Manifest, open_cache, open_writer
 from store.synthetic import make_sample
 
-CHANNELS = 64  # fpn_channels of the nano models
+CHANNELS = MODELS["gfl-nano"].fpn_channels  # fpn_channels of the nano models
 
 
 def fixed_batch() -> Batch:

@@ -616,7 +616,8 @@ def test_every_method_runs_on_real_detector_outputs_and_cached_samples():
                        "region.box_dist": flatten_levels(out.box_outputs, 1)[0, positive]})
         samples.append(sample)
     teacher = collate_teacher(samples, [tuple(f.shape[-2:]) for f in student.features], "cpu", image_sizes=sizes)
-    method = build_method("frs+icd+maskd+ld+defeat", "gfl", {"maskd.head_weight": 1.0}, student_channels=64,
+    method = build_method("frs+icd+maskd+ld+defeat", "gfl", {"maskd.head_weight": 1.0},
+                          student_channels=student_model.config.fpn_channels,
                           teacher_channels=128, num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
     terms = method(student, teacher, targets, ITERATION)
     assert {"frs_feat", "frs_cls", "icd_distill", "icd_aux_cls", "icd_aux_box", "maskd_feat", "maskd_head", "ld_main",
@@ -670,7 +671,8 @@ def test_precompute_samples_collate_and_drive_every_method():
                {"boxes": torch.tensor([[2.0, 3.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
     batch = Batch(images=images, image_sizes=sizes, targets=targets, image_ids=[1, 2], view_indices=[0, 0],
                   views=[ViewSpec(), ViewSpec()], orig_sizes=sizes)
-    method = build_method("frs+icd+maskd+ld+defeat", "gfl", student_channels=64, teacher_channels=128,
+    method = build_method("frs+icd+maskd+ld+defeat", "gfl", student_channels=student_model.config.fpn_channels,
+                          teacher_channels=128,
                           num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
     samples = fields_module.extract_fields(teacher_model, batch, method.fields)
     student = student_model(images, sizes, targets)

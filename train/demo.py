@@ -15,9 +15,10 @@ from detectors import synth
 from train import teacher
 
 DEMO_TEACHER = "gfl-small"
-# Schedule sized so the whole demo stays well under 15 minutes on a 2-core CPU.
+# Schedule sized so the whole demo stays well under 15 minutes on a 2-core CPU. Images load in the
+# main process: a loader worker beside torch's two threads on two cores stalls the thread pool.
 DEMO_SCHEDULE = ["--epochs", "12", "--batch-size", "8", "--lr", "0.02", "--warmup-iters", "100",
-                 "--milestones", "9", "11", "--short", "160", "--max-size", "256", "--workers", "1"]
+                 "--milestones", "9", "11", "--short", "160", "--max-size", "256", "--workers", "0"]
 
 
 def main(argv=None) -> None:

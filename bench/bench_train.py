@@ -1,0 +1,172 @@
+"""Student training cost per step: no distillation, each method from the cache, each method online.
+
+    python -m bench.bench_train                         # synthetic set, random gfl-small -> gfl-nano, CPU
+    python -m bench.bench_train --device cuda --teacher gfl-r101 --student gfl-r50 --size 800 \\
+        --max-size 1333 --images 64 --batch-size 4 --steps 20
+
+In one run: builds a synthetic set and a teacher cache with precompute's API (default lossy
+codecs), then times training steps of the same student for (a) no distillation, (b) every method
+from the cache, (c) every method with the online teacher (precompute's ``extract_fields`` in the
+loop). Each configuration runs in a fresh process (``StudentTrainer`` with ``max_iters`` =
+warmup + steps, no evaluation) so that its peak memory is its own: CPU peak RSS of that process
+(``VmHWM`` of /proc/self/status; ``ru_maxrss`` would carry the parent's peak across exec), GPU
+``torch.cuda.max_memory_allocated``. A step is measured from the
+end of the previous one: loader wait (image decode, view, cache decompression with
+``--workers 0``) + dequantisation + forward + backward + optimiser steps. Prints a markdown table
+with the ratios (b)/(a) and (c)/(b). Warmups and ramps of the methods are set to 0 so every
+term is computed from the first step.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("frs", "icd", "maskd", "ld", "defeat")
+# Every term on from the first iteration (the steady-state cost, not the warmup's).
+STEADY_STATE = {"frs": {"frs.warmup_iters": 0}, "icd": {"icd.detach_student_iters": 0},
+                "maskd": {"maskd.student_mask_warmup": 0}, "ld": {}, "defeat": {}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="gfl-small", help="teacher zoo name (random weights unless --ckpt)")
+    p.add_argument("--ckpt", help="teacher checkpoint to cache instead of a random one (needs --data)")
+    p.add_argument("--student", default="gfl-nano")
+    p.add_argument("--data", help="COCO-layout root (default: a synthetic set made here)")
+    p.add_argument("--images", type=int, default=16, help="synthetic training images [16]")
+    p.add_argument("--size", type=int, default=96, help="view short side (and synthetic image size) [96]")
+    p.add_argument("--max-size", type=int, default=128, help="view long-side cap [128]")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"[{','.join(METHODS)}]")
+    p.add_argument("--batch-size", type=int, default=2, help="[2]")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration [10]")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first [2]")
+    p.add_argument("--workers", type=int, default=0, help="loader workers (0: decoding is inside the step) [0]")
+    p.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
+    p.add_argument("--amp", default="auto", help="student (and online teacher) autocast [auto]")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
+    p.add_argument("--codec", action="append", default=[], metavar="FIELD=PRESET",
+                   help="cache codec override (default: the store's lossy defaults)")
+    p.add_argument("--maskd-iters", type=int, default=5, help="MasKD stage 1 in precompute [5]")
+    p.add_argument("--work", help="working directory (default: a temporary one, removed)")
+    return p.parse_args(argv)
+
+
+def prepare(args, work: Path) -> dict:
+    """Data, teacher checkpoint and cache (reused when already in --work)."""
+    import torch
+
+    from detectors import build_detector, save_checkpoint
+    from detectors.synth import SynthConfig, generate
+    from precompute.pipeline import PrecomputeConfig, run_precompute
+
+    data = Path(args.data) if args.data else work / "data"
+    if not args.data and not (data / "annotations" / "instances_train2017.json").exists():
+        generate(data, args.images, 2, SynthConfig(size=args.size, max_side=min(80, args.size)), seed=0,
+                 progress=False)
+    ckpt = Path(args.ckpt) if args.ckpt else work / "teacher.pt"
+    if not args.ckpt and not ckpt.exists():
+        from detectors.data import CocoDetection
+        torch.manual_seed(0)
+        num_classes = CocoDetection(data, "train2017").num_classes
+        save_checkpoint(ckpt, build_detector(args.teacher, num_classes=num_classes))
+    cache = work / "cache"
+    views = f"{args.size}:{args.max_size},{args.size}:{args.max_size}:flip"
+    codecs = dict(item.split("=", 1) for item in args.codec)
+    start = time.perf_counter()
+    run_precompute(PrecomputeConfig(ckpt=str(ckpt), data=str(data), cache=str(cache), views=views,
+                                    device=args.device, amp="none", workers=args.workers, batch_size=4,
+                                    maskd_iters=args.maskd_iters, maskd_batch_size=2, codecs=codecs, progress=False))
+    return {"data": str(data), "ckpt": str(ckpt), "cache": str(cache), "views": views,
+            "precompute_s": time.perf_counter() - start}
+
+
+def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, out: str, results) -> None:
+    """In a fresh process: train warmup + steps iterations, report the median step time and peak memory."""
+    import torch
+
+    from train.trainer import StudentTrainer, TrainConfig
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for part in method.split("+") for k, v in STEADY_STATE.get(part, {}).items()}
+    source = dict(teacher=setup["ckpt"], views=setup["views"], maskd_tokens=setup["cache"]) if online \
+        else dict(cache=setup["cache"])
+    config = TrainConfig(data=setup["data"], out=out, method=method, student=args.student, batch_size=args.batch_size,
+                         max_iters=args.warmup + args.steps, warmup_iters=1, workers=args.workers, device=args.device,
+                         amp=args.amp, eval=False, tensorboard=False, progress=False, overrides=overrides, **source)
+    trainer = StudentTrainer(config)
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = trainer.step_times[args.warmup:]
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
+    results.put({"method": method, "online": online, "step_s": statistics.median(timed), "peak_mb": peak,
+                 "cuda": cuda})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux KiB
+
+
+def run_one(args, setup, method, online, work: Path) -> dict:
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    out = work / f"run_{method}_{'online' if online else 'cache'}"
+    process = context.Process(target=measure, args=(args, setup, method, online, str(out), results))
+    process.start()
+    process.join()
+    if process.exitcode != 0 or results.empty():
+        raise RuntimeError(f"{method} ({'online' if online else 'cache'}) failed with exit code {process.exitcode}")
+    return results.get()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_train_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        setup = prepare(args, work)
+        print(f"cache built in {setup['precompute_s']:.1f} s ({setup['cache']}); teacher {args.ckpt or args.teacher}, "
+              f"student {args.student}, batch {args.batch_size}, views {setup['views']}, device {args.device}, "
+              f"{args.steps} timed steps after {args.warmup}", file=sys.stderr, flush=True)
+        base = run_one(args, setup, "none", False, work)
+        rows = []
+        for method in methods:
+            cached = run_one(args, setup, method, False, work)
+            online = run_one(args, setup, method, True, work)
+            rows.append((method, cached, online))
+            print(f"{method}: cache {cached['step_s']:.3f} s/step, online {online['step_s']:.3f} s/step",
+                  file=sys.stderr, flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    memory = "GPU max allocated MB" if base["cuda"] else "peak RSS MB"
+    print(f"\n(a) no distillation: {base['step_s'] * 1000:.0f} ms/step, {memory} {base['peak_mb']:.0f} "
+          f"(median of {args.steps} steps after {args.warmup}; batch {args.batch_size}; {args.device})\n")
+    print(f"| method | (b) cache ms/step | (c) online ms/step | (b)/(a) | (c)/(b) | {memory} (b) | {memory} (c) |")
+    print("|---|---|---|---|---|---|---|")
+    for method, cached, online in rows:
+        print(f"| {method} | {cached['step_s'] * 1000:.0f} | {online['step_s'] * 1000:.0f} | "
+              f"{cached['step_s'] / base['step_s']:.2f} | {online['step_s'] / cached['step_s']:.2f} | "
+              f"{cached['peak_mb']:.0f} | {online['peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

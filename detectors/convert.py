@@ -1,0 +1,230 @@
+"""Checkpoint conversion: other frameworks' detector weights -> this project's state-dict keys.
+
+One ``checkpoint_filter_fn`` per source family (timm's habit): each maps a state dict in the
+source's key layout to the keys of :mod:`detectors.zoo` models and refuses keys it does not know
+(nothing is dropped silently, except buffers that only restate a constant, which are checked).
+
+    state_dict = unwrap_state_dict(torch.load(path, map_location="cpu"))   # 'state_dict', 'module.'
+    family = detect_source(state_dict)            # ("mmdet", "gfl"), ("torchvision", "retina"), ...
+    model = build_detector(f"gfl-r{infer_resnet_depth(state_dict)}", num_classes=80,
+                           **mmdet_config_overrides("gfl"))
+    model.load_state_dict(convert_mmdet_gfl(state_dict))                  # strict: no missing keys
+
+mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``configs/gfl/gfl_r50_fpn_1x_coco.py``):
+
+    mmdetection                                   this project
+    backbone.{conv1,bn1,layerX.Y.*}               backbone.body.{conv1,bn1,layerX.Y.*}
+    neck.lateral_convs.i.conv.*                   backbone.fpn.inner_blocks.i.0.*
+    neck.fpn_convs.i.conv.*  (i = 0, 1, 2)        backbone.fpn.layer_blocks.i.0.*
+    neck.fpn_convs.3.conv.* / fpn_convs.4.conv.*  backbone.fpn.extra_blocks.p6.* / .p7.*
+    RetinaNet head
+    bbox_head.cls_convs.i.conv.*                  head.classification_head.conv.i.0.*
+    bbox_head.reg_convs.i.conv.*                  head.regression_head.conv.i.0.*
+    bbox_head.retina_cls.*                        head.classification_head.cls_logits.*
+    bbox_head.retina_reg.*                        head.regression_head.bbox_reg.*
+    GFL head
+    bbox_head.{cls,reg}_convs.i.conv.weight       head.{cls,reg}_convs.i.0.weight
+    bbox_head.{cls,reg}_convs.i.gn.*              head.{cls,reg}_convs.i.1.*
+    bbox_head.gfl_cls.* / gfl_reg.*               head.gfl_cls.* / head.gfl_reg.*
+    bbox_head.scales.i.scale                      head.scales.i.scale
+    bbox_head.integral.project (buffer 0..reg_max) checked, dropped
+
+Architecture differences the converted model must be built with (:func:`mmdet_config_overrides`):
+mmdetection's RetinaNet builds P6 from C5 (``add_extra_convs='on_input'``) and its GFL from the P5
+output (``'on_output'``); neither applies a ReLU before P7. Its ResNet BatchNorm eps is 1e-5.
+Anchors of a converted RetinaNet are torchvision's (sizes rounded down to integers, e.g. 40 and
+50 instead of mmdetection's 40.3 and 50.8 on P3): the dense outputs are the teacher's own, boxes
+decoded from them differ slightly from mmdetection's.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from detectors.zoo import convert_torchvision_retinanet
+
+MMDET_SOURCE = "mmdet"
+TORCHVISION_SOURCE = "torchvision"
+PROJECT_SOURCE = "project"
+
+_BACKBONE = [(r"^backbone\.((?:conv1|bn1|layer[1-4]\.\d+)\..+)$", r"backbone.body.\1")]
+_NECK = [
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)$", r"backbone.fpn.inner_blocks.\1.0.\2"),
+    (r"^neck\.fpn_convs\.([012])\.conv\.(weight|bias)$", r"backbone.fpn.layer_blocks.\1.0.\2"),
+    (r"^neck\.fpn_convs\.3\.conv\.(weight|bias)$", r"backbone.fpn.extra_blocks.p6.\1"),
+    (r"^neck\.fpn_convs\.4\.conv\.(weight|bias)$", r"backbone.fpn.extra_blocks.p7.\1"),
+]
+_RETINA_HEAD = [
+    (r"^bbox_head\.cls_convs\.(\d+)\.conv\.(weight|bias)$", r"head.classification_head.conv.\1.0.\2"),
+    (r"^bbox_head\.reg_convs\.(\d+)\.conv\.(weight|bias)$", r"head.regression_head.conv.\1.0.\2"),
+    (r"^bbox_head\.retina_cls\.(weight|bias)$", r"head.classification_head.cls_logits.\1"),
+    (r"^bbox_head\.retina_reg\.(weight|bias)$", r"head.regression_head.bbox_reg.\1"),
+]
+_GFL_HEAD = [
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.weight$", r"head.\1_convs.\2.0.weight"),
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)$", r"head.\1_convs.\2.1.\3"),
+    (r"^bbox_head\.gfl_(cls|reg)\.(weight|bias)$", r"head.gfl_\1.\2"),
+    (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
+]
+_GFL_PROJECT = "bbox_head.integral.project"
+
+
+def unwrap_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
+    """The tensor state dict inside a checkpoint file's contents.
+
+    Accepts a bare state dict, mmdetection's ``{"meta": ..., "state_dict": ..., "optimizer": ...}``,
+    ``{"model": ...}`` (torchvision reference scripts, detectron2) and this project's
+    ``{"format", "config", "state_dict", "extra"}``; a DataParallel/DDP ``module.`` prefix is dropped.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    state = checkpoint
+    for key in ("state_dict", "model"):
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"no tensors in the checkpoint (top-level keys: {sorted(checkpoint)[:10]})")
+    others = sorted(k for k, v in state.items() if not isinstance(v, Tensor))
+    if others:
+        raise ValueError(f"the checkpoint's state dict holds non-tensor entries {others[:5]}")
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def detect_source(state_dict: Mapping[str, Tensor]) -> tuple[str, str]:
+    """(source, family) from the key layout: ("mmdet" | "torchvision" | "project", "gfl" | "retina")."""
+    keys = set(state_dict)
+    if "bbox_head.gfl_cls.weight" in keys:
+        return MMDET_SOURCE, "gfl"
+    if "bbox_head.retina_cls.weight" in keys:
+        return MMDET_SOURCE, "retina"
+    if "head.classification_head.cls_logits.weight" in keys:
+        return TORCHVISION_SOURCE, "retina"  # torchvision's keys are this project's RetinaNet keys
+    if "head.gfl_cls.weight" in keys:
+        return PROJECT_SOURCE, "gfl"
+    raise ValueError("cannot tell the checkpoint's layout: none of bbox_head.gfl_cls / bbox_head.retina_cls "
+                     "(mmdetection), head.classification_head.cls_logits (torchvision RetinaNet) or "
+                     f"head.gfl_cls (this project) is present; first keys: {sorted(keys)[:8]}")
+
+
+def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]], what: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    unknown = []
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+    for key, value in state_dict.items():
+        for pattern, repl in compiled:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} key(s) of the {what} checkpoint have no counterpart here: "
+                         f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    return out
+
+
+def convert_mmdet_retinanet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An mmdetection RetinaNet (ResNet-FPN) state dict -> ``retina-r*`` keys (see the module table).
+
+    Build the model with ``mmdet_config_overrides("retina")`` (P6 from C5, no ReLU before P7).
+    """
+    return _rename(unwrap_state_dict(state_dict), _BACKBONE + _NECK + _RETINA_HEAD, "mmdetection RetinaNet")
+
+
+def convert_mmdet_gfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An mmdetection GFL (ResNet-FPN) state dict -> ``gfl-r*`` keys (see the module table).
+
+    The ``integral.project`` buffer must be 0..reg_max (it is a constant here, not a parameter).
+    """
+    state = dict(unwrap_state_dict(state_dict))
+    project = state.pop(_GFL_PROJECT, None)
+    if project is not None:
+        expected = torch.arange(project.numel(), dtype=project.dtype)
+        if not torch.equal(project.cpu(), expected):
+            raise ValueError(f"{_GFL_PROJECT} is not 0..{project.numel() - 1}; this GFL integrates over the "
+                             "bins 0..reg_max")
+    return _rename(state, _BACKBONE + _NECK + _GFL_HEAD, "mmdetection GFL")
+
+
+def _torchvision_retinanet_filter(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return convert_torchvision_retinanet(unwrap_state_dict(state_dict))
+
+
+CHECKPOINT_FILTERS: dict[tuple[str, str], Callable[[Mapping[str, Tensor]], dict[str, Tensor]]] = {
+    (MMDET_SOURCE, "retina"): convert_mmdet_retinanet,
+    (MMDET_SOURCE, "gfl"): convert_mmdet_gfl,
+    (TORCHVISION_SOURCE, "retina"): _torchvision_retinanet_filter,
+}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], source: str = "auto") -> tuple[dict[str, Tensor], str]:
+    """(converted state dict, family) for a state dict of ``source`` ("auto" detects it)."""
+    state = unwrap_state_dict(state_dict)
+    detected, family = detect_source(state)
+    if source not in ("auto", detected):
+        raise ValueError(f"the checkpoint has the key layout of {detected!r}, not {source!r}")
+    if detected == PROJECT_SOURCE:
+        return dict(state), family
+    return CHECKPOINT_FILTERS[(detected, family)](state), family
+
+
+def infer_resnet_depth(state_dict: Mapping[str, Tensor]) -> int:
+    """ResNet depth (18/34/50/101) from the block counts of a converted or mmdetection state dict."""
+    blocks: dict[str, set[int]] = {}
+    bottleneck = False
+    for key in state_dict:
+        match = re.match(r"^(?:backbone\.body\.|backbone\.)(layer[1-4])\.(\d+)\.(conv\d)", key)
+        if match:
+            blocks.setdefault(match.group(1), set()).add(int(match.group(2)))
+            bottleneck |= match.group(3) == "conv3"
+    counts = tuple(len(blocks.get(f"layer{i}", ())) for i in range(1, 5))
+    known = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
+             (True, (3, 4, 23, 3)): 101}
+    depth = known.get((bottleneck, counts))
+    if depth is None:
+        kind = "Bottleneck" if bottleneck else "BasicBlock"
+        raise ValueError(f"the checkpoint's ResNet has {kind} stages of {counts} blocks: not ResNet-18/34/50/101")
+    return depth
+
+
+def num_classes_of(state_dict: Mapping[str, Tensor], family: str, num_anchors: int = 9) -> int:
+    """Classes of a converted state dict (GFL: gfl_cls rows; RetinaNet: cls_logits rows / anchors)."""
+    if family == "gfl":
+        return int(state_dict["head.gfl_cls.weight"].shape[0])
+    rows = int(state_dict["head.classification_head.cls_logits.weight"].shape[0])
+    if rows % num_anchors:
+        raise ValueError(f"RetinaNet cls_logits has {rows} rows, not a multiple of {num_anchors} anchors")
+    return rows // num_anchors
+
+
+def select_retinanet_classes(state_dict: Mapping[str, Tensor], class_indices: list[int],
+                             num_anchors: int = 9) -> dict[str, Tensor]:
+    """Keep the classification rows of ``class_indices`` (in that order) for every anchor.
+
+    For torchvision's COCO weights (91 outputs indexed by COCO category id, 0 = background) and a
+    dataset with contiguous labels: ``class_indices = dataset.label_to_cat_id``.
+    """
+    state = dict(state_dict)
+    weight_key, bias_key = "head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"
+    weight, bias = state[weight_key], state[bias_key]
+    num_classes = weight.shape[0] // num_anchors
+    if max(class_indices) >= num_classes or min(class_indices) < 0:
+        raise ValueError(f"class indices {min(class_indices)}..{max(class_indices)} are outside the "
+                         f"checkpoint's {num_classes} classes")
+    rows = torch.tensor([a * num_classes + k for a in range(num_anchors) for k in class_indices])
+    state[weight_key], state[bias_key] = weight[rows].clone(), bias[rows].clone()
+    return state
+
+
+def mmdet_config_overrides(family: str) -> dict:
+    """DetectorConfig options that reproduce mmdetection's neck for ``family``."""
+    if family == "retina":
+        return {"p6_from": "c5", "relu_before_p7": False}
+    if family == "gfl":
+        return {"p6_from": "p5", "relu_before_p7": False}
+    raise ValueError(f"unknown family {family!r}")

@@ -1,0 +1,326 @@
+"""The one definition of every teacher field: what precompute caches and what train's online-teacher
+mode computes in process, so the cached and online paths cannot drift apart.
+
+    fields = resolve_fields("frs,ld")          # method names, groups, prefixes or field names
+    samples = extract_fields(teacher, batch, fields)      # one dict per image of the batch
+    samples[0]["fpn.p3"]                       # (C, H_3, W_3) float32, the image's canonical region
+
+Field names and shapes are the store's vocabulary (store/schema.py). Per image of a batch:
+
+- ``fpn.pL`` (C, H_l, W_l), ``head.cls.pL`` (A*K, H_l, W_l), ``head.box.pL`` (A*B, H_l, W_l):
+  the teacher's dense outputs on the image padded on its own to a multiple of 32 (canonical
+  padding), so they do not depend on the batch. (H_l, W_l) = ``valid_level_sizes(valid_hw)``.
+  A batch whose images have different canonical sizes is run as one forward per size.
+- ``region.*``: LD's rows (Li et al., "Localization Distillation"; HikariTJU/LD
+  ``mmdet/core/bbox/assigners/atss_assigner.py`` and ``ld_head.py``), from the anchors of the
+  image's canonical region and its GT boxes only (:func:`ld_regions`), with the teacher's class
+  logits and box outputs at those locations:
+    positive rows: the ATSS positives (``detectors.atss.atss_assign``, topk from the teacher's
+      config), ``region.gt`` the assigned GT, ``region.iou`` the anchor's IoU with it;
+    VLR rows ("valuable localization region"): every anchor whose DIoU with a GT lies in
+      [0.25·thr, thr), thr = that GT's ATSS threshold (mean + std of the IoUs of its candidates);
+      no centre-in-box condition; an anchor in the VLR of several GTs goes to the one with the
+      highest IoU, and ``region.iou`` is that IoU (the official LD weights the VLR loss with the
+      IoU, not the DIoU). An anchor can be both a positive row and a VLR row (as in LD).
+  ``region.index`` = (h·W_l + w)·A + a on the image's level map, ``region.level`` indexes P3..P7.
+- ``meta.*``: image id, view index, source and view sizes, level sizes; the GT boxes (view
+  pixels) and labels when regions are written (``region.gt`` indexes them) or asked for.
+
+FRS's richness map (max over classes of σ(class logits)) is not a field: it is derived from
+``head.cls`` in one line, and the head term of FRS needs every class logit anyway.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from detectors.atss import atss_assign
+from detectors.outputs import Detector, valid_level_sizes
+from detectors.views import Batch, padded_size
+from precompute.maskd_tokens import MASKD_ARTIFACT  # "maskd_tokens": MasKD stage 1's receptive tokens
+from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+
+# Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
+ALL_GROUPS = ("fpn", "head", "region", "meta")
+KEY_META = ("meta.image_id", "meta.view_index")
+VIEW_META = ("meta.orig_hw", "meta.valid_hw", "meta.level_hw")
+ALWAYS_META = KEY_META + VIEW_META
+GT_META = ("meta.gt_boxes_xyxy", "meta.gt_labels")
+REGION_FIELDS = tuple(name for name in expand_fields(["region"]))
+
+# What each distillation method reads from the teacher (store field groups, prefixes and names).
+FIELD_GROUPS_FOR_METHOD: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "frs": ("fpn", "head.cls"),          # features + class logits (richness map and head term)
+    "icd": ("fpn",),
+    "maskd": ("fpn", "head.box"),        # + the receptive tokens artifact (MASKD_ARTIFACT)
+    "ld": ("region",) + GT_META,
+    "defeat": ("fpn",) + GT_META,        # GT mask from meta (or from the student's own data)
+}
+# Per-cache artefacts (stored once, not per view).
+INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* weights ("inherit")
+ARTIFACTS_FOR_METHOD: dict[str, tuple[str, ...]] = {"maskd": (MASKD_ARTIFACT,)}
+
+# mmdetection's eps in bbox_overlaps(mode="diou") (union and enclosing diagonal).
+DIOU_EPS = 1e-6
+# VLR is DIoU in [VLR_LOW * thr, thr).
+VLR_LOW = 0.25
+
+
+def _items(spec: str | Iterable[str]) -> list[str]:
+    if isinstance(spec, str):
+        spec = spec.split(",")
+    return [item.strip() for item in spec if item.strip()]
+
+
+def resolve_fields(spec: str | Iterable[str]) -> list[str]:
+    """Field names (store vocabulary, schema order) for "all", method names, groups, prefixes, names.
+
+    Always adds ``meta.image_id``, ``meta.view_index``, ``meta.orig_hw``, ``meta.valid_hw``,
+    ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta.
+    """
+    wanted: list[str] = []
+    for item in _items(spec):
+        if item == "all":
+            wanted += ALL_GROUPS
+        elif item in FIELD_GROUPS_FOR_METHOD:
+            wanted += FIELD_GROUPS_FOR_METHOD[item]
+        else:
+            wanted.append(item)  # group, prefix or name: expand_fields checks it
+    names = set(expand_fields(wanted + list(ALWAYS_META)))
+    if names & set(REGION_FIELDS):
+        names |= set(REGION_FIELDS) | set(GT_META)
+    order = expand_fields(["fpn", "head", "region", "meta", "image"])
+    return [name for name in order if name in names]
+
+
+def artifacts_for(spec: str | Iterable[str]) -> list[str]:
+    """Per-cache artefacts a field spec asks for: the MasKD tokens for "all" or "maskd"."""
+    items = _items(spec)
+    out = []
+    for method, artifacts in ARTIFACTS_FOR_METHOD.items():
+        if "all" in items or method in items:
+            out += [a for a in artifacts if a not in out]
+    return out
+
+
+def fields_for_methods(methods: Iterable[str]) -> list[str]:
+    """Field names a trainer must find in a cache to run ``methods`` (with the always-written meta)."""
+    unknown = [m for m in methods if m not in FIELD_GROUPS_FOR_METHOD]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(FIELD_GROUPS_FOR_METHOD)}")
+    return resolve_fields(list(methods))
+
+
+# ---------------------------------------------------------------------------------------------
+# LD regions
+
+
+def diou_matrix(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, eps: float = DIOU_EPS) -> Tensor:
+    """Distance-IoU (n, m) as mmdetection's ``bbox_overlaps(mode="diou")``: IoU − ρ²/c², ρ the
+    distance between the centres and c the diagonal of the smallest enclosing box."""
+    lt = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])  # (n, m, 2)
+    rb = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+    overlap = (rb - lt).clamp(min=0).prod(-1)  # (n, m)
+    area1 = (boxes1_xyxy[:, 2:] - boxes1_xyxy[:, :2]).prod(-1)
+    area2 = (boxes2_xyxy[:, 2:] - boxes2_xyxy[:, :2]).prod(-1)
+    union = (area1[:, None] + area2[None, :] - overlap).clamp(min=eps)
+    enclose = (torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+               - torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])).clamp(min=0)  # (n, m, 2)
+    diagonal2 = enclose.pow(2).sum(-1) + eps
+    centre_offset = (boxes2_xyxy[None, :, :2] + boxes2_xyxy[None, :, 2:]
+                     - boxes1_xyxy[:, None, :2] - boxes1_xyxy[:, None, 2:]) / 2  # (n, m, 2)
+    return overlap / union - centre_offset.pow(2).sum(-1) / diagonal2
+
+
+def ld_regions(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_xyxy: Tensor,
+               topk: int = 9) -> dict[str, Tensor]:
+    """LD's positive and VLR rows for one image (see the module docstring).
+
+    Args:
+        anchors_xyxy: (A_total, 4) anchors of the image's canonical region, levels concatenated,
+            (h, w, a) order within a level.
+        num_anchors_per_level: anchors of each level in ``anchors_xyxy``.
+        gt_boxes_xyxy: (G, 4) GT boxes, same pixels as the anchors.
+    Returns:
+        ``level`` (R,) long, ``index`` (R,) long (row within the level), ``kind`` (R,) int8
+        (REGION_POSITIVE rows first, then REGION_VLR, each in anchor order), ``gt`` (R,) long,
+        ``iou`` (R,) float32.
+    """
+    anchors_xyxy = anchors_xyxy.float()
+    gt_boxes_xyxy = gt_boxes_xyxy.to(anchors_xyxy)
+    device = anchors_xyxy.device
+    result = atss_assign(anchors_xyxy, num_anchors_per_level, gt_boxes_xyxy, topk)
+    positive = torch.where(result.matched_gt >= 0)[0]  # (P,)
+    positive_gt = result.matched_gt[positive]
+    positive_iou = result.ious[positive, positive_gt]
+
+    if gt_boxes_xyxy.shape[0]:
+        diou = diou_matrix(anchors_xyxy, gt_boxes_xyxy)  # (A, G)
+        thresholds = result.thresholds[None, :]  # (1, G)
+        in_vlr = (diou >= VLR_LOW * thresholds) & (diou < thresholds)
+        vlr_iou, vlr_gt = torch.where(in_vlr, result.ious, torch.full_like(result.ious, -math.inf)).max(dim=1)
+        vlr = torch.where(vlr_iou > 0)[0]  # (V,) the official code keeps rows whose IoU weight is > 0
+        vlr_gt, vlr_iou = vlr_gt[vlr], vlr_iou[vlr]
+    else:
+        vlr = positive.new_zeros(0)
+        vlr_gt, vlr_iou = positive_gt.new_zeros(0), positive_iou.new_zeros(0)
+
+    anchor = torch.cat([positive, vlr])
+    starts = torch.tensor([0] + list(num_anchors_per_level), device=device).cumsum(0)  # (L+1,)
+    level = torch.searchsorted(starts[1:], anchor, right=True)
+    kind = torch.cat([torch.full_like(positive, REGION_POSITIVE), torch.full_like(vlr, REGION_VLR)])
+    return {"level": level, "index": anchor - starts[level], "kind": kind.to(torch.int8),
+            "gt": torch.cat([positive_gt, vlr_gt]), "iou": torch.cat([positive_iou, vlr_iou]).float()}
+
+
+def canonical_anchors(anchors: list[Tensor], map_sizes: list[tuple[int, int]],
+                      valid_sizes: list[tuple[int, int]], num_anchors: int) -> tuple[Tensor, list[int]]:
+    """Anchors of the valid (canonical) region of each level, concatenated, and their counts."""
+    rows, counts = [], []
+    for level_anchors, (map_h, map_w), (valid_h, valid_w) in zip(anchors, map_sizes, valid_sizes):
+        grid = level_anchors.view(map_h, map_w, num_anchors, 4)[:valid_h, :valid_w]  # (h, w, A, 4)
+        rows.append(grid.reshape(-1, 4))
+        counts.append(valid_h * valid_w * num_anchors)
+    return torch.cat(rows), counts
+
+
+def gather_rows(maps: list[Tensor], image: int, level: Tensor, index: Tensor, num_anchors: int,
+                map_widths_valid: list[int]) -> Tensor:
+    """Rows (R, C) of per-level maps (N, A*C, H, W) of one image at region (level, index) rows.
+
+    ``index`` is (h·w_l + w)·A + a with w_l the level's valid width.
+    """
+    channels = maps[0].shape[1] // num_anchors
+    out = maps[0].new_zeros((level.shape[0], channels))
+    for lvl, level_map in enumerate(maps):
+        rows = torch.where(level == lvl)[0]
+        if rows.numel() == 0:
+            continue
+        flat = index[rows]
+        a = flat % num_anchors
+        w = (flat // num_anchors) % map_widths_valid[lvl]
+        h = flat // (num_anchors * map_widths_valid[lvl])
+        grid = level_map[image].view(num_anchors, channels, *level_map.shape[-2:])  # (A, C, H, W)
+        out[rows] = grid[a, :, h, w]  # (r, C)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher forward and the per-image fields
+
+
+def _forward(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]],
+             amp_dtype: torch.dtype | None) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(features, cls_logits, box_outputs) in float32 and float32 anchors for one padded batch.
+
+    Under autocast the detector's ``forward`` is not used: it would build the anchors (and cache
+    torchvision's cell anchors) in the reduced precision. Backbone and head run under autocast,
+    anchors are made in float32.
+    """
+    if amp_dtype is None:
+        out = model(images, image_sizes)
+        return out.features, out.cls_logits, out.box_outputs, out.anchors
+    with torch.autocast(images.device.type, dtype=amp_dtype):
+        features = list(model.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
+        cls_logits, box_outputs = model.head(features)
+    features, cls_logits, box_outputs = ([m.float() for m in maps] for maps in (features, cls_logits, box_outputs))
+    anchors = model.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
+    return features, cls_logits, box_outputs, anchors
+
+
+@torch.no_grad()
+def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *,
+                   amp_dtype: torch.dtype | None = None,
+                   output_device: torch.device | str | None = None) -> list[dict[str, Tensor]]:
+    """Runs the frozen teacher on ``batch`` and returns one store-vocabulary dict per image.
+
+    Args:
+        model: the teacher, in eval mode.
+        batch: images (N, 3, H, W) zero-padded (``detectors.views.collate``), sizes, targets, ids;
+            the GT (``batch.targets``) is used only for regions and ``meta.gt_*``.
+        fields: anything :func:`resolve_fields` takes.
+        amp_dtype: torch.bfloat16 / torch.float16 to run backbone and head under autocast;
+            every output is cast to float32.
+        output_device: where the returned tensors live (default: the model's device). On a CUDA
+            model with ``"cpu"``, dense maps are copied with ``non_blocking=True`` into pinned
+            memory: synchronise (e.g. an event recorded after this call) before reading them.
+    Returns:
+        per image: {field name: tensor}; float fields float32, integer fields in the schema dtype.
+    """
+    names = [n for n in resolve_fields(fields) if not n.startswith("image.")]  # image.*: the source file bytes
+    wanted = set(names)
+    device = next(model.parameters()).device
+    output_device = torch.device(output_device) if output_device is not None else device
+    num_anchors, strides = model.num_anchors, tuple(model.strides)
+    want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in LEVELS]
+                  for group in ("fpn", "head.cls", "head.box")}
+    want_region = bool(wanted & set(REGION_FIELDS))
+    images = batch.images.to(device, non_blocking=True)
+    sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
+    if batch.orig_sizes is None and "meta.orig_hw" in wanted:
+        raise ValueError("meta.orig_hw needs batch.orig_sizes (detectors.views.collate fills them in)")
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(padded_size(size), []).append(index)
+    samples: list[dict[str, Tensor] | None] = [None] * len(sizes)
+    for (pad_h, pad_w), members in groups.items():
+        if len(members) == len(sizes):
+            sub_images = images[:, :, :pad_h, :pad_w]
+        else:
+            sub_images = images[torch.tensor(members, device=device), :, :pad_h, :pad_w]
+        sub_sizes = [sizes[i] for i in members]
+        features, cls_logits, box_outputs, anchors = _forward(model, sub_images, sub_sizes, amp_dtype)
+        maps = {"fpn": features, "head.cls": cls_logits, "head.box": box_outputs}
+        map_sizes = [tuple(f.shape[-2:]) for f in features]
+        moved = {group: [m.to(output_device, non_blocking=True) if want else None
+                         for m, want in zip(maps[group], want_dense[group])]
+                 for group in want_dense}
+        for position, index in enumerate(members):
+            valid = valid_level_sizes(sizes[index], strides)
+            sample: dict[str, Tensor] = {}
+            for group, level_maps in moved.items():
+                for lvl, (level_map, (h, w)) in enumerate(zip(level_maps, valid)):
+                    if level_map is not None:
+                        sample[f"{group}.{LEVELS[lvl]}"] = level_map[position, :, :h, :w]  # (C, h_l, w_l)
+            if want_region:
+                canonical, counts = canonical_anchors(anchors, map_sizes, valid, num_anchors)
+                gt_boxes = batch.targets[index]["boxes"].to(device)
+                rows = ld_regions(canonical, counts, gt_boxes, model.config.atss_topk)
+                widths = [w for _, w in valid]
+                region = {
+                    "region.level": rows["level"].to(torch.int8),
+                    "region.index": rows["index"].to(torch.int32),
+                    "region.kind": rows["kind"],
+                    "region.gt": rows["gt"].to(torch.int32),
+                    "region.iou": rows["iou"],
+                    "region.cls": gather_rows(cls_logits, position, rows["level"], rows["index"], num_anchors,
+                                              widths),
+                    "region.box_dist": gather_rows(box_outputs, position, rows["level"], rows["index"],
+                                                   num_anchors, widths),
+                }
+                sample.update({k: v.to(output_device, non_blocking=True) for k, v in region.items()})
+            sample.update(_meta(batch, index, sizes[index], valid, wanted, output_device))
+            samples[index] = {name: sample[name] for name in names if name in sample}
+    return samples  # type: ignore[return-value]
+
+
+def _meta(batch: Batch, index: int, size: tuple[int, int], valid: list[tuple[int, int]], wanted: set[str],
+          device: torch.device) -> dict[str, Tensor]:
+    meta = {
+        "meta.image_id": torch.tensor(int(batch.image_ids[index]), dtype=torch.int64),
+        "meta.view_index": torch.tensor(int(batch.view_indices[index]), dtype=torch.int32),
+        "meta.valid_hw": torch.tensor(size, dtype=torch.int32),
+        "meta.level_hw": torch.tensor(valid, dtype=torch.int32),  # (5, 2)
+    }
+    if batch.orig_sizes is not None:
+        meta["meta.orig_hw"] = torch.tensor(tuple(batch.orig_sizes[index]), dtype=torch.int32)
+    if wanted & set(GT_META):
+        target = batch.targets[index]
+        meta["meta.gt_boxes_xyxy"] = target["boxes"].detach().float().reshape(-1, 4)
+        meta["meta.gt_labels"] = target["labels"].detach().to(torch.int64).reshape(-1)
+    return {k: v.to(device) for k, v in meta.items() if k in wanted}

@@ -1,0 +1,634 @@
+"""The precompute run: teacher once over every (image, view), fields into the store, resumable.
+
+One process (or rank) does, for the shards it owns that are not committed yet:
+
+    loader workers ──► main thread: teacher forward, extract_fields ──► queue ──► writer thread
+    (decode, view,       (accelerator; outputs cast to float32 and        (shard.write: encoding in
+     collate)             copied to pinned host memory, async)             the store's encode pool;
+                                                                           commit = atomic files)
+
+so the accelerator does not wait on decoding, compression or I/O. Several processes (torchrun
+ranks, or ``num_procs`` spawned CPU workers) own disjoint shards (rank r: shards r, r + world, ...).
+The manifest is declared once before any shard is written (rank 0, with the calibration samples
+that fit the KLT codecs) and finalized once after every rank has finished. A rerun of the same
+command skips committed shards; a cache declared for another teacher, dataset, views, fields,
+codecs or layout is refused.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from detectors.data import CocoDetection
+from detectors.views import ViewSpec, collate
+from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT, artifacts_for, extract_fields, resolve_fields
+from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn,
+                             parse_view_list, plan_batches, plan_windows)
+from precompute.teacher import Teacher, load_teacher, neck_head_meta, neck_head_state
+from store import FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, load_manifest, open_cache, open_writer
+from store.manifest import first_difference
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("zarr", "wds")
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything a precompute run is told (the CLI's options)."""
+
+    ckpt: str
+    data: str
+    cache: str
+    teacher: str | None = None           # zoo name, "rNN", or None/"auto"
+    source: str = "auto"                 # checkpoint layout: auto | project | torchvision | mmdet
+    split: str = "train2017"
+    format: str = "zarr"                 # store backend: zarr | wds
+    views: str = "default"
+    fields: str = "all"
+    codecs: dict[str, str] = field(default_factory=dict)   # field/group/prefix -> codec preset
+    shard_size: int = 64
+    batch_size: int = 8
+    window: int = 4                      # shards batched together (views of one shape per batch)
+    device: str = "auto"                 # auto (cuda if available) | cpu | cuda | cuda:N
+    amp: str = "none"
+    workers: int = 2                     # data loader processes per rank
+    encode_threads: int = -1             # encoding threads per rank (-1: auto, see encode_threads_for)
+    writer_procs: int = 0                # 0: encode and write in a thread; N: in N processes (each whole shards)
+    queue_size: int = 4                  # batches between the forward and the writer thread
+    calibration: int = 16                # views used to fit KLT codecs
+    maskd_iters: int = 2000              # MasKD stage 1 iterations (0: skip)
+    maskd_batch_size: int = 16
+    maskd_lr: float = 0.01
+    num_procs: int = 1                   # CPU: processes, each a rank (0/1: this process only)
+    seed: int = 0
+    dist_timeout: float = 24 * 3600.0    # seconds a rank waits for the others at a barrier
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        if self.encode_threads < -1:
+            raise ValueError(f"encode_threads must be >= 0 or -1 (auto), got {self.encode_threads}")
+        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "maskd_iters", "num_procs", "writer_procs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RankStats:
+    rank: int
+    views: int = 0            # views computed and written by this rank in this run
+    skipped_shards: int = 0   # shards found committed (resume) among this rank's shards
+    shards: int = 0           # shards committed by this rank in this run
+    bytes: int = 0            # bytes of the committed shard files
+    seconds: float = 0.0
+
+    @property
+    def views_per_s(self) -> float:
+        return self.views / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available here (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # batches repeat a few padded shapes
+    return device
+
+
+class Run:
+    """What every rank of one precompute run shares: config, data, teacher, fields, declaration."""
+
+    def __init__(self, config: PrecomputeConfig, rank: int = 0, local_rank: int = 0) -> None:
+        self.config = config
+        self.views: list[ViewSpec] = parse_view_list(config.views, seed=config.seed)
+        self.dataset = CocoDetection(config.data, config.split, views=self.views, view_policy="all")
+        self.order = TaskOrder(len(self.dataset.image_ids), len(self.views))
+        self.device = resolve_device(config.device, local_rank)
+        self.amp_dtype = AMP_DTYPES[config.amp]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device (bf16 works on CPU)")
+        self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
+                                             self.device, category_ids=self.dataset.label_to_cat_id)
+        self.fields = resolve_fields(config.fields)
+        self.artifacts = [a for a in artifacts_for(config.fields) if not (a == MASKD_ARTIFACT and
+                                                                            config.maskd_iters == 0)]
+        self.codecs = field_codecs(self.fields, config.codecs)
+        self.rank = rank
+
+    # ------------------------------------------------------------------ declaration
+    def declared(self) -> dict[str, Any]:
+        """The cache this run writes; a resumed run must find exactly this in the manifest."""
+        return dict(teacher=self.teacher.manifest_entry(self.config.amp if self.amp_dtype else "fp32"),
+                    dataset=dict(self.dataset.fingerprint(), split=self.config.split),
+                    views=[v.to_dict() for v in self.views], fields=self.fields)
+
+    def extra(self) -> dict[str, Any]:
+        return dict(precompute=dict(codecs=self.codecs, fields_spec=self.config.fields,
+                                    views_spec=self.config.views, seed=self.config.seed))
+
+    def check_existing(self, manifest: Manifest) -> None:
+        """Refuse to add to a cache declared differently (not mixed): first difference named."""
+        declared = self.declared()
+        actual = manifest.declaration()
+        checks = [("teacher", actual["teacher"], declared["teacher"]),
+                  ("dataset", actual["dataset"], declared["dataset"]),
+                  ("views", actual["views"], declared["views"]),
+                  ("fields", sorted(actual["fields"]), sorted(declared["fields"])),
+                  ("backend", actual["backend"], self.config.format),
+                  ("shard_size", actual["shard_size"], self.config.shard_size),
+                  ("num_samples", actual["num_samples"], self.order.num_samples),
+                  ("codecs", manifest["extra"].get("precompute", {}).get("codecs"), self.codecs)]
+        for key, have, want in checks:
+            diff = first_difference(key, have, want)
+            if diff:
+                raise ManifestMismatch(
+                    f"{self.config.cache} already holds a cache declared differently ({diff}). A cache is "
+                    f"never mixed: write to a new --cache location, or rerun with the original options to "
+                    f"resume it.")
+
+    # ------------------------------------------------------------------ manifest
+    def prepare_manifest(self) -> Manifest:
+        """Load and check the existing manifest (resume), or declare the cache (rank 0 only)."""
+        existing = load_manifest(self.config.cache)
+        if existing is not None:
+            self.check_existing(existing)
+            return existing
+        calibration = self.calibration_samples() if any(c == "klt" for c in self.codecs.values()) else None
+        declared = self.declared()
+        manifest = Manifest.create(teacher=declared["teacher"], dataset=declared["dataset"], views=declared["views"],
+                                   fields={name: self.codecs[name] for name in self.fields},
+                                   backend=self.config.format, shard_size=self.config.shard_size,
+                                   num_samples=self.order.num_samples, calibration=calibration, extra=self.extra())
+        open_writer(self.config.cache, manifest, shards=[]).close(finalize=False)  # writes manifest.json
+        return load_manifest(self.config.cache)
+
+    def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
+        """Teacher fields of a few views spread over the task order (to fit the KLT codecs)."""
+        positions = calibration_positions(self.order.num_samples, self.config.calibration)
+        klt_fields = [name for name, codec in self.codecs.items() if codec == "klt"]
+        shape_of = padded_shape_fn(self.dataset, self.order)
+        samples = []
+        for batch_positions in plan_batches(positions, shape_of, self.config.batch_size):
+            batch = collate([self.dataset.load(*self.order.task(p)) for p in batch_positions])
+            samples += extract_fields(self.teacher.model, batch, klt_fields, amp_dtype=self.amp_dtype,
+                                      output_device="cpu")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies to host memory were asynchronous
+        return samples
+
+
+def field_codecs(fields: list[str], overrides: dict[str, str]) -> dict[str, str]:
+    """Codec preset per field: the schema default, or the most specific override (name > prefix > group).
+
+    Integer fields (region indices, meta) always keep their exact default codec.
+    """
+    for key in overrides:
+        expand_fields([key])  # unknown names are an error
+    chosen = {}
+    for name in fields:
+        spec = FIELDS[name]
+        codec = spec.default_codec
+        if spec.kind == "float":
+            matches = [key for key in overrides if name == key or name.startswith(key + ".")]
+            if matches:
+                codec = overrides[max(matches, key=len)]
+        chosen[name] = codec
+    return chosen
+
+
+def encode_threads_for(config: PrecomputeConfig, device: torch.device, ranks_on_host: int) -> int:
+    """Encoding threads of one rank. Auto: on a GPU, the CPU cores of this rank that the loader
+    workers and the main thread leave (encoding, mostly the KLT transform and Zstd, is what the
+    host has to keep up with); on a CPU, 2 (the forward already uses every core: the threads only
+    let encoding interleave with it)."""
+    if config.encode_threads >= 0:
+        return config.encode_threads
+    if device.type == "cuda":
+        cores = (os.cpu_count() or 2) // max(1, ranks_on_host)
+        return max(2, cores - config.workers - 1)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# one rank's shards
+
+
+def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankStats:
+    """Compute and commit the pending shards this rank owns; does not finalize."""
+    config, order = run.config, run.order
+    start = time.perf_counter()
+    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", config.num_procs if config.num_procs > 1 else 1))
+    writer = open_writer(config.cache, manifest, rank=rank, world_size=world_size,
+                         encode_threads=encode_threads_for(config, run.device, ranks_on_host))
+    stats = RankStats(rank)
+    try:
+        pending = writer.pending_shards()
+        stats.skipped_shards = len(writer.owned) - len(pending)
+        shard_size = manifest.shard_size
+        batches = plan_windows([list(task.positions) for task in pending], padded_shape_fn(run.dataset, order),
+                               config.batch_size, config.window)
+        total_views = sum(len(b) for b in batches)
+        use_cuda = run.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            ViewBatches(run.dataset, order, batches, image_bytes="image.encoded" in run.fields),
+            batch_size=None, shuffle=False, num_workers=config.workers, pin_memory=use_cuda,
+            prefetch_factor=4 if config.workers else None, persistent_workers=False)
+        expected = {task.index: task.stop - task.start for task in pending}
+        bar = tqdm(total=total_views, unit="view", desc=f"rank {rank}" if world_size > 1 else "precompute",
+                   position=rank if world_size > 1 else None, disable=not config.progress or not total_views,
+                   dynamic_ncols=True, smoothing=0.1)
+        if config.writer_procs > 0 and pending:
+            sink = _ProcessSink(config.cache, rank, world_size, pending, shard_size, config.writer_procs, bar, stats,
+                                config.queue_size, encode_threads_for(config, run.device, ranks_on_host))
+        else:
+            sink = _ShardSink(writer, shard_size, expected, bar, stats, config.queue_size)
+        sink.start()
+        try:
+            for planned in loader:
+                samples = extract_fields(run.teacher.model, planned.batch, run.fields, amp_dtype=run.amp_dtype,
+                                         output_device="cpu")
+                if planned.image_bytes is not None:
+                    for sample, blob in zip(samples, planned.image_bytes):
+                        sample["image.encoded"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+                event = None
+                if use_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                sink.put(planned.positions, samples, event)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            bar.close()
+    finally:
+        writer.close(finalize=False)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+class _ShardSink:
+    """The writer thread: samples -> open ShardWriters (encoding in the store's pool) -> commits."""
+
+    _STOP = object()
+
+    def __init__(self, writer, shard_size: int, expected: dict[int, int], bar, stats: RankStats,
+                 queue_size: int) -> None:
+        self.writer, self.shard_size, self.expected = writer, shard_size, expected
+        self.bar, self.stats = bar, stats
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="precompute-writer", daemon=True)
+        self.started = time.perf_counter()
+        self.open: dict[int, Any] = {}
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, positions: list[int], samples: list[dict], event) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put((positions, samples, event), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.queue.put(self._STOP)
+        self.thread.join()
+        self._raise_if_failed()
+        if self.open:
+            raise RuntimeError(f"shards {sorted(self.open)} did not receive all their samples")
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self.queue.put_nowait(self._STOP)
+        except queue.Full:
+            pass
+        self.thread.join(timeout=60)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the writer thread failed: {self.error!r}") from self.error
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._STOP or self.error is not None:
+                    return
+                positions, samples, event = item
+                if event is not None:
+                    event.synchronize()
+                for position, sample in zip(positions, samples):
+                    index = position // self.shard_size
+                    shard = self.open.get(index)
+                    if shard is None:
+                        shard = self.open[index] = self.writer.shard(index)
+                    shard.write(sample)
+                    if len(shard) == self.expected[index]:
+                        receipt = shard.commit()
+                        del self.open[index]
+                        self.stats.shards += 1
+                        self.stats.bytes += sum(f["nbytes"] for f in receipt["files"].values())
+                self.stats.views += len(positions)
+                elapsed = max(time.perf_counter() - self.started, 1e-9)
+                self.bar.set_postfix_str(f"{self.stats.bytes / elapsed / 1e6:.1f} MB/s written", refresh=False)
+                self.bar.update(len(positions))
+        except BaseException as error:  # handed to the main thread
+            self.error = error
+
+
+class _ProcessSink:
+    """Writer processes instead of the writer thread: process k owns every k-th pending shard, encodes
+    and commits it. Samples travel as torch tensors in shared memory (no pickled copies of the maps).
+    Spreads the encoding (and the store's Python work, which holds a GIL) over CPU cores, so that
+    the main thread, which feeds the accelerator, does not share its GIL with it."""
+
+    def __init__(self, url: str, rank: int, world_size: int, pending, shard_size: int, procs: int, bar,
+                 stats: RankStats, queue_size: int, encode_threads: int) -> None:
+        import torch.multiprocessing as tmp
+        context = tmp.get_context("spawn")
+        procs = min(procs, len(pending))
+        self.shard_size, self.bar, self.stats = shard_size, bar, stats
+        self.owner = {task.index: i % procs for i, task in enumerate(pending)}
+        self.inboxes = [context.Queue(maxsize=queue_size) for _ in range(procs)]
+        self.outbox = context.Queue()
+        self.procs = []
+        for k in range(procs):
+            shards = {task.index: task.stop - task.start for task in pending if self.owner[task.index] == k}
+            self.procs.append(context.Process(
+                target=_writer_process, name=f"precompute-writer{k}", daemon=True,
+                args=(url, rank, world_size, shards, shard_size, encode_threads, self.inboxes[k], self.outbox)))
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+
+    def put(self, positions: list[int], samples: list[dict], event) -> None:
+        if event is not None:
+            event.synchronize()  # the host copies are complete
+        routed: dict[int, tuple[list, list]] = {}
+        for position, sample in zip(positions, samples):
+            sample = {k: v.clone() if v.is_pinned() else v for k, v in sample.items()}  # pinned memory is not shareable
+            entry = routed.setdefault(self.owner[position // self.shard_size], ([], []))
+            entry[0].append(position)
+            entry[1].append(sample)
+        for k, item in routed.items():
+            while True:
+                self._poll()
+                try:
+                    self.inboxes[k].put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+        self._poll()
+
+    def finish(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        while self.done < len(self.procs):
+            self._poll(block=True)
+        for proc in self.procs:
+            proc.join()
+
+    def abort(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=30)
+
+    def _poll(self, block: bool = False) -> None:
+        while True:
+            try:
+                message = self.outbox.get(timeout=0.5) if block else self.outbox.get_nowait()
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead:
+                    raise RuntimeError(f"writer process(es) {dead} died (exit codes "
+                                       f"{[p.exitcode for p in self.procs]})")
+                if block:
+                    continue
+                return
+            kind = message[0]
+            if kind == "error":
+                raise RuntimeError(f"a writer process failed: {message[1]}")
+            if kind == "views":
+                self.stats.views += message[1]
+                self.bar.update(message[1])
+            elif kind == "commit":
+                self.stats.shards += 1
+                self.stats.bytes += message[1]
+                elapsed = max(time.perf_counter() - self.started, 1e-9)
+                self.bar.set_postfix_str(f"{self.stats.bytes / elapsed / 1e6:.1f} MB/s written", refresh=False)
+            elif kind == "done":
+                self.done += 1
+            if block:
+                return
+
+
+def _writer_process(url: str, rank: int, world_size: int, shards: dict[int, int], shard_size: int,
+                    encode_threads: int, inbox, outbox) -> None:
+    """One writer process: commits the shards it owns as their samples arrive (see _ProcessSink)."""
+    import traceback
+
+    torch.set_num_threads(1)
+    writer = open_writer(url, load_manifest(url), rank=rank, world_size=world_size, shards=sorted(shards),
+                         encode_threads=encode_threads)
+    open_shards: dict[int, Any] = {}
+    try:
+        while True:
+            item = inbox.get()
+            if item is None:
+                break
+            positions, samples = item
+            for position, sample in zip(positions, samples):
+                index = position // shard_size
+                shard = open_shards.get(index)
+                if shard is None:
+                    shard = open_shards[index] = writer.shard(index)
+                shard.write(sample)
+                if len(shard) == shards[index]:
+                    receipt = shard.commit()
+                    del open_shards[index]
+                    outbox.put(("commit", sum(f["nbytes"] for f in receipt["files"].values())))
+            outbox.put(("views", len(positions)))
+        if open_shards:
+            raise RuntimeError(f"shards {sorted(open_shards)} did not receive all their samples")
+        outbox.put(("done",))
+    except BaseException as error:
+        outbox.put(("error", f"{error!r}\n{traceback.format_exc()}"))
+        raise
+    finally:
+        writer.close(finalize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# artefacts, finalization, the whole run
+
+
+def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
+    """Store the per-cache artefacts that are missing: teacher neck+head weights, MasKD tokens."""
+    existing = set(open_cache(run.config.cache, allow_incomplete=True).artifacts())
+    writer = open_writer(run.config.cache, manifest, shards=[])
+    written = []
+    try:
+        if INHERIT_ARTIFACT not in existing:
+            writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
+            written.append(INHERIT_ARTIFACT)
+        if MASKD_ARTIFACT in run.artifacts and MASKD_ARTIFACT not in existing:
+            result = learn_maskd_tokens(run)
+            writer.put_artifact(MASKD_ARTIFACT, result["state"], result["meta"])
+            written.append(MASKD_ARTIFACT)
+    finally:
+        writer.close(finalize=False)
+    return written
+
+
+def learn_maskd_tokens(run: Run) -> dict:
+    """MasKD stage 1 (``precompute.maskd_tokens``) on the cached split and views, the teacher frozen."""
+    from precompute.maskd_tokens import learn_receptive_tokens
+
+    config = run.config
+    data = CocoDetection(config.data, config.split, views=run.views, view_policy="random")
+    return learn_receptive_tokens(run.teacher.model, data, iters=config.maskd_iters, lr=config.maskd_lr,
+                                  batch_size=config.maskd_batch_size, device=run.device, progress=config.progress,
+                                  seed=config.seed, num_workers=config.workers)
+
+
+def _spawned_rank(config_dict: dict, rank: int, world_size: int, threads: int, results) -> None:
+    torch.set_num_threads(threads)
+    config = PrecomputeConfig(**config_dict)
+    run = Run(config, rank)
+    manifest = load_manifest(config.cache)
+    run.check_existing(manifest)
+    stats = run_rank(run, manifest, rank, world_size)
+    _report_rank(stats, world_size)
+    results.put(asdict(stats))
+
+
+def _report_rank(stats: RankStats, world_size: int) -> None:
+    if world_size > 1:
+        print(f"rank {stats.rank}: {stats.views} views in {stats.seconds:.1f} s ({stats.views_per_s:.1f} views/s), "
+              f"{stats.shards} shards ({stats.bytes / 1e6:.1f} MB) written, {stats.skipped_shards} already there",
+              file=sys.stderr, flush=True)
+
+
+def run_precompute(config: PrecomputeConfig) -> dict[str, Any]:
+    """The whole run on this process, under torchrun, or as ``num_procs`` spawned CPU ranks."""
+    rank, world, local_rank = dist_env()
+    distributed = world > 1
+    if distributed and config.num_procs > 1:
+        raise ValueError("--num-procs spawns ranks itself; do not combine it with torchrun")
+    if config.num_procs > 1 and resolve_device(config.device, 0).type != "cpu":
+        raise ValueError("--num-procs is for CPU runs; use torchrun --nproc-per-node N for several GPUs")
+    start = time.perf_counter()
+    if distributed:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=config.dist_timeout))
+    try:
+        run = Run(config, rank, local_rank)
+        if rank == 0:
+            manifest = run.prepare_manifest()
+        if distributed:
+            dist.barrier()  # the manifest exists
+        if rank != 0:
+            manifest = load_manifest(config.cache)
+            run.check_existing(manifest)
+        if manifest["complete"]:
+            if rank == 0:
+                print(f"{config.cache}: already complete ({manifest.num_samples} views); nothing to do",
+                      file=sys.stderr)
+            return dict(complete=True, views=0, seconds=time.perf_counter() - start, artifacts=[])
+        if config.num_procs > 1:
+            stats = _run_spawned(config, manifest)
+        else:
+            stats = [run_rank(run, manifest, rank, world)]
+            _report_rank(stats[0], world)
+        if distributed:
+            dist.barrier()  # every rank has closed its writer
+            # Leave the group before rank 0 goes on alone: MasKD stage 1 computes the teacher's loss,
+            # whose normalisers are averaged over ranks when a process group exists.
+            dist.destroy_process_group()
+            distributed = False
+        if rank != 0:
+            return dict(complete=False, views=stats[0].views, seconds=time.perf_counter() - start, artifacts=[])
+        written = write_artifacts(run, manifest)
+        final = finalize(config.cache)
+        seconds = time.perf_counter() - start
+        views = sum(s.views for s in stats)
+        total = sum(stored for stored, _ in final["totals"]["fields"].values())
+        print(f"{config.cache}: complete — {final.num_samples} views in {final.num_shards} shards, "
+              f"{total / 1e6:.1f} MB; this run computed {views} views in {seconds:.1f} s"
+              f"{' (rank 0)' if world > 1 else ''}; artefacts written: {', '.join(written) or 'none'}. "
+              f"See: python -m store inspect {config.cache}", file=sys.stderr)
+        return dict(complete=True, views=views, seconds=seconds, artifacts=written, stats=[asdict(s) for s in stats])
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _run_spawned(config: PrecomputeConfig, manifest: Manifest) -> list[RankStats]:
+    """``num_procs`` CPU processes, each a rank; returns after all exited (an error names the rank)."""
+    import multiprocessing as mp
+    context = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // config.num_procs)
+    results = context.SimpleQueue()
+    procs = [context.Process(target=_spawned_rank, args=(asdict(config), r, config.num_procs, threads, results),
+                             name=f"precompute-rank{r}") for r in range(config.num_procs)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"precompute rank(s) failed (rank, exit code): {failed}; committed shards are kept, "
+                           "rerun the same command to finish")
+    stats = []
+    while not results.empty():
+        stats.append(RankStats(**{k: v for k, v in results.get().items()}))
+    return sorted(stats, key=lambda s: s.rank)

@@ -1,0 +1,209 @@
+"""precompute.fields: LD regions (hand-checked and against a brute-force reference), canonical
+dense fields independent of batching, region rows equal to the dense maps, field resolution."""
+import math
+
+import pytest
+import torch
+
+from detectors import build_detector, valid_level_sizes
+from detectors.views import Batch, padded_size
+from precompute.fields import (ALWAYS_META, FIELD_GROUPS_FOR_METHOD, GT_META, canonical_anchors, diou_matrix,
+                               extract_fields, fields_for_methods, ld_regions, resolve_fields)
+from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+
+torch.set_num_threads(2)
+
+
+def test_ld_regions_hand_checked_case():
+    # One level, four anchors, one GT [0, 0, 10, 10]; topk 9 > 4 so every anchor is a candidate.
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0],    # IoU 1,    DIoU 1
+                            [5.0, 0.0, 15.0, 10.0],    # IoU 1/3,  DIoU 1/3 - 25/325 = 0.25641
+                            [10.0, 0.0, 20.0, 10.0],   # IoU 0,    DIoU -100/500 = -0.2
+                            [2.0, 2.0, 8.0, 8.0]])     # IoU 0.36, DIoU 0.36 (same centre)
+    torch.testing.assert_close(diou_matrix(anchors, gt)[:, 0], torch.tensor([1.0, 1 / 3 - 25 / 325, -0.2, 0.36]),
+                               atol=1e-5, rtol=0)
+    # thr = mean + std (unbiased) of (1, 1/3, 0, 0.36) = 0.42333 + 0.41788 = 0.84121
+    ious = [1.0, 1 / 3, 0.0, 0.36]
+    mean = sum(ious) / 4
+    thr = mean + math.sqrt(sum((v - mean) ** 2 for v in ious) / 3)
+    assert thr == pytest.approx(0.841211, abs=1e-5)
+
+    rows = ld_regions(anchors, [4], gt, topk=9)
+    # positive: IoU >= thr and centre inside the GT -> anchor 0 only;
+    # VLR: DIoU in [0.25 thr, thr) = [0.2103, 0.8412) -> anchors 1 (0.2564) and 3 (0.36), weight = IoU.
+    assert rows["kind"].tolist() == [REGION_POSITIVE, REGION_VLR, REGION_VLR]
+    assert rows["index"].tolist() == [0, 1, 3]
+    assert rows["level"].tolist() == [0, 0, 0]
+    assert rows["gt"].tolist() == [0, 0, 0]
+    torch.testing.assert_close(rows["iou"], torch.tensor([1.0, 1 / 3, 0.36]))
+
+
+def test_ld_regions_vlr_goes_to_the_gt_with_the_highest_iou_and_levels_are_split():
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]])
+    level0 = torch.tensor([[2.0, 2.0, 8.0, 8.0]])      # level 0, index 0
+    level1 = torch.tensor([[100.0, 100.0, 110.0, 110.0], [5.0, 0.0, 15.0, 10.0]])  # level 1, indices 0, 1
+    rows = ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9)
+    ref = _reference_ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9)
+    assert _rows(rows) == ref
+    assert {(lvl, idx) for lvl, idx, *_ in ref} <= {(0, 0), (1, 0), (1, 1)}
+
+
+def _rows(rows):
+    return sorted(zip(rows["level"].tolist(), rows["index"].tolist(), rows["kind"].tolist(), rows["gt"].tolist(),
+                      [round(v, 5) for v in rows["iou"].tolist()]))
+
+
+def _reference_ld_regions(anchors, counts, gts, topk):
+    """Brute force in plain Python: ATSS positives and LD's VLR, from the definitions."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+
+    def diou(a, b):
+        cw = max(a[2], b[2]) - min(a[0], b[0])
+        ch = max(a[3], b[3]) - min(a[1], b[1])
+        rho2 = ((a[0] + a[2] - b[0] - b[2]) ** 2 + (a[1] + a[3] - b[1] - b[3]) ** 2) / 4
+        return iou(a, b) - rho2 / (cw * cw + ch * ch)
+
+    anchors, gts = anchors.tolist(), gts.tolist()
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    level_of = [lvl for lvl, n in enumerate(counts) for _ in range(n)]
+    centre = [((a[0] + a[2]) / 2, (a[1] + a[3]) / 2) for a in anchors]
+    best_pos, vlr = {}, {}
+    for g, box in enumerate(gts):
+        gc = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        candidates = []
+        for start, n in zip(starts, counts):
+            dist = sorted(range(start, start + n), key=lambda i: math.dist(centre[i], gc))
+            candidates += dist[:min(topk, n)]
+        values = [iou(anchors[i], box) for i in candidates]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+        thr = mean + std
+        for i, v in zip(candidates, values):
+            cx, cy = centre[i]
+            inside = min(cx - box[0], cy - box[1], box[2] - cx, box[3] - cy) > 0.01
+            if v >= thr and inside and (i not in best_pos or v > best_pos[i][1]):
+                best_pos[i] = (g, v)
+        for i, a in enumerate(anchors):
+            d, v = diou(a, box), iou(a, box)
+            if 0.25 * thr <= d < thr and v > 0 and (i not in vlr or v > vlr[i][1]):
+                vlr[i] = (g, v)
+    out = []
+    for kind, table in ((REGION_POSITIVE, best_pos), (REGION_VLR, vlr)):
+        for i, (g, v) in table.items():
+            out.append((level_of[i], i - starts[level_of[i]], kind, g, round(v, 5)))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("gt_box", [[0.0, 0.0, 20.0, 14.0], [30.0, 20.0, 90.0, 62.0], [70.0, 40.0, 96.0, 64.0]])
+def test_ld_regions_match_the_reference_on_a_detector_grid(gt_box):
+    """A GT at the image's corner, in the middle, and at the far border of a 64x96 GFL anchor grid."""
+    model = build_detector("gfl-nano", num_classes=3)
+    sizes = valid_level_sizes((64, 96))
+    anchors = model.grid_anchors(sizes, torch.zeros(1))
+    canonical, counts = canonical_anchors(anchors, sizes, sizes, model.num_anchors)
+    gts = torch.tensor([gt_box, [8.0, 30.0, 40.0, 60.0]])
+    rows = ld_regions(canonical, counts, gts, topk=9)
+    assert _rows(rows) == _reference_ld_regions(canonical, counts, gts, topk=9)
+    assert (rows["kind"] == REGION_POSITIVE).any() and (rows["kind"] == REGION_VLR).any()
+
+
+def test_ld_regions_without_gt_are_empty():
+    rows = ld_regions(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), [1], torch.zeros(0, 4))
+    assert all(v.numel() == 0 for v in rows.values())
+
+
+def _batch(images, sizes, boxes, first_id=10):
+    """Zero-padded batch of given valid sizes; image ids first_id, first_id + 1, ..."""
+    pad_h = max(padded_size(s)[0] for s in sizes)
+    pad_w = max(padded_size(s)[1] for s in sizes)
+    padded = torch.zeros(len(images), 3, pad_h, pad_w)
+    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+        padded[i, :, :h, :w] = image[:, :h, :w]
+    targets = [{"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes]
+    return Batch(padded, list(sizes), targets, image_ids=list(range(first_id, first_id + len(images))),
+                 view_indices=[(first_id + i) % 2 for i in range(len(images))], views=[None] * len(images),
+                 orig_sizes=[(2 * h, 2 * w) for h, w in sizes])
+
+
+@pytest.mark.parametrize("name", ["gfl-nano", "retina-nano"])
+def test_fields_of_an_image_do_not_depend_on_its_batch(name):
+    torch.manual_seed(0)
+    model = build_detector(name, num_classes=3).eval()
+    sizes = [(64, 96), (33, 70), (96, 64)]  # canonical 64x96, 64x96, 96x64: two forwards, batch padded 96x96
+    images = [torch.randn(3, 96, 96) for _ in sizes]
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0]]),
+             torch.tensor([[2.0, 2.0, 30.0, 30.0]]), torch.zeros(0, 4)]  # the last: a negative image
+    together = extract_fields(model, _batch(images, sizes, boxes), "all")
+    for i in range(len(sizes)):
+        alone = extract_fields(model, _batch([images[i]], [sizes[i]], [boxes[i]], first_id=10 + i), "all")[0]
+        assert set(together[i]) == set(alone) == set(resolve_fields("all"))
+        for key, value in alone.items():
+            torch.testing.assert_close(together[i][key], value, rtol=1e-4, atol=1e-4, msg=key)
+        level_sizes = valid_level_sizes(sizes[i])
+        for level, (h, w) in zip(LEVELS, level_sizes):
+            assert alone[f"fpn.{level}"].shape == (model.config.fpn_channels, h, w)
+            assert alone[f"head.cls.{level}"].shape == (model.num_anchors * 3, h, w)
+        assert alone["meta.level_hw"].tolist() == [list(s) for s in level_sizes]
+        assert alone["meta.valid_hw"].tolist() == list(sizes[i])
+        assert alone["meta.orig_hw"].tolist() == [2 * sizes[i][0], 2 * sizes[i][1]]
+        assert int(alone["meta.image_id"]) == 10 + i and int(alone["meta.view_index"]) == i % 2
+        assert alone["meta.image_id"].dtype == torch.int64 and alone["meta.view_index"].dtype == torch.int32
+        torch.testing.assert_close(alone["meta.gt_boxes_xyxy"], boxes[i])
+
+
+@pytest.mark.parametrize("name", ["gfl-nano", "retina-nano"])
+def test_region_rows_are_the_dense_outputs_at_their_locations(name):
+    torch.manual_seed(1)
+    model = build_detector(name, num_classes=4).eval()
+    batch = _batch([torch.randn(3, 64, 96)], [(64, 96)], [torch.tensor([[8.0, 8.0, 60.0, 40.0]])])
+    sample = extract_fields(model, batch, "all")[0]
+    anchors_per_location, rows = model.num_anchors, sample["region.index"].shape[0]
+    assert rows > 0 and sample["region.cls"].shape == (rows, 4)
+    for r in range(rows):
+        level = LEVELS[int(sample["region.level"][r])]
+        cls_map, box_map = sample[f"head.cls.{level}"], sample[f"head.box.{level}"]
+        width = cls_map.shape[-1]
+        index = int(sample["region.index"][r])
+        a, w, h = index % anchors_per_location, (index // anchors_per_location) % width, \
+            index // (anchors_per_location * width)
+        cls = cls_map.view(anchors_per_location, 4, *cls_map.shape[-2:])[a, :, h, w]
+        box = box_map.view(anchors_per_location, -1, *box_map.shape[-2:])[a, :, h, w]
+        torch.testing.assert_close(sample["region.cls"][r], cls)
+        torch.testing.assert_close(sample["region.box_dist"][r], box)
+    assert sample["region.gt"].max() < sample["meta.gt_boxes_xyxy"].shape[0]
+
+
+def test_bf16_autocast_outputs_are_float32_and_close():
+    torch.manual_seed(2)
+    model = build_detector("gfl-nano", num_classes=3).eval()
+    batch = _batch([torch.randn(3, 64, 64)], [(64, 64)], [torch.tensor([[8.0, 8.0, 40.0, 40.0]])])
+    exact = extract_fields(model, batch, ["fpn", "region"])[0]
+    amp = extract_fields(model, batch, ["fpn", "region"], amp_dtype=torch.bfloat16)[0]
+    assert amp["fpn.p3"].dtype == torch.float32
+    rel = (amp["fpn.p3"] - exact["fpn.p3"]).norm() / exact["fpn.p3"].norm()
+    assert rel < 0.05
+    assert amp["region.index"].tolist() == exact["region.index"].tolist()  # regions need no forward
+
+
+def test_resolve_fields_methods_groups_and_always_meta():
+    assert resolve_fields("none") == list(ALWAYS_META)
+    frs = resolve_fields("frs")
+    assert set(frs) == set(expand_fields(["fpn", "head.cls"]) + list(ALWAYS_META))
+    ld = resolve_fields(["ld"])
+    assert set(ld) == set(expand_fields(["region"]) + list(ALWAYS_META + GT_META))
+    assert set(resolve_fields("region.cls")) == set(ld)  # a region field brings all region rows and the GT
+    everything = resolve_fields("all")
+    assert set(everything) == set(expand_fields(["fpn", "head", "region", "meta"]))
+    assert set(resolve_fields("frs,ld,icd,maskd,defeat")) == set(everything)
+    assert fields_for_methods(["maskd"]) == resolve_fields("maskd")
+    assert set(FIELD_GROUPS_FOR_METHOD) == {"none", "frs", "icd", "maskd", "ld", "defeat"}
+    with pytest.raises(Exception, match="not a field"):
+        resolve_fields("fpn,bogus")
+    with pytest.raises(ValueError, match="unknown method"):
+        fields_for_methods(["kd"])

@@ -1,0 +1,165 @@
+"""Command line of the student trainer: ``python -m train --help``."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+DESCRIPTION = """\
+Train a student detector by knowledge distillation from a teacher cache (python -m precompute),
+without ever loading the teacher network; or, for comparison, from a teacher run online.
+
+Each epoch draws one cached view per image (deterministic in --seed and the epoch), rebuilds
+exactly that view from the image, and zips it with the view's teacher fields. Only the field
+groups the method reads are opened; they are decompressed by the loader workers and dequantised
+on the training device. Teacher maps are compared with the student's only inside each image's
+valid region.
+
+Methods (--method, combinable with +, e.g. ld+frs):
+  none     no distillation (the baseline student)
+  frs      Feature Richness Score: fpn + head.cls, 3x3 adapters
+  icd      Instance-Conditional KD: fpn; decoder trained by its own AdamW (lr 1e-4, clip 0.01)
+  maskd    Masked KD: fpn (+ head.box when maskd.head_weight > 0) and the cached receptive tokens
+  ld       Localization Distillation (GFL): region rows (ATSS positives and VLR)
+  defeat   Decoupled features: fpn (+ head.cls with the one-stage head term)
+Every hyperparameter of a method is overridable: --set frs.feat_weight=0.2 (see train/methods/).
+
+Refused before any training step: a cache written for other data (annotation hash, image count)
+or other views, lacking a field or artefact the method reads, whose teacher predicts other
+classes or box bins than the student, or --inherit into a student of another neck/head shape.
+
+Run directory (--out): log.csv, eval.csv, tensorboard/, last.pt (resume state: rerun with
+--resume), student.pt (the trained student, detectors.load_checkpoint), results.json (final COCO
+metrics, method, config, train time, cache manifest id).
+"""
+
+EPILOG = """\
+examples:
+  python -m train --method frs --student gfl-nano --data runs/demo/data --cache runs/demo/cache \\
+      --out runs/train/frs --epochs 12 --batch-size 8 --lr 0.02
+  python -m train --method ld+frs --set frs.feat_weight=0.2 --set ld.kd_weight=5 ...
+  python -m train --method icd --inherit ...                    # student neck + head from the teacher
+  python -m train --method frs --teacher runs/demo/teacher/best.pt ...   # online teacher (no cache)
+  python -m train ... --resume                                  # continue out/last.pt exactly
+  torchrun --nproc-per-node 8 -m train --method frs --student r50 --cache ... --device cuda
+"""
+
+
+def parse_assignments(items: list[str], flag: str) -> dict:
+    """``["a.b=0.2", "c=true"]`` -> ``{"a.b": 0.2, "c": True}`` (Python literals; true/false/none too)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} frs.feat_weight=0.2")
+        text = text.strip()
+        lowered = {"true": "True", "false": "False", "none": "None", "null": "None"}.get(text.lower(), text)
+        try:
+            value = ast.literal_eval(lowered)
+        except (ValueError, SyntaxError):
+            value = text  # a plain string
+        out[key.strip()] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", default="none", help="none | frs | icd | maskd | ld | defeat | a+b [none]")
+    g.add_argument("--student", default="gfl-r50", help="student zoo name (gfl-r50, retina-r18, gfl-nano, ...) "
+                                                          "[gfl-r50]")
+    g.add_argument("--student-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="student DetectorConfig override, repeatable (e.g. norm=bn, trainable_layers=5)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="method hyperparameter, repeatable: frs.feat_weight=0.2 (or feat_weight=0.2 when unique)")
+    g.add_argument("--inherit", action="store_true",
+                   help="initialise the student's neck and head from the teacher (shapes must match)")
+    g = p.add_argument_group("teacher (exactly one)")
+    g.add_argument("--cache", help="teacher cache directory or fsspec URL (python -m precompute)")
+    g.add_argument("--teacher", help="online teacher checkpoint: computes the same fields on the fly")
+    g.add_argument("--teacher-arch", default="auto", help="online teacher architecture (see precompute) [auto]")
+    g.add_argument("--maskd-tokens", help="online MasKD: a cache holding the receptive tokens (else learnt here)")
+    g.add_argument("--maskd-iters", type=int, default=2000, help="online MasKD stage 1 iterations [2000]")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="COCO-layout root: annotations/instances_SPLIT.json, SPLIT/")
+    g.add_argument("--split", default="train2017", help="[train2017]")
+    g.add_argument("--val-split", default="val2017", help="[val2017]")
+    g.add_argument("--views", help="cache: the views it must hold (default: its own); online: views to train on, "
+                                   "as python -m precompute --views [default]")
+    g.add_argument("--workers", type=int, default=2, help="loader processes per rank [2]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=12, help="[12]")
+    g.add_argument("--batch-size", type=int, default=8, help="images per step per rank [8]")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="[sgd]")
+    g.add_argument("--lr", type=float, help="base lr [sgd 0.01 (mmdet, batch 16), adamw 1e-4]")
+    g.add_argument("--momentum", type=float, default=0.9, help="[0.9]")
+    g.add_argument("--weight-decay", type=float, help="[sgd 1e-4, adamw 0.05]")
+    g.add_argument("--schedule", choices=("step", "cosine"), default="step", help="[step]")
+    g.add_argument("--milestones", type=float, nargs="*", help="epochs of the x0.1 steps [8/12 and 11/12 of the run]")
+    g.add_argument("--warmup-iters", type=int, default=500, help="linear warmup from 0.001 x lr [500]")
+    g.add_argument("--clip-grad", type=float, default=35.0, help="max grad norm of the student (0: off) [35]")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast of the student's backbone and head [auto: bf16 on CUDA, none on CPU]")
+    g.add_argument("--max-iters", type=int, default=0, help="cap the schedule at N iterations (0: epochs decide)")
+    g.add_argument("--seed", type=int, default=0, help="init, view draws, order [0]")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto]")
+    g = p.add_argument_group("evaluation, checkpoints, logs")
+    g.add_argument("--no-eval", action="store_true", help="no COCO evaluation (results.json without metrics)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: at the end only)")
+    g.add_argument("--eval-batch-size", type=int, default=8, help="[8]")
+    g.add_argument("--eval-view", help="SHORT:MAX of the val view [the first training view's scale]")
+    g.add_argument("--out", required=True, help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt when it exists")
+    g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N iterations (0: epoch ends)")
+    g.add_argument("--stop-after", type=int, default=0, help="stop after N iterations of this invocation "
+                                                             "(checkpointed; --resume continues)")
+    g.add_argument("--log-every", type=int, default=10, help="log.csv / TensorBoard every N iterations [10]")
+    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from train.trainer import TrainConfig
+    return TrainConfig(
+        data=args.data, out=args.out, method=args.method, student=args.student, cache=args.cache,
+        teacher=args.teacher, teacher_arch=args.teacher_arch, views=args.views, split=args.split,
+        val_split=args.val_split, overrides=parse_assignments(args.overrides, "--set"),
+        student_config=parse_assignments(args.student_config, "--student-config"), inherit=args.inherit,
+        maskd_tokens=args.maskd_tokens, maskd_iters=args.maskd_iters, epochs=args.epochs,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, schedule=args.schedule,
+        milestones=tuple(args.milestones) if args.milestones else None, clip_grad=args.clip_grad, amp=args.amp,
+        device=args.device, workers=args.workers, eval=not args.no_eval, eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size, eval_view=args.eval_view, ckpt_every=args.ckpt_every,
+        max_iters=args.max_iters, stop_after=args.stop_after, resume=args.resume, seed=args.seed,
+        log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.cache is None) == (args.teacher is None):
+        print("error: give exactly one of --cache (the teacher cache) and --teacher (online teacher checkpoint)",
+              file=sys.stderr)
+        return 2
+    import json
+
+    from detectors.data import DataError
+    from store import CacheError
+    from train.trainer import StudentTrainer
+    try:
+        trainer = StudentTrainer(config_from_args(args))
+    except (CacheError, DataError, ValueError, FileNotFoundError) as error:  # refused before training
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    results = trainer.train()
+    if trainer.is_main:
+        summary = {k: results.get(k) for k in ("status", "method", "iterations", "train_seconds", "final")
+                   if k in results}
+        print(json.dumps(summary).replace("NaN", "null"))  # COCO AP of an empty size range
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Where a training batch's teacher fields come from: the cache, or a teacher run in process.
+
+Both sources hand the trainer the same thing: for each image of a student ``Batch``, a dict of
+float32 / integer tensors on the training device in the store's field vocabulary
+(``fpn.p3`` (C, h_3, w_3), ``head.cls.p3``, ``region.cls`` (R, K), ...), restricted to the fields
+the method reads. ``collate_teacher`` turns those dicts into a ``TeacherBatch``; the method never
+learns which source produced them.
+
+    source = CachedTeacher(url, fields, expect=dict(dataset=..., views=...))   # the normal path
+    source = OnlineTeacher(teacher_model, fields)                               # --teacher CKPT
+
+    payload = source.prefetch(image_id, view_index)   # in a loader worker: compact, still quantised
+    samples = source.fetch(batch, payloads, device)   # main process: dequantised on the device
+
+``prefetch`` is what a loader worker does per image (the cached source decompresses the shard
+blobs into their compact form: uint8 + scales, int16 KLT coefficients, fp16), so only compact
+bytes cross to the main process and the device; ``fetch`` expands them there. The online source
+does nothing in the worker and runs ``precompute.fields.extract_fields`` on the batch instead:
+the same function precompute used to fill the cache, so the two sources cannot disagree on what
+a field means.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from detectors.outputs import Detector
+from detectors.views import Batch
+from precompute.fields import extract_fields
+from store import Cache, CacheError, expand_fields, open_cache
+from store.codecs import to_torch
+
+KEY = "__key__"
+
+
+def field_names(groups: Iterable[str]) -> list[str]:
+    """Store field names (schema order within each item) for groups, prefixes or names."""
+    return expand_fields(list(groups)) if groups else []
+
+
+def manifest_id(cache: Cache) -> str:
+    """sha256 of the manifest's canonical JSON: names exactly which cache a run trained from."""
+    text = json.dumps(cache.manifest.data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class CachedTeacher:
+    """Teacher fields read from a cache (store/), one sample per (image_id, view_index).
+
+    Args:
+        url: the cache (directory or fsspec URL).
+        fields: field names, groups or prefixes to read; only those groups' files are touched.
+        expect: what the cache must match (``Manifest.check``: dataset, views, fields, teacher);
+            a mismatch raises ``store.ManifestMismatch`` naming the first difference.
+    """
+
+    def __init__(self, url: str, fields: Sequence[str], expect: dict | None = None,
+                 cache: Cache | None = None) -> None:
+        self.url = str(url)
+        self.fields = field_names(fields)
+        expect = dict(expect or {})
+        if self.fields:
+            expect["fields"] = self.fields
+        self._cache = cache
+        if cache is None:
+            self._cache = open_cache(self.url, expect=expect or None)
+        elif expect:
+            cache.manifest.check(expect, where=self.url)
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:  # in a loader worker: each process opens its own (checked in the parent)
+            self._cache = open_cache(self.url)
+        return self._cache
+
+    @property
+    def manifest_id(self) -> str:
+        return manifest_id(self.cache)
+
+    def artifact(self, name: str, why: str) -> dict:
+        """A per-cache artefact (MasKD tokens, teacher neck and head), or a CacheError saying why it is needed."""
+        try:
+            return self.cache.artifact(name)
+        except CacheError as error:
+            raise CacheError(f"{error}; {why}") from None
+
+    def prefetch(self, image_id: int, view_index: int) -> dict[str, Any]:
+        """One view's fields in compact form (tensors, ``Affine``, ``KLTCoeffs``), for a loader worker."""
+        sample = self.cache.get(int(image_id), int(view_index), fields=self.fields, decode="compact")
+        return {name: (value if name == KEY else to_torch(value)) for name, value in sample.items()
+                if name == KEY or not name.startswith("__")}
+
+    def fetch(self, batch: Batch, payloads: Sequence[dict] | None, device: torch.device | str) -> list[dict[str, Tensor]]:
+        """Per image of ``batch``: the dequantised fields on ``device`` (reads them now without ``payloads``)."""
+        if payloads is None:
+            payloads = [self.prefetch(i, v) for i, v in zip(batch.image_ids, batch.view_indices)]
+        if len(payloads) != len(batch.image_ids):
+            raise ValueError(f"{len(payloads)} teacher samples for a batch of {len(batch.image_ids)} images")
+        samples = []
+        for payload, image_id, view_index in zip(payloads, batch.image_ids, batch.view_indices):
+            key = tuple(int(k) for k in payload[KEY])
+            if key != (int(image_id), int(view_index)):
+                raise ValueError(f"teacher sample {key} paired with student image (image_id={image_id}, "
+                                 f"view={view_index}): the loader zipped the wrong samples")
+            decoded = self.cache.dequantize({k: v for k, v in payload.items() if k != KEY}, device=device)
+            samples.append(decoded)
+        return samples
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # each loader worker opens its own
+        return state
+
+
+class OnlineTeacher:
+    """Teacher fields computed on the fly by a frozen teacher with precompute's own ``extract_fields``.
+
+    Args:
+        model: the teacher (``precompute.teacher.load_teacher(...).model``: eval mode, frozen), on
+            the training device.
+        fields: field names, groups or prefixes; the returned dicts hold exactly these.
+        amp_dtype: autocast dtype of the teacher forward (outputs are float32 either way).
+    """
+
+    def __init__(self, model: Detector, fields: Sequence[str], amp_dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.fields = field_names(fields)
+        self.amp_dtype = amp_dtype
+
+    def prefetch(self, image_id: int, view_index: int) -> None:
+        return None
+
+    def fetch(self, batch: Batch, payloads: Sequence[dict | None] | None,
+              device: torch.device | str) -> list[dict[str, Tensor]]:
+        if not self.fields:
+            return [{} for _ in batch.image_ids]
+        samples = extract_fields(self.model, batch, self.fields, amp_dtype=self.amp_dtype, output_device=device)
+        wanted = set(self.fields)
+        return [{name: value for name, value in sample.items() if name in wanted} for sample in samples]
+
+    def __getstate__(self) -> dict:
+        # Loader workers never run the teacher (prefetch is a no-op): do not copy it into them.
+        return dict(self.__dict__, model=None)

@@ -1,0 +1,129 @@
+"""The streaming student data: one cached view per image per epoch, rebuilt from the image, zipped
+with its teacher fields.
+
+Every epoch draws, for every image, one of the cache's views (deterministic in ``(seed, epoch)``)
+and a shuffled image order; the order is split between DDP ranks and cut into batches:
+
+    plan = epoch_plan(num_images, num_views, seed, epoch, batch_size, rank, world_size)
+    plan[k]          # batch k of this rank: [(image_index, view_index), ...]
+
+A loader worker builds batch ``k``: it decodes each image and applies exactly that view with
+``CocoDetection.load`` (``detectors.views.apply_view``, the code path precompute used, so teacher
+and student see the same pixels), collates the student batch, and asks the teacher source for each
+view's fields in compact form (``source.prefetch``: the cache's shard blobs decompressed, still
+quantised). The main process dequantises them on the training device (``source.fetch``).
+
+The data position is ``(epoch, step)``: a resumed run rebuilds the epoch's plan from the seed and
+starts its loader at batch ``step``, so it sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detectors.data import CocoDetection, DataError
+from detectors.views import Batch, collate
+
+View = tuple[int, int]  # (image_index into dataset.image_ids, view_index into the cache's views)
+
+
+def epoch_draw(num_images: int, num_views: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's image order (num_images,) and each image's view (num_images,), indexed by image."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    order = rng.permutation(num_images)
+    views = rng.integers(0, num_views, size=num_images)
+    return order, views
+
+
+def epoch_plan(num_images: int, num_views: int, seed: int, epoch: int, batch_size: int, rank: int = 0,
+               world_size: int = 1, drop_last: bool = True) -> list[list[View]]:
+    """Batches of (image_index, view_index) that ``rank`` trains on in ``epoch``.
+
+    Ranks take every ``world_size``-th image of the epoch's order, cut to the same count on every
+    rank (so all ranks run the same number of steps); ``drop_last`` drops the last partial batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    order, views = epoch_draw(num_images, num_views, seed, epoch)
+    per_rank = num_images // world_size
+    mine = order[rank::world_size][:per_rank]
+    batches = [[(int(i), int(views[i])) for i in mine[start:start + batch_size]]
+               for start in range(0, len(mine), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+    per_rank = num_images // world_size
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+
+@dataclass
+class StudentItem:
+    """What the loader yields: the student batch (CPU) and its teacher payloads (one per image)."""
+
+    batch: Batch
+    teacher: list[Any] | None     # source.prefetch per image (None entries for the online source)
+
+    def pin_memory(self) -> StudentItem:  # DataLoader(pin_memory=True)
+        self.batch.images = self.batch.images.pin_memory()
+        if self.teacher is not None:
+            self.teacher = [_pin(payload) for payload in self.teacher]
+        return self
+
+
+def _pin(payload: Any) -> Any:
+    if isinstance(payload, dict):
+        return {k: (v.pin_memory() if isinstance(v, Tensor) else v) for k, v in payload.items()}
+    return payload
+
+
+class StudentBatches(torch.utils.data.Dataset):
+    """Item ``k``: batch ``k`` of a plan, images viewed and collated, zipped with the teacher payloads.
+
+    Args:
+        dataset: the training split with the cache's views (``CocoDetection(..., views=cache views)``).
+        plan: batches of (image_index, view_index), e.g. ``epoch_plan(...)[start_step:]``.
+        source: the teacher source (``train.sources``), or None when the method reads no field.
+    """
+
+    def __init__(self, dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any = None) -> None:
+        self.dataset, self.plan, self.source = dataset, [list(b) for b in plan], source
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> StudentItem:
+        samples = []
+        for image_index, view_index in self.plan[k]:
+            sample = self.dataset.load(image_index, view_index)
+            expected = self.dataset.image_ids[image_index]
+            if sample.image_id != expected:  # the skip policy replaced an undecodable image
+                raise DataError(f"image id {expected} ({self.dataset.image_info(image_index).path}) cannot be "
+                                f"decoded; its cached teacher fields have no image to train on (fix the file)")
+            samples.append(sample)
+        batch = collate(samples)
+        payloads = None
+        if self.source is not None:
+            payloads = [self.source.prefetch(image_id, view_index)
+                        for image_id, view_index in zip(batch.image_ids, batch.view_indices)]
+        return StudentItem(batch, payloads)
+
+
+def make_loader(dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any, workers: int,
+                seed: int, epoch: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A loader over the plan's batches in order. Its own generator keeps the global RNG untouched
+    (creating a loader iterator otherwise draws from it, and a resumed run would diverge)."""
+    generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return torch.utils.data.DataLoader(
+        StudentBatches(dataset, plan, source), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=2 if workers else None, persistent_workers=False,
+        generator=generator)
