@@ -580,12 +580,8 @@ def test_overrides_are_routed_and_unknown_keys_rejected():
 
 
 # ---------------------------------------------------------------------------------------------- real detectors
-def test_every_method_runs_on_real_detector_outputs_and_cached_samples():
-    """A nano GFL student and a small GFL teacher (each image run alone, canonical padding, as
-    precompute does), samples cropped to the valid region, collated, every method run and backpropagated."""
-    torch.manual_seed(0)
-    student_model, teacher_model = build_detector("gfl-nano", num_classes=3), build_detector("gfl-small", num_classes=3)
-    teacher_model.eval()
+def two_image_batch():
+    """Two images (64x96 and 40x70, both canonically padded to 64x96) with three GT boxes."""
     sizes = [(64, 96), (40, 70)]
     images = torch.zeros(2, 3, 64, 96)
     for index, (h, w) in enumerate(sizes):
@@ -593,6 +589,16 @@ def test_every_method_runs_on_real_detector_outputs_and_cached_samples():
     targets = [{"boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]),
                 "labels": torch.tensor([0, 2])},
                {"boxes": torch.tensor([[2.0, 3.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
+    return sizes, images, targets
+
+
+def test_every_method_runs_on_real_detector_outputs_and_cached_samples():
+    """A nano GFL student and a small GFL teacher (each image run alone, canonical padding, as
+    precompute does), samples cropped to the valid region, collated, every method run and backpropagated."""
+    torch.manual_seed(0)
+    student_model, teacher_model = build_detector("gfl-nano", num_classes=3), build_detector("gfl-small", num_classes=3)
+    teacher_model.eval()
+    sizes, images, targets = two_image_batch()
     student = student_model(images, sizes, targets)
     samples = []
     for index, (h, w) in enumerate(sizes):
@@ -657,23 +663,16 @@ def test_ld_is_zero_when_the_student_is_the_teacher():
 def test_precompute_samples_collate_and_drive_every_method():
     """precompute.fields.extract_fields -> collate_teacher -> every method; a teacher distilled into
     itself (same canonical sizes, so identical maps) has zero LD."""
-    fields_module = pytest.importorskip("precompute.fields")
     from detectors.views import Batch, ViewSpec
+    from precompute import fields as fields_module
     torch.manual_seed(0)
     teacher_model = build_detector("gfl-small", num_classes=3).eval()
     student_model = build_detector("gfl-nano", num_classes=3)
-    sizes = [(64, 96), (40, 70)]  # both pad to 64x96 on their own
-    images = torch.zeros(2, 3, 64, 96)
-    for index, (h, w) in enumerate(sizes):
-        images[index, :, :h, :w] = torch.randn(3, h, w)
-    targets = [{"boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]),
-                "labels": torch.tensor([0, 2])},
-               {"boxes": torch.tensor([[2.0, 3.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
+    sizes, images, targets = two_image_batch()
     batch = Batch(images=images, image_sizes=sizes, targets=targets, image_ids=[1, 2], view_indices=[0, 0],
                   views=[ViewSpec(), ViewSpec()], orig_sizes=sizes)
     method = build_method("frs+icd+maskd+ld+defeat", "gfl", student_channels=student_model.config.fpn_channels,
-                          teacher_channels=128,
-                          num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
+                          teacher_channels=teacher_model.config.fpn_channels, num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
     samples = fields_module.extract_fields(teacher_model, batch, method.fields)
     student = student_model(images, sizes, targets)
     teacher = collate_teacher(samples, [tuple(f.shape[-2:]) for f in student.features], "cpu")
