@@ -12,11 +12,14 @@ DEMO_STUDENT ?= gfl-nano
 help:
 	@echo "make setup                       create .venv and install the project (pinned torch)"
 	@echo "make test                        run the test suite"
-	@echo "make demo                        synthetic data -> teacher -> eval (prints the metrics)"
+	@echo "make demo                        the whole story on a CPU: synthetic data -> teacher -> cache -> sweep of every method -> report, figures"
 	@echo "make synth OUT=DIR               generate the synthetic COCO-format set"
 	@echo "make teacher TEACHER=gfl-small DATA=DIR OUT=DIR [EPOCHS=..] [EXTRA='--flag v ...']"
 	@echo "make bench                       run the benchmarks in bench/"
 	@echo "make cache [TEACHER=r101 DATA=DIR CKPT=FILE CACHE=DIR FORMAT=zarr|wds VIEWS=.. FIELDS=..]  teacher outputs -> cache (python -m precompute --help)"
+	@echo "make sweep [METHODS='none frs icd maskd ld defeat' SEEDS=2 CACHE=DIR DATA=DIR STUDENT=gfl-nano OUT=DIR EXTRA='epochs=12 lr=0.02' GRID='frs.feat_weight=0.1,0.2' JOBS=n]  many students from one cache, resumable (python -m train.sweep --help)"
+	@echo "make report [SWEEP=DIR]          results.csv, results.md and figures of a sweep (python -m train.report --help)"
+	@echo "make viz [DATA=DIR CACHE=DIR STUDENT_CKPT=FILE IMAGES='1 2' OUT=DIR]  what the methods see, as PNGs (python -m train.viz --help)"
 	@echo "make train [METHOD=frs STUDENT=r50 CACHE=DIR OUT=DIR DATA=DIR EPOCHS=.. TEACHER_CKPT=FILE EXTRA='--set frs.feat_weight=0.2']  student from the cache, or online from TEACHER_CKPT (python -m train --help)"
 
 setup: $(STAMP)
@@ -64,3 +67,21 @@ train: $(STAMP)
 	$(PY) -m train --method $(or $(METHOD),none) --student $(or $(STUDENT),$(DEMO_STUDENT)) \
 		--data $(or $(DATA),$(DEMO_DATA)) $(if $(TEACHER_CKPT),--teacher $(TEACHER_CKPT),--cache $(or $(CACHE),$(RUNS)/demo/cache)) \
 		--out $(or $(OUT),$(RUNS)/train/$(or $(METHOD),none)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(EXTRA)
+
+# Sweeps: every METHODS x SEEDS (x GRID) student from one cache; EXTRA/GRID take KEY=VALUE words (trainer
+# options such as epochs=12, or METHOD.KEY hyperparameters). With no CACHE: the demo set and its cache.
+DEMO_METHODS ?= none frs icd maskd ld defeat
+.PHONY: sweep report viz
+sweep: $(STAMP)
+	$(PY) -m train.sweep --cache $(or $(CACHE),$(RUNS)/demo/cache) --data $(or $(DATA),$(DEMO_DATA)) \
+		--student $(or $(STUDENT),$(DEMO_STUDENT)) --methods $(or $(METHODS),$(DEMO_METHODS)) --seeds $(or $(SEEDS),1) \
+		--out $(or $(OUT),$(RUNS)/sweep) $(foreach kv,$(EXTRA),--set $(kv)) $(foreach kv,$(GRID),--grid $(kv)) \
+		$(if $(JOBS),--jobs $(JOBS))
+
+report: $(STAMP)
+	$(PY) -m train.report $(or $(SWEEP),$(RUNS)/sweep)
+
+viz: $(STAMP)
+	$(PY) -m train.viz --data $(or $(DATA),$(DEMO_DATA)) --cache $(or $(CACHE),$(RUNS)/demo/cache) \
+		$(if $(STUDENT_CKPT),--student-ckpt $(STUDENT_CKPT)) $(if $(IMAGES),--image-ids $(IMAGES)) \
+		--out $(or $(OUT),$(RUNS)/viz)

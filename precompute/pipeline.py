@@ -156,8 +156,11 @@ class Run:
                     views=[v.to_dict() for v in self.views], fields=self.fields)
 
     def extra(self) -> dict[str, Any]:
+        # The teacher's own metrics (when its checkpoint records them) travel with the cache, so
+        # sweep reports can place the students against it.
         return dict(precompute=dict(codecs=self.codecs, fields_spec=self.config.fields,
-                                    views_spec=self.config.views, seed=self.config.seed))
+                                    views_spec=self.config.views, seed=self.config.seed),
+                    teacher_metrics=self.teacher.metrics)
 
     def check_existing(self, manifest: Manifest) -> None:
         """Refuse to add to a cache declared differently (not mixed): first difference named."""
@@ -520,8 +523,10 @@ def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
             writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
             written.append(INHERIT_ARTIFACT)
         if MASKD_ARTIFACT in run.artifacts and MASKD_ARTIFACT not in existing:
+            start = time.perf_counter()
             result = learn_maskd_tokens(run)
-            writer.put_artifact(MASKD_ARTIFACT, result["state"], result["meta"])
+            meta = {**result["meta"], "seconds": round(time.perf_counter() - start, 3)}  # part of the cache's cost
+            writer.put_artifact(MASKD_ARTIFACT, result["state"], meta)
             written.append(MASKD_ARTIFACT)
     finally:
         writer.close(finalize=False)

@@ -15,6 +15,7 @@ read from the keys and checked against ``spec``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import re
@@ -39,6 +40,7 @@ class Teacher(NamedTuple):
     sha256: str         # of the checkpoint file
     arch: str           # zoo-style name, e.g. "gfl-r101"
     source: str         # "project" | "torchvision" | "mmdet"
+    metrics: dict[str, float] | None = None   # COCO metrics a project checkpoint records (train.teacher)
 
     def manifest_entry(self, precision: str = "fp32") -> dict[str, Any]:
         """What the cache manifest records about the teacher (compared on resume)."""
@@ -87,9 +89,11 @@ def load_teacher(spec: str | None, ckpt: str | os.PathLike, num_classes: int | N
                              "this project's checkpoints carry their config")
         model = _load_project(checkpoint, spec, ckpt)
         detected = PROJECT_SOURCE
+        metrics = (checkpoint.get("extra") or {}).get("metrics")
     else:
         state = unwrap_state_dict(checkpoint)
         detected, family = detect_source(state)
+        metrics = None
         if source not in ("auto", detected):
             raise ValueError(f"{ckpt} has the key layout of {detected!r} weights, not {source!r}")
         wanted = _spec_config(spec)
@@ -102,7 +106,15 @@ def load_teacher(spec: str | None, ckpt: str | os.PathLike, num_classes: int | N
     if num_classes is not None and model.config.num_classes != num_classes:
         raise ValueError(f"the teacher {ckpt} predicts {model.config.num_classes} classes but the data has "
                          f"{num_classes}")
-    return Teacher(freeze(model.to(device)), sha256, _arch_name(model.config), detected)
+    return Teacher(freeze(model.to(device)), sha256, _arch_name(model.config), detected,
+                   _finite_metrics(metrics))
+
+
+def _finite_metrics(metrics: Any) -> dict[str, float | None] | None:
+    """Plain floats, NaN (COCO AP of a size range without objects) as None: the manifest is strict JSON."""
+    if not isinstance(metrics, dict):
+        return None
+    return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
 def _spec_config(spec: str | None) -> DetectorConfig | None:

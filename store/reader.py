@@ -174,9 +174,11 @@ class Cache:
 
     def _sample(self, receipt, row, blobs_by_group: dict, decode: str) -> dict:
         image_id, view_index = receipt["keys"][row]
-        out = {"__key__": (int(image_id), int(view_index)), "__view__": self.manifest["views"][int(view_index)]}
+        out = {"__key__": (int(image_id), int(view_index)), "__view__": self.manifest["views"][int(view_index)],
+               "__nbytes__": 0}  # stored (compressed) bytes of the fields read: what the run pulls from storage
         for group, blobs in blobs_by_group.items():
             for field, blob in blobs.items():
+                out["__nbytes__"] += blob.nbytes if isinstance(blob, memoryview) else len(blob)
                 out[field] = self._decode(receipt, group, row, field, blob, decode)
         return out
 

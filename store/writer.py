@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -149,7 +150,8 @@ def shard_summary(receipt: dict) -> dict:
 
 
 def totals(receipts) -> dict:
-    """Stored and raw (fp16) bytes per field and per view, sample count per view."""
+    """Stored and raw (fp16) bytes per field and per view, sample count per view, and the writers'
+    wall seconds (receipts' ``seconds``, summed over shards and ranks: what computing the cache cost)."""
     fields: dict[str, list[int]] = {}
     views: dict[str, list[int]] = {}
     for receipt in receipts:
@@ -164,7 +166,9 @@ def totals(receipts) -> dict:
                     entry[1] += raw
                     views[row_views[row]][1] += stored
                     views[row_views[row]][2] += raw
-    return dict(fields=fields, views=dict(sorted(views.items(), key=lambda kv: int(kv[0]))))
+    seconds = sum(receipt.get("seconds", 0.0) for receipt in receipts)
+    return dict(fields=fields, views=dict(sorted(views.items(), key=lambda kv: int(kv[0]))),
+                seconds=round(seconds, 3))
 
 
 def key_index(receipts) -> np.ndarray:
@@ -267,8 +271,12 @@ class ShardWriter:
         for group, fields in groups.items():
             layout[group]["raw_nbytes"] = [[raw[f] for f in fields] for raw in self._raw]
         files = backend.commit(built)
+        now = time.perf_counter()
+        # Wall time since this writer's previous commit (or its opening): the shard's share of the
+        # cache's cost; summed over receipts it survives resumes and adds up across ranks.
+        seconds, writer._clock = now - writer._clock, now
         receipt = dict(index=self.index, start=self.start, num_samples=len(self.keys), backend=backend.name,
-                       keys=[list(k) for k in self.keys], groups=layout, files=files,
+                       keys=[list(k) for k in self.keys], groups=layout, files=files, seconds=round(seconds, 3),
                        writer=dict(host=socket.gethostname(), pid=os.getpid(), rank=writer.rank),
                        committed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         path = receipt_path(writer.root, self.index)
@@ -328,6 +336,7 @@ class CacheWriter:
         self._keys_written: set = set()
         self._pool = ThreadPoolExecutor(encode_threads) if encode_threads > 0 else None
         self._position = 0
+        self._clock = time.perf_counter()
         self._current: ShardWriter | None = None
         self.skipped = 0
 

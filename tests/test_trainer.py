@@ -345,7 +345,7 @@ def test_cli_trains_from_a_cache_and_writes_results(world, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "ld+frs" and results["iterations"] == 3 and results["mode"] == "cache"
     assert set(results["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert results["cache_manifest_id"] == manifest_id(open_cache(world["lossy"]))
+    assert results["cache_manifest_id"] == manifest_id(open_cache(world["lossy"]).manifest)
     assert results["config"]["overrides"] == {"frs.feat_weight": 0.2} and results["train_seconds"] > 0
     header = (out / "log.csv").read_text().splitlines()[0].split(",")
     assert {"iteration", "loss", "lr", "ld_main", "frs_feat", "qfl"} <= set(header)

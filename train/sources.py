@@ -32,10 +32,11 @@ from torch import Tensor
 from detectors.outputs import Detector
 from detectors.views import Batch
 from precompute.fields import extract_fields
-from store import Cache, CacheError, expand_fields, open_cache
+from store import Cache, CacheError, Manifest, expand_fields, open_cache
 from store.codecs import to_torch
 
 KEY = "__key__"
+NBYTES = "__nbytes__"
 
 
 def field_names(groups: Iterable[str]) -> list[str]:
@@ -43,9 +44,9 @@ def field_names(groups: Iterable[str]) -> list[str]:
     return expand_fields(list(groups)) if groups else []
 
 
-def manifest_id(cache: Cache) -> str:
+def manifest_id(manifest: Manifest) -> str:
     """sha256 of the manifest's canonical JSON: names exactly which cache a run trained from."""
-    text = json.dumps(cache.manifest.data, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -63,6 +64,7 @@ class CachedTeacher:
                  cache: Cache | None = None) -> None:
         self.url = str(url)
         self.fields = field_names(fields)
+        self.bytes_read = 0   # stored bytes of the samples fetched so far (the loader's reads, counted here)
         expect = dict(expect or {})
         if self.fields:
             expect["fields"] = self.fields
@@ -80,7 +82,7 @@ class CachedTeacher:
 
     @property
     def manifest_id(self) -> str:
-        return manifest_id(self.cache)
+        return manifest_id(self.cache.manifest)
 
     def artifact(self, name: str, why: str) -> dict:
         """A per-cache artefact (MasKD tokens, teacher neck and head), or a CacheError saying why it is needed."""
@@ -92,8 +94,8 @@ class CachedTeacher:
     def prefetch(self, image_id: int, view_index: int) -> dict[str, Any]:
         """One view's fields in compact form (tensors, ``Affine``, ``KLTCoeffs``), for a loader worker."""
         sample = self.cache.get(int(image_id), int(view_index), fields=self.fields, decode="compact")
-        return {name: (value if name == KEY else to_torch(value)) for name, value in sample.items()
-                if name == KEY or not name.startswith("__")}
+        return {name: (value if name in (KEY, NBYTES) else to_torch(value)) for name, value in sample.items()
+                if name in (KEY, NBYTES) or not name.startswith("__")}
 
     def fetch(self, batch: Batch, payloads: Sequence[dict] | None, device: torch.device | str) -> list[dict[str, Tensor]]:
         """Per image of ``batch``: the dequantised fields on ``device`` (reads them now without ``payloads``)."""
@@ -107,7 +109,9 @@ class CachedTeacher:
             if key != (int(image_id), int(view_index)):
                 raise ValueError(f"teacher sample {key} paired with student image (image_id={image_id}, "
                                  f"view={view_index}): the loader zipped the wrong samples")
-            decoded = self.cache.dequantize({k: v for k, v in payload.items() if k != KEY}, device=device)
+            self.bytes_read += payload.get(NBYTES, 0)
+            decoded = self.cache.dequantize({k: v for k, v in payload.items() if k not in (KEY, NBYTES)},
+                                            device=device)
             samples.append(decoded)
         return samples
 

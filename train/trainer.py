@@ -341,6 +341,7 @@ class StudentTrainer:
         # --- run state
         self.iteration, self.epoch, self.step = 0, 0, 0
         self.train_seconds, self.best_ap = 0.0, -1.0
+        self.bytes_read_before = 0   # cache bytes read by the sessions this run resumed from
         self.history: list[dict] = []
         self.step_times: list[float] = []          # wall seconds per iteration in this invocation
         self.last_values: dict[str, float] = {}
@@ -368,7 +369,7 @@ class StudentTrainer:
         views = (parse_view_list(c.views, seed=c.seed) if c.views
                  else [ViewSpec.from_dict(v) for v in manifest["views"]])
         cache = open_cache(c.cache)  # refuses an incomplete cache
-        return views, manifest_id(cache), cache
+        return views, manifest_id(cache.manifest), cache
 
     def _teacher_channels(self, cache) -> int:
         if self.teacher_config is not None and "fpn_channels" in self.teacher_config:
@@ -565,8 +566,17 @@ class StudentTrainer:
             self._session_eval += time.perf_counter() - start
         return metrics
 
+    @property
+    def cache_bytes_read(self) -> int:
+        """Stored bytes this rank has read from the cache, over every session of the run."""
+        now = self.source.bytes_read if isinstance(self.source, CachedTeacher) else 0
+        return self.bytes_read_before + now
+
     def _results(self, final: dict[str, float]) -> dict:
         c = self.config
+        bytes_read = torch.tensor(float(self.cache_bytes_read), dtype=torch.float64, device=self.device)
+        if self.distributed:  # every rank read its own share
+            torch.distributed.all_reduce(bytes_read)
         timed = self.step_times[1:] or self.step_times
         return {
             "method": c.method, "student": c.student, "mode": "cache" if c.cache else "online",
@@ -574,6 +584,7 @@ class StudentTrainer:
             "fields": self.fields, "iterations": self.iteration, "epochs": self.iteration / self.steps_per_epoch,
             "world_size": self.world_size, "train_seconds": round(self.train_seconds, 2),
             "seconds_per_iter": round(float(np.median(timed)), 4) if timed else None,
+            "cache_bytes_read": int(bytes_read.item()),
             "final": final, "best_AP": self.best_ap if self.history else None, "history": self.history,
             "last_losses": self.last_values, "config": c.to_dict(),
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
@@ -588,6 +599,7 @@ class StudentTrainer:
             "cache_manifest_id": self.manifest_id,
             "iteration": self.iteration, "epoch": self.epoch, "step": self.step,
             "train_seconds": self.train_seconds, "best_ap": self.best_ap, "history": self.history,
+            "cache_bytes_read": self.cache_bytes_read,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "aux_optimizers": [o.state_dict() for o in self.aux_optimizers],
@@ -629,6 +641,7 @@ class StudentTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch, self.step = state["iteration"], state["epoch"], state["step"]
         self.train_seconds, self.best_ap, self.history = state["train_seconds"], state["best_ap"], state["history"]
+        self.bytes_read_before = state.get("cache_bytes_read", 0)
         _set_rng_state(state["rng"])
         self.resumed_from = self.iteration
 

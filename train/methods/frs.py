@@ -35,6 +35,12 @@ from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, 
 from train.teacher_batch import TeacherBatch
 
 
+def richness_score(cls_logits: Tensor) -> Tensor:
+    """FRS's richness mask S of one level: class logits (N, A*K, H, W) -> max over the A*K channels
+    of σ(logits), (N, 1, H, W). Used by :meth:`FRS.forward` and by the pictures in ``train.viz``."""
+    return cls_logits.sigmoid().amax(dim=1, keepdim=True)
+
+
 @dataclass(frozen=True)
 class FRSConfig(MethodConfig):
     feat_weight: float = 0.005      # w_f (RetinaNet); GFL 0.1; FCOS 0.01
@@ -75,7 +81,7 @@ class FRS(DistillationMethod):
         for level, valid in enumerate(teacher.valid):
             t_logits, s_logits = teacher_cls[level], student.cls_logits[level]  # (N, A*K, H, W)
             check_same_shape(s_logits, t_logits, f"class logits of level {level}")
-            richness = t_logits.sigmoid().amax(dim=1, keepdim=True) * valid  # (N, 1, H, W), zero outside valid
+            richness = richness_score(t_logits) * valid  # (N, 1, H, W), zero outside valid
             richness_sum = richness.sum().clamp(min=1e-12)
             if config.feat_weight:
                 adapted = self.adapters[level](student.features[level])  # (N, C_t, H, W)

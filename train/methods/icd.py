@@ -349,6 +349,30 @@ class ICD(DistillationMethod):
         return sample_queries(targets, image_sizes, self.stats, config.fake_ratio, config.max_queries,
                               config.center_jitter)
 
+    def decode_instances(self, teacher: TeacherBatch, queries: InstanceQueries) -> tuple[Tensor, Tensor, Tensor]:
+        """The teacher side's decoder over the cached F_t: what :meth:`forward` trains and distils with
+        (and what ``train.viz`` draws).
+
+        Args:
+            teacher: the batch's teacher fields (``fpn`` is read).
+            queries: on the device of the features.
+        Returns:
+            decoded queries (N, Q, C); attention logits (N, heads, Q, S) over the sequence of all
+            positions of all levels (P3..P7 concatenated, each level's batch map flattened in (h, w)
+            order), −inf outside each image's valid region; projected teacher values (N, S, heads, C/heads).
+        """
+        teacher_fpn = require(teacher.fpn, "fpn", "ICD")
+        device = teacher_fpn[0].device
+        # Sequences over all positions of all levels: (N, S, C) and the padding mask (N, S).
+        teacher_seq = torch.cat([f.flatten(2).transpose(1, 2) for f in teacher_fpn], dim=1)
+        key_padding = torch.cat([(~valid).flatten(1) for valid in teacher.valid], dim=1)
+        positions = torch.cat([
+            grid_sine_embedding([sizes[level] for sizes in teacher.valid_sizes], tuple(f.shape[-2:]), f.shape[1],
+                                device).flatten(2).transpose(1, 2)
+            for level, f in enumerate(teacher_fpn)], dim=1)
+        descriptors = query_descriptors(queries, self.num_classes)
+        return self.decoder(self.query_encoder(descriptors), teacher_seq, positions, key_padding)
+
     def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
                 iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
         """``queries``: fixed queries instead of sampling them (tests)."""
@@ -360,19 +384,9 @@ class ICD(DistillationMethod):
         labels, boxes, centers = queries.labels.to(device), queries.boxes.to(device), queries.centers.to(device)
         is_real, is_query = queries.is_real.to(device), queries.is_query.to(device)
 
-        # Sequences over all positions of all levels: (N, S, C) and the padding mask (N, S).
-        teacher_seq = torch.cat([f.flatten(2).transpose(1, 2) for f in teacher_fpn], dim=1)
-        key_padding = torch.cat([(~valid).flatten(1) for valid in teacher.valid], dim=1)
-        positions = torch.cat([
-            grid_sine_embedding([sizes[level] for sizes in teacher.valid_sizes], tuple(f.shape[-2:]), f.shape[1],
-                                device).flatten(2).transpose(1, 2)
-            for level, f in enumerate(teacher_fpn)], dim=1)
-
         # Teacher side: decode the instance queries and train on the auxiliary task.
-        descriptors = query_descriptors(InstanceQueries(labels, boxes, centers, is_real, is_query,
-                                                        queries.image_sizes), self.num_classes)
-        decoded, logits, teacher_values = self.decoder(self.query_encoder(descriptors), teacher_seq, positions,
-                                                       key_padding)
+        decoded, logits, teacher_values = self.decode_instances(
+            teacher, InstanceQueries(labels, boxes, centers, is_real, is_query, queries.image_sizes))
         prediction = self.aux_head(decoded)  # (N, Q, 5)
         is_query_f, is_real_f = is_query.float(), is_real.float()
         bce = F.binary_cross_entropy_with_logits(prediction[..., 0], is_real_f, reduction="none")

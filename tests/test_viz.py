@@ -1,0 +1,124 @@
+"""The pictures (train/viz.py): every picture is written as a real, non-blank PNG; missing inputs skip
+one picture with the reason; a bad image id is an error that names it.
+
+One tiny synthetic set, a random gfl-small teacher, a full cache and an LD-only cache built with
+precompute's own API, and a two-iteration ICD student run (its last.pt holds the decoder, its
+student.pt is the student whose detections are drawn).
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectors import build_detector, save_checkpoint
+from detectors.synth import SynthConfig, generate
+from precompute.pipeline import PrecomputeConfig, run_precompute
+from train.trainer import StudentTrainer, TrainConfig
+from train.viz import PICTURES, draw, level_map_to_pixels, main
+
+VIEWS = "64:96,64:96:flip"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; two OpenMP threads on a shared 2-core machine only wait
+    try:
+        root = tmp_path_factory.mktemp("viz")
+        generate(root / "data", 4, 1, SynthConfig(size=64, max_side=48), seed=3, progress=False)
+        torch.manual_seed(0)
+        save_checkpoint(root / "teacher.pt", build_detector("gfl-small", num_classes=8))
+        common = dict(ckpt=str(root / "teacher.pt"), data=str(root / "data"), views=VIEWS, device="cpu",
+                      shard_size=4, batch_size=4, workers=0, calibration=4, progress=False)
+        run_precompute(PrecomputeConfig(cache=str(root / "cache"), maskd_iters=1, maskd_batch_size=2, **common))
+        run_precompute(PrecomputeConfig(cache=str(root / "cache_ld"), fields="ld", maskd_iters=0, **common))
+        StudentTrainer(TrainConfig(data=str(root / "data"), out=str(root / "icd_run"), method="icd",
+                                   student="gfl-nano", cache=str(root / "cache"), batch_size=2, workers=0,
+                                   eval=False, tensorboard=False, progress=False, warmup_iters=1, epochs=1,
+                                   max_iters=2)).train()
+        yield root
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_picture(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) >= 200, image.size
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 0, f"{path} is blank"
+    colours = np.unique(pixels.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1]))
+    assert len(colours) > 50, f"{path} has almost no content ({len(colours)} colours)"
+
+
+def test_every_picture_is_drawn_for_each_image(world, tmp_path):
+    messages = []
+    paths = draw(world / "data", world / "cache", tmp_path, num_images=2, view=1,
+                 student_ckpt=world / "icd_run" / "student.pt", icd_run=world / "icd_run", log=messages.append)
+    assert messages == []
+    assert len(paths) == 2 * len(PICTURES)
+    assert {p.name.rsplit("_", 1)[1] for p in paths} == {f"{picture}.png" for picture in PICTURES}
+    assert all("_view1_" in p.name for p in paths)
+    for path in paths:
+        assert_picture(path)
+
+
+def test_missing_inputs_skip_their_picture_with_the_reason(world, tmp_path, capsys):
+    # The LD-only cache has region rows but no fpn / head groups, and no student is given.
+    paths = main(["--data", str(world / "data"), "--cache", str(world / "cache_ld"), "--out", str(tmp_path),
+                  "--image-ids", "1", "--what", "all"])
+    assert [p.name for p in paths] == ["1_view0_ld.png"]
+    assert_picture(paths[0])
+    printed = capsys.readouterr().out
+    assert "skipped frs" in printed and "no head.cls" in printed
+    assert "skipped maskd" in printed and "skipped icd" in printed and "no fpn" in printed
+    assert "skipped detections" in printed and "head.box" in printed
+    assert str(paths[0]) in printed
+
+
+def test_untrained_icd_decoder_and_no_student(world, tmp_path):
+    messages = []
+    paths = draw(world / "data", world / "cache", tmp_path, image_ids=[2], what="icd,detections",
+                 log=messages.append)
+    assert [p.name for p in paths] == ["2_view0_icd.png"]
+    assert_picture(paths[0])
+    assert len(messages) == 2
+    assert "untrained decoder" in messages[0] and "--student-ckpt" in messages[1]
+
+
+def test_a_bad_image_id_is_an_error_naming_it(world, tmp_path):
+    with pytest.raises(ValueError, match=r"image id 999999 is not in .*instances_train2017\.json"):
+        draw(world / "data", world / "cache", tmp_path, image_ids=[1, 999999])
+    with pytest.raises(SystemExit, match="image id 999999"):
+        main(["--data", str(world / "data"), "--cache", str(world / "cache"), "--out", str(tmp_path),
+              "--image-ids", "999999"])
+    with pytest.raises(ValueError, match="--view 5: the cache has 2 views"):
+        draw(world / "data", world / "cache", tmp_path, view=5)
+    with pytest.raises(ValueError, match="unknown picture"):
+        draw(world / "data", world / "cache", tmp_path, what="frs,heatmap")
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_explains_the_pictures(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--icd-run", "--student-ckpt", "untrained", "richness", "VLR", *PICTURES):
+        assert word in text
+
+
+def test_level_cells_are_drawn_around_their_anchor_centres():
+    # A 2x3 map of stride 32 over a 64x80 view: cell (i, j) is centred at pixel (32·j, 32·i); pixels past the
+    # last centre's half-cell take the last row / column.
+    grid = np.arange(6).reshape(2, 3)
+    pixels = level_map_to_pixels(grid, 32, (64, 80))
+    assert pixels.shape == (64, 80)
+    assert pixels[:16, 0].tolist() == [0] * 16 and pixels[16:, 0].tolist() == [3] * 48
+    assert pixels[0, :16].tolist() == [0] * 16 and pixels[0, 16:48].tolist() == [1] * 32
+    assert pixels[0, 48:].tolist() == [2] * 32
