@@ -683,3 +683,17 @@ def test_precompute_samples_collate_and_drive_every_method():
         teacher_out = teacher_model(images, sizes, targets)
     self_terms = build_method("ld", "gfl")(teacher_out, teacher, targets, 0)
     assert all(abs(v.item()) < 1e-5 for v in self_terms.values())
+
+
+def test_schedule_warnings_name_the_iteration_counts_a_short_run_swallows():
+    from train.methods import iteration_settings, schedule_warnings
+    method = build_method("icd+frs", "gfl", {"icd.detach_student_iters": 10}, student_channels=16,
+                          teacher_channels=16, num_classes=3)
+    assert iteration_settings(method) == {"icd.detach_student_iters": 10, "icd.warmup_iters": 1000,
+                                          "frs.warmup_iters": 500}
+    texts = schedule_warnings(method, 900)
+    # 10 < 900/4 is fine; ICD's decoder warmup and FRS's ramp are not; scaled by 900/90000
+    assert [t.split("=")[0] for t in texts] == ["icd.warmup_iters", "frs.warmup_iters"]
+    assert "--set icd.warmup_iters=10 " in texts[0] and "--set frs.warmup_iters=5 " in texts[1]
+    assert schedule_warnings(method, 90_000) == []
+    assert schedule_warnings(build_method("none", "gfl"), 10) == []

@@ -135,6 +135,8 @@ def loss_curves(groups, path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=7)
     total_ax.set_yscale("log")
+    if distill_ax.lines:
+        distill_ax.set_yscale("log")   # the methods' terms differ by orders of magnitude
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -206,7 +206,7 @@ def execute(runs: list[RunSpec], jobs: int | None = None, progress: bool = True,
     gpus = cuda_devices() if all(run.config.device in ("auto", "cuda") for run in runs) else 0
     jobs = jobs or max(1, gpus)
     bar = tqdm(total=len(runs), initial=len(outcome["skipped"]), desc="sweep", unit="run", disable=not progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=2.0)
     running: dict[int, tuple[RunSpec, subprocess.Popen, Any, float]] = {}
     try:
         while pending or running:
@@ -224,7 +224,9 @@ def execute(runs: list[RunSpec], jobs: int | None = None, progress: bool = True,
                 running[slot] = (run, process, log, time.time())
                 tqdm.write(f"start  {run.name} ({run.status()}) -> {run.out}/train.log")
             time.sleep(0.5)
-            bar.set_postfix_str(" ".join(f"{run.name}@{latest_iteration(run)}" for run, *_ in running.values()))
+            bar.set_postfix_str(" ".join(f"{run.name}@{latest_iteration(run)}" for run, *_ in running.values()),
+                                refresh=False)
+            bar.update(0)  # redraws at most every mininterval
             for slot, (run, process, log, started) in list(running.items()):
                 if process.poll() is None:
                     continue

@@ -59,7 +59,8 @@ from precompute.pipeline import dist_env, resolve_device
 from precompute.plan import parse_view_list
 from store import CacheError, load_manifest, open_cache
 from train.evaluate import evaluate_detector
-from train.methods import DatasetStats, DistillationMethod, ParamGroupSpec, build_method, parse_method_names
+from train.methods import (DatasetStats, DistillationMethod, ParamGroupSpec, build_method, parse_method_names,
+                           schedule_warnings)
 from train.schedule import ScheduleConfig, build_scheduler, build_sgd
 from train.sources import CachedTeacher, OnlineTeacher, field_names, manifest_id
 from train.student_data import epoch_plan, make_loader, steps_per_epoch
@@ -337,6 +338,10 @@ class StudentTrainer:
         if c.max_iters:
             self.total_iters = min(self.total_iters, c.max_iters)
         self._build_optimizers()
+        self.schedule_warnings = schedule_warnings(self.method, self.total_iters)
+        if self.is_main:
+            for text in self.schedule_warnings:
+                warnings.warn(text, stacklevel=2)
 
         # --- run state
         self.iteration, self.epoch, self.step = 0, 0, 0
@@ -587,7 +592,7 @@ class StudentTrainer:
             "cache_bytes_read": int(bytes_read.item()),
             "final": final, "best_AP": self.best_ap if self.history else None, "history": self.history,
             "last_losses": self.last_values, "config": c.to_dict(),
-            "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+            "schedule_warnings": self.schedule_warnings, "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
         }
 
     # ------------------------------------------------------------------ checkpoint and resume

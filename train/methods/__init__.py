@@ -14,6 +14,7 @@ or ``gfl``), see each method's ``Config``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import Tensor, nn
@@ -83,6 +84,37 @@ def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None
         cls = METHODS[name]
         parts.append(cls.build(cls.Config.for_family(family, **per_method[name]), context))
     return parts[0] if len(parts) == 1 else CombinedMethod(parts)
+
+
+# The official schedules these methods' iteration counts were chosen for: mmdetection's 1x
+# (12 epochs of COCO at batch 16).
+REFERENCE_ITERS = 90_000
+
+
+def iteration_settings(method: DistillationMethod) -> dict[str, int]:
+    """The method's hyperparameters counted in iterations (ramps, warmups, detach phases), qualified."""
+    configs = method.config if isinstance(method, CombinedMethod) else {method.NAME: method.config}
+    out = {}
+    for name, config in configs.items():
+        if dataclasses.is_dataclass(config):
+            for f in dataclasses.fields(config):
+                value = getattr(config, f.name)
+                if ("iters" in f.name or "warmup" in f.name) and isinstance(value, int) and value > 0:
+                    out[f"{name}.{f.name}"] = value
+    return out
+
+
+def schedule_warnings(method: DistillationMethod, total_iters: int) -> list[str]:
+    """Iteration counts set for a 1x schedule that take up much of a shorter run (ICD's 1000 detached
+    iterations are the whole of a 900-iteration run: the student would never be distilled)."""
+    warnings = []
+    for key, value in iteration_settings(method).items():
+        if value > total_iters / 4:
+            scaled = max(1, round(value * total_iters / REFERENCE_ITERS))
+            warnings.append(f"{key}={value} spans {min(value, total_iters)} of this run's {total_iters} iterations "
+                            f"(the value is meant for a ~{REFERENCE_ITERS // 1000}k-iteration schedule); "
+                            f"--set {key}={scaled} keeps the official fraction")
+    return warnings
 
 
 def _split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
