@@ -347,6 +347,11 @@ def test_cli_trains_from_a_cache_and_writes_results(world, tmp_path):
     assert set(results["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert results["cache_manifest_id"] == manifest_id(open_cache(world["lossy"]).manifest)
     assert results["config"]["overrides"] == {"frs.feat_weight": 0.2} and results["train_seconds"] > 0
+    assert results["cache_bytes_read"] > 0
+    # FRS's official 500-iteration ramp fills this 3-iteration run: said on stderr and in the results
+    assert any(w.startswith("frs.warmup_iters=500 spans 3 of this run's 3 iterations")
+               for w in results["schedule_warnings"])
+    assert "--set frs.warmup_iters=1 keeps the official fraction" in run.stderr
     header = (out / "log.csv").read_text().splitlines()[0].split(",")
     assert {"iteration", "loss", "lr", "ld_main", "frs_feat", "qfl"} <= set(header)
     assert any((out / "tensorboard").iterdir())

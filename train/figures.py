@@ -124,6 +124,7 @@ def loss_curves(groups, path: Path) -> Path | None:
                 return [sum(0.0 if math.isnan(log[t][i]) else log[t][i] for t in terms if t in log)
                         for i in range(len(log["iteration"]))]
             x, y = _mean_curve(logs, distill_sum)
+            y = [v if v > 0 else math.nan for v in y]   # a ramp's zero start has no place on a log axis
             distill_ax.plot(x, _smooth(y), color=color(group.method, index),
                             label=f"{group.label} ({' + '.join(terms)})", linewidth=1.3)
     total_ax.set_title("Training loss (detection + distillation), mean over seeds")
@@ -182,7 +183,8 @@ def ap_vs_time(groups, cache, path: Path) -> Path | None:
             online.append(online[-1] + (run.train_seconds + run.images_seen * per_view) / 3600)
         n = list(range(len(readers) + 1))
         right.plot(n, cached, marker="o", label="from the cache (precompute once + student runs)")
-        right.plot(n, online, marker="s", label="online teacher (estimated: + teacher pass per view seen)")
+        right.plot(n, online, marker="s", label="online teacher (estimated: + the precompute's time per view seen, "
+                                                "encoding included, so an upper bound)")
         right.set_xlabel("student runs trained (distilled runs of this sweep)")
         right.set_ylabel("cumulative wall time (hours)")
         right.set_title("What caching costs and saves", fontsize=9)
