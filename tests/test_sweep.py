@@ -267,3 +267,16 @@ def test_sweep_cli_refuses_another_cache(tiny_cache, tmp_path, one_thread_childr
                  "--out", str(out), "--no-progress"])
     assert code == 1
     assert os.listdir(out) == ["sweep.json"]
+
+
+def test_children_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from train.sweep import child_environment
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    env, device = child_environment(slot=3, jobs=4, gpus=2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and device == "cuda"
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env, device = child_environment(slot=0, jobs=4, gpus=0)
+    assert env["OMP_NUM_THREADS"] == "2" and device is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env, _ = child_environment(slot=0, jobs=1, gpus=0)   # one run alone keeps the environment's setting
+    assert env["OMP_NUM_THREADS"] == "3"
