@@ -36,14 +36,24 @@ def url(request, tmp_path):
     return f"memory://cache-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "cache")
 
 
-@pytest.fixture
-def written(backend, url):
+def write_all(backend, url):
     items = samples()
     m = manifest(backend, items)
     with open_writer(url, m) as writer:
         for item in items:
             writer.write(item)
     return url, m, items
+
+
+@pytest.fixture
+def written(backend, url):
+    return write_all(backend, url)
+
+
+@pytest.fixture
+def written_on_disk(backend, tmp_path):
+    """A cache in tmp_path/cache: the corruption tests edit its files."""
+    return write_all(backend, str(tmp_path / "cache"))[0]
 
 
 def expected(m, sample):
@@ -218,14 +228,10 @@ def test_writer_refuses_bad_samples(backend, url):
         writer.write(make_sample(5, 7))
 
 
-def test_corrupt_byte_is_named_by_reader_and_verify(backend, tmp_path):
+def test_corrupt_byte_is_named_by_reader_and_verify(written_on_disk, tmp_path):
     from store.report import verify
 
-    url = str(tmp_path / "cache")
-    items = samples()
-    with open_writer(url, manifest(backend, items)) as writer:
-        for item in items:
-            writer.write(item)
+    url = written_on_disk
     cache = open_cache(url)
     receipt = cache.receipt(1)
     path = tmp_path / "cache" / max((p for p in receipt["files"] if "fpn" in p),
@@ -246,14 +252,10 @@ def test_corrupt_byte_is_named_by_reader_and_verify(backend, tmp_path):
     open_cache(url).get(*cache.receipt(1)["keys"][0], fields=["region"])
 
 
-def test_truncated_shard_is_named(backend, tmp_path):
+def test_truncated_shard_is_named(written_on_disk, tmp_path):
     from store.report import verify
 
-    url = str(tmp_path / "cache")
-    items = samples()
-    with open_writer(url, manifest(backend, items)) as writer:
-        for item in items:
-            writer.write(item)
+    url = written_on_disk
     receipt = open_cache(url).receipt(2)
     rel = max((p for p in receipt["files"] if "head" in p), key=lambda p: receipt["files"][p]["nbytes"])
     path = tmp_path / "cache" / rel

@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    from train.trainer import TrainConfig
-    return TrainConfig(
+def config_from_args(args: argparse.Namespace) -> dict:
+    """TrainConfig keyword arguments (checked when the config is built, inside run_training)."""
+    return dict(
         data=args.data, out=args.out, method=args.method, student=args.student, cache=args.cache,
         teacher=args.teacher, teacher_arch=args.teacher_arch, views=args.views, split=args.split,
         val_split=args.val_split, overrides=parse_assignments(args.overrides, "--set"),
@@ -137,28 +137,34 @@ def config_from_args(args: argparse.Namespace):
         log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
 
 
+def run_training(config: dict) -> int:
+    """Build the trainer from TrainConfig keywords (every refusal happens here, printed as an error),
+    train, print the summary. The exit status: 0 trained, 1 refused."""
+    import json
+
+    from detectors.data import DataError
+    from store import CacheError
+    from train.trainer import StudentTrainer, TrainConfig
+    try:
+        trainer = StudentTrainer(TrainConfig(**config))
+    except (CacheError, DataError, ValueError, FileNotFoundError) as error:  # refused before training
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    results = trainer.train()
+    if trainer.is_main:
+        summary = {k: results.get(k) for k in ("status", "method", "iterations", "train_seconds", "final")
+                   if k in results}
+        print(json.dumps(summary).replace("NaN", "null"), flush=True)  # COCO AP of an empty size range
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cache is None) == (args.teacher is None):
         print("error: give exactly one of --cache (the teacher cache) and --teacher (online teacher checkpoint)",
               file=sys.stderr)
         return 2
-    import json
-
-    from detectors.data import DataError
-    from store import CacheError
-    from train.trainer import StudentTrainer
-    try:
-        trainer = StudentTrainer(config_from_args(args))
-    except (CacheError, DataError, ValueError, FileNotFoundError) as error:  # refused before training
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    results = trainer.train()
-    if trainer.is_main:
-        summary = {k: results.get(k) for k in ("status", "method", "iterations", "train_seconds", "final")
-                   if k in results}
-        print(json.dumps(summary).replace("NaN", "null"))  # COCO AP of an empty size range
-    return 0
+    return run_training(config_from_args(args))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.trainer import RESUME_FREE_KEYS
+
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# Config keys that do not make two runs different experiments.
-NOT_A_SETTING = ("seed", "out", "resume", "progress", "log_every", "tensorboard", "workers", "device",
-                 "eval_batch_size", "ckpt_every", "stop_after", "eval_every", "data", "cache", "teacher")
+# Config keys that do not make two runs different experiments: the seed, where the inputs are, and
+# what a resumed run may change (the trainer's RESUME_FREE_KEYS).
+NOT_A_SETTING = ("seed", "data", "cache", "teacher", *RESUME_FREE_KEYS)
 
 
 @dataclass

@@ -39,17 +39,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from train.__main__ import parse_assignments
+from train.__main__ import parse_assignments, run_training
 from train.methods import parse_method_names
-from train.trainer import TrainConfig
+from train.trainer import RESUME_FREE_KEYS, TrainConfig
 
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "run.json"
 # TrainConfig fields the sweep decides itself; the others can be --set or --grid.
 SWEEP_OWNED = ("data", "out", "method", "cache", "teacher", "seed", "overrides", "resume", "progress",
                "stop_after")
-# Fields that do not change what a run computes (a finished run is reused whatever they say).
-COSMETIC = ("out", "resume", "progress", "log_every", "tensorboard", "workers", "device", "eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def check_reusable(run: RunSpec) -> None:
     before = json.loads(path.read_text())["config"]
     now = json.loads(json.dumps(run.config.to_dict()))  # tuples as lists, as stored
     differ = [f"{key}: was {before.get(key)!r}, now {value!r}" for key, value in now.items()
-              if key not in COSMETIC and before.get(key) != value]
+              if key not in RESUME_FREE_KEYS and before.get(key) != value]  # what resuming tolerates, reuse does
     if differ:
         raise ValueError(f"{run.out} holds a run configured differently (" + "; ".join(differ) + "). Use a new "
                          "--out, or make the changed setting a --grid axis so each value gets its own run")
@@ -259,23 +257,10 @@ def execute(runs: list[RunSpec], jobs: int | None = None, progress: bool = True,
 
 def run_child(run_dir: Path, device: str | None) -> int:
     """The child process: train one run from its run.json (resuming its last.pt when there is one)."""
-    from detectors.data import DataError
-    from store import CacheError
-    from train.trainer import StudentTrainer
-
-    spec = json.loads((run_dir / RUN_FILE).read_text())
-    config = dict(spec["config"])
+    config = dict(json.loads((run_dir / RUN_FILE).read_text())["config"])
     if device and config.get("device", "auto") == "auto":
         config["device"] = device
-    if config.get("milestones") is not None:
-        config["milestones"] = tuple(config["milestones"])
-    try:
-        trainer = StudentTrainer(TrainConfig(**config))
-    except (CacheError, DataError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", flush=True)
-        return 1
-    trainer.train()
-    return 0
+    return run_training(config)
 
 
 def sweep(out: str | Path, methods: list[str], seeds: list[int], data: str, cache: str, student: str,

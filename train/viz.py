@@ -49,10 +49,9 @@ from precompute.fields import MASKD_ARTIFACT
 from precompute.maskd_tokens import load_receptive_tokens
 from store import (LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, Cache, CacheError, ManifestMismatch, expand_fields,
                    open_cache)
-from train.methods import build_method, parse_method_names
-from train.methods.base import config_keys
+from train.methods import build_method, parse_method_names, split_overrides
 from train.methods.frs import richness_score
-from train.methods.icd import ICD, DatasetStats, ICDConfig, sample_queries
+from train.methods.icd import ICD, DatasetStats, sample_queries
 from train.sources import manifest_id
 from train.teacher_batch import collate_teacher
 
@@ -282,12 +281,7 @@ class Painter:
             raise ValueError(f"--icd-run {run_dir} trained method {method!r}, which has no ICD decoder")
         prefix = "parts.icd." if len(names) > 1 else ""
         weights = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
-        keys = config_keys(ICDConfig)
-        overrides = {}
-        for key, value in state["config"].get("overrides", {}).items():
-            owner, _, plain = key.rpartition(".")
-            if (owner == "icd" or (not owner and len(names) == 1)) and plain in keys:
-                overrides[plain] = value
+        overrides = split_overrides(names, state["config"].get("overrides", {}))["icd"]
         teacher_channels = int(weights["decoder.q_proj.weight"].shape[0])
         student_channels = int(weights["student_value.weight"].shape[1])
         family = (self.teacher_config or {}).get("family", "gfl")

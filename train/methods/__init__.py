@@ -75,7 +75,7 @@ def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None
     if family not in FAMILIES:
         raise ValueError(f"unknown detector family {family!r}; expected one of {FAMILIES}")
     names = parse_method_names(spec)
-    per_method = _split_overrides(names, dict(overrides or {}))
+    per_method = split_overrides(names, dict(overrides or {}))
     context = BuildContext(student_channels=student_channels, teacher_channels=teacher_channels,
                            num_classes=num_classes, num_levels=num_levels, maskd_tokens=maskd_tokens,
                            dataset_stats=dataset_stats)
@@ -117,7 +117,8 @@ def schedule_warnings(method: DistillationMethod, total_iters: int) -> list[str]
     return warnings
 
 
-def _split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Overrides of a (combined) method, per part: ``{"frs": {"feat_weight": 0.2}, "ld": {}}``."""
     keys = {name: config_keys(METHODS[name].Config) for name in names}
     per_method: dict[str, dict[str, Any]] = {name: {} for name in names}
     unknown, ambiguous = [], []
