@@ -15,15 +15,21 @@ A cache is a directory or fsspec URL (file://, memory://, s3://, gs://) holding:
   shards/NNNNNN.zarr/       zarr v3 backend: one uint8 array per field group (fpn, head, region,
                             meta, image), sharding codec
   shards/NNNNNN-GROUP.tar   WebDataset backend: one tar per field group
-  artifacts/NAME.npz        stored once per cache (MasKD tokens, teacher weights)
+  artifacts/NAME.npz        stored once per cache (MasKD tokens, teacher weights, image hashes)
+  writer.lock               while a precompute run writes the cache: its run id, pid, host, start
+
+manifest.json, receipts and artefact records are sealed with the sha256 of their content; every
+receipt records the declaration it was written under and a crc32c per blob (store/integrity.py).
 """
 
 EPILOG = """\
 examples:
   python -m store inspect runs/cache            manifest, sample counts, bytes and ratios
   python -m store inspect runs/cache --json     the same as JSON
-  python -m store verify runs/cache             sizes and sha256 of every file; exit 1 on a problem
-  python -m store verify runs/cache --decode    also decode every blob with its codec
+  python -m store verify runs/cache             the manifest, every receipt, the size and sha256 of every
+                                                file, the index, the artefacts; exit 1 on any problem
+                                                (an unfinalized cache is a problem: it is incomplete)
+  python -m store verify runs/cache --decode    also every blob's checksum and codec
   python -m store finalize runs/cache           fold receipts into manifest.json (after a
                                                 multi-rank precompute whose ranks all finished)
 """

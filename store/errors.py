@@ -19,3 +19,7 @@ class IncompleteCacheError(CacheError):
 
 class SchemaError(CacheError):
     """A sample does not follow the field vocabulary in store/schema.py."""
+
+
+class ForeignShardError(CacheError):
+    """Shards in the cache directory that were not written under this cache's declaration."""

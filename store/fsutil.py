@@ -71,10 +71,15 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_local(path: str, data) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:          # a full disk says "No space left on device" and names no file
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def write_atomic(fs, path: str, data) -> None:

@@ -7,20 +7,25 @@
       "dataset": {"annotation_sha256": "...", "num_images": 118287, ...},
       "views": [{"flip": false, "short": 800, "max_size": 1333}, ...],
       "fields": {"fpn.p3": {"codec": {numcodecs config}, "lossless": false, "error_bound": {...}}, ...},
+      "options": {"ld_vlr_rule": "official", ...},   # what else decides the stored values (field rules)
+      "declared_artifacts": ["teacher_neck_head", ...],   # the cache is complete only once these exist
       "num_samples": 236574 | null, "shard_size": 64,
       "versions": {"python": ..., "numpy": ..., "zarr": ..., ...}, "created": "...",
       "extra": {...},                           # free-form, not compared
       "complete": false | true,                 # the rest is filled by finalize() (store/writer.py):
-      "shards": [{"index", "start", "num_samples", "files": {path: {"nbytes", "sha256"}}, "committed"}],
+      "shards": [{"index", "start", "num_samples", "files": {path: {"nbytes", "sha256"}}, "committed",
+                  "receipt": its checksum}],
       "index": {"path": "index.npy", "nbytes", "sha256"},   # (image_id, view_index, shard, row) per sample
       "totals": {"fields": {name: [stored, raw_fp16]}, "views": {view: [samples, stored, raw_fp16]}},
-      "artifacts": {name: {"path", "sha256", "nbytes", "arrays", "meta"}}
+      "artifacts": {name: {"path", "sha256", "nbytes", "arrays", "meta", "checksum"}},
+      "checksum": sha256 of the rest (store/integrity.py)
     }
 
 Per-blob offsets stay in each shard's receipt (``shards/NNNNNN.json``), read when a shard is
 first touched, so the manifest stays small (about 1 KiB per shard) however large the cache.
 
-The *declaration* (format, backend, teacher, dataset, views, fields, num_samples, shard_size)
+The *declaration* (format, backend, teacher, dataset, views, fields, options, declared_artifacts,
+num_samples, shard_size)
 is fixed when the cache is created: a resumed writer must declare the same, and a trainer that
 opens the cache states what it expects (``Manifest.check``); a difference is refused with a
 ``ManifestMismatch`` that names the key.
@@ -34,14 +39,15 @@ import platform
 
 from .codecs import FieldCodec, codec_from_config, make_codec
 from .errors import CacheError, ManifestMismatch
+from .integrity import declaration_id, seal, unseal
 from .schema import FIELDS, KEY_FIELDS, expand_fields, field_spec
 
 FORMAT = "detkd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: sealed manifest, receipts and artefact records; declaration ids; blob checksums
 BACKENDS = ("zarr", "wds")
 DECLARATION_KEYS = ("format", "format_version", "backend", "teacher", "dataset", "views", "fields",
-                    "num_samples", "shard_size")
-EXPECT_KEYS = ("teacher", "dataset", "views", "fields")
+                    "options", "declared_artifacts", "num_samples", "shard_size")
+EXPECT_KEYS = ("teacher", "dataset", "views", "fields", "options")
 _LIBRARIES = ("numpy", "torch", "zarr", "numcodecs", "webdataset", "fsspec")
 
 
@@ -105,7 +111,7 @@ class Manifest:
             raise CacheError(f"{where}: not a teacher cache manifest (format={data.get('format')!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{where}: format_version {data.get('format_version')} is not supported "
-                             f"(this store reads {FORMAT_VERSION})")
+                             f"(this store reads {FORMAT_VERSION}); recompute the cache with this version")
         missing = [k for k in DECLARATION_KEYS if k not in data]
         if missing:
             raise CacheError(f"{where}: missing keys {missing}")
@@ -120,7 +126,7 @@ class Manifest:
     @classmethod
     def create(cls, *, teacher: dict, dataset: dict, views, fields, backend: str = "zarr",
                shard_size: int = 64, num_samples: int | None = None, calibration=None,
-               extra: dict | None = None) -> "Manifest":
+               options: dict | None = None, artifacts=(), extra: dict | None = None) -> "Manifest":
         """Declare a cache.
 
         teacher: at least ``arch`` and ``checkpoint_sha256`` (``store.sha256_file(path)``).
@@ -129,6 +135,10 @@ class Manifest:
         fields: field/group names (default codec of each, from store/schema.py), or a dict
             name -> codec (preset name, ``{"preset": ..., **params}``, numcodecs config, or codec).
         calibration: samples (dicts of field -> array) to fit ``klt`` codecs on.
+        options: whatever else decides the stored values (e.g. the rule that picks LD's VLR rows);
+            part of the declaration, so a resumed writer or a trainer expecting other options is refused.
+        artifacts: names of the per-cache artefacts the writer will store; finalization refuses
+            a cache that lacks one (an interrupted MasKD stage 1 leaves the cache incomplete).
         """
         teacher, dataset, views = _plain(teacher), _plain(dataset), _plain(list(views))
         for key in ("arch", "checkpoint_sha256"):
@@ -171,7 +181,8 @@ class Manifest:
             entries[name] = dict(codec=codec.get_config(), lossless=bool(codec.lossless),
                                  error_bound=codec.error_bound())
         data = dict(format=FORMAT, format_version=FORMAT_VERSION, backend=backend, teacher=teacher,
-                    dataset=dataset, views=views, fields=entries,
+                    dataset=dataset, views=views, fields=entries, options=_plain(options or {}),
+                    declared_artifacts=sorted(set(artifacts)),
                     num_samples=None if num_samples is None else int(num_samples), shard_size=int(shard_size),
                     versions=library_versions(),
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -223,15 +234,25 @@ class Manifest:
     def declaration(self) -> dict:
         return {k: self.data[k] for k in DECLARATION_KEYS}
 
+    @property
+    def declaration_id(self) -> str:
+        """What every receipt records: shards written under another declaration are never adopted."""
+        return declaration_id(self.declaration())
+
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=1, sort_keys=False) + "\n"
+        return json.dumps(seal(self.data), indent=1, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text, where: str = "manifest") -> "Manifest":
         try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise CacheError(f"{where}: not valid JSON ({e})") from None
+            version = json.loads(text).get("format_version")
+        except (ValueError, AttributeError):
+            version = FORMAT_VERSION                  # unseal names the damage
+        if version != FORMAT_VERSION:
+            raise CacheError(f"{where}: format_version {version} is not supported (this store reads "
+                             f"{FORMAT_VERSION}); recompute the cache with this version")
+        data = unseal(text, where)
+        data.pop("checksum")
         return cls(data, where)
 
     # ------------------------------------------------------------------ checks
@@ -256,7 +277,7 @@ class Manifest:
         unknown = sorted(set(expect) - set(EXPECT_KEYS))
         if unknown:
             raise CacheError(f"unknown expect keys {unknown}; allowed: {list(EXPECT_KEYS)}")
-        for key in ("teacher", "dataset"):
+        for key in ("teacher", "dataset", "options"):
             if expect.get(key) is not None:
                 value = _plain(expect[key])
                 if not isinstance(value, dict):

@@ -25,7 +25,8 @@ from .backends import ReadStats, make_backend
 from .errors import CacheError, CorruptShardError, IncompleteCacheError
 from .manifest import Manifest
 from .schema import FIELDS, expand_fields, group_of
-from .writer import MANIFEST, key_index, read_manifest, read_receipt, read_receipts, shard_summary
+from .integrity import blob_checksum
+from .writer import MANIFEST, key_index, read_artifacts, read_manifest, read_receipt, read_receipts, shard_summary
 
 DECODES = ("numpy", "torch", "compact")
 RECEIPTS_KEPT = 256        # receipts kept in memory per process (a receipt is ~1 KiB per sample)
@@ -51,7 +52,7 @@ class Cache:
             self.shards = {int(s["index"]): s for s in manifest["shards"]}     # summaries; receipts on demand
             keys = self._load_index()
         else:
-            receipts = read_receipts(self.fs, self.root)
+            receipts = read_receipts(self.fs, self.root, manifest.declaration_id)
             self.shards = {i: shard_summary(r) for i, r in receipts.items()}
             expected = manifest.num_shards
             missing = ([i for i in range(expected) if i not in self.shards] if expected is not None
@@ -78,7 +79,10 @@ class Cache:
 
     def _load_index(self) -> np.ndarray:
         info = self.manifest["index"]
-        data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        try:
+            data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        except FileNotFoundError:
+            raise CorruptShardError(f"{self.url}: {info['path']} is missing") from None
         if fsutil.sha256_bytes(data) != info["sha256"]:
             raise CorruptShardError(f"{self.url}: {info['path']} does not match its sha256 in the manifest")
         return np.load(io.BytesIO(data), allow_pickle=False)
@@ -89,9 +93,10 @@ class Cache:
         if receipt is None:
             if index not in self.shards:
                 raise CacheError(f"{self.url}: no shard {index}")
-            receipt = read_receipt(self.fs, self.root, index)
-            if receipt["files"] != self.shards[index]["files"]:
-                raise CorruptShardError(f"shard {index}: its receipt does not match the manifest")
+            receipt = read_receipt(self.fs, self.root, index, self.manifest.declaration_id)
+            if receipt["checksum"] != self.shards[index]["receipt"]:
+                raise CorruptShardError(f"shard {index}: receipt {fsutil.join('shards', f'{index:06d}.json')} is "
+                                        "not the one the manifest lists (replaced after the cache was written)")
             self._receipts[index] = receipt
             if len(self._receipts) > RECEIPTS_KEPT:
                 self._receipts.popitem(last=False)
@@ -157,6 +162,12 @@ class Cache:
             self._checked_files.add(rel)
 
     def _decode(self, receipt: dict, group: str, row: int, field: str, blob, decode: str):
+        layout = receipt["groups"][group]
+        image_id, view_index = receipt["keys"][row]
+        if blob_checksum(image_id, view_index, field, blob) != layout["crc32c"][row][layout["fields"].index(field)]:
+            raise CorruptShardError(f"shard {receipt['index']} ({layout['path']}), field {field}, sample "
+                                    f"(image_id={image_id}, view={view_index}): checksum mismatch, the bytes read "
+                                    "are damaged or belong to another sample")
         codec = self.manifest.codec(field)
         try:
             if decode == "compact":
@@ -188,6 +199,9 @@ class Cache:
         _check_decode(decode)
         shard, row = self.locate(image_id, view_index)
         receipt = self.receipt(shard)
+        if tuple(receipt["keys"][row]) != (image_id, view_index):
+            raise CorruptShardError(f"{self.url}: the index puts (image_id={image_id}, view={view_index}) at row {row} "
+                                    f"of shard {shard}, whose receipt holds {tuple(receipt['keys'][row])} there")
         blobs = {}
         for group, names in self.select(fields).items():
             self._check_files(receipt, group)
@@ -253,14 +267,16 @@ class Cache:
     def artifacts(self) -> dict:
         if self.manifest["complete"]:
             return dict(self.manifest["artifacts"])
-        from .writer import _read_artifacts
-        return _read_artifacts(self.fs, self.root)
+        return read_artifacts(self.fs, self.root)
 
     def artifact(self, name: str) -> dict[str, np.ndarray]:
         info = self.artifacts().get(name)
         if info is None:
             raise CacheError(f"{self.url} has no artifact {name!r} (it has {sorted(self.artifacts())})")
-        data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        try:
+            data = self.fs.cat_file(fsutil.join(self.root, info["path"]))
+        except FileNotFoundError:
+            raise CorruptShardError(f"{self.url}: artifact {info['path']} is missing") from None
         if fsutil.sha256_bytes(data) != info["sha256"]:
             raise CorruptShardError(f"{self.url}: artifact {info['path']} does not match its sha256")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:

@@ -12,8 +12,9 @@ from .backends import make_backend
 from .errors import CacheError, CorruptShardError
 from .manifest import Manifest
 from .schema import group_of
-from .writer import (MANIFEST, _read_artifacts, key_index, read_manifest, read_receipt, read_receipts,
-                     shard_summary, totals)
+from .integrity import blob_checksum
+from .writer import (MANIFEST, _receipt_indices, key_index, read_artifacts, read_manifest, read_receipt,
+                     read_receipts, receipt_path, shard_summary, totals)
 
 
 @dataclass
@@ -41,13 +42,15 @@ def _shards(fs, root, manifest: Manifest) -> tuple[dict[int, dict], dict[int, di
     """(summaries by index, receipts already read): from the manifest once complete, else the receipts."""
     if manifest["complete"]:
         return {int(s["index"]): s for s in manifest["shards"]}, {}
-    receipts = read_receipts(fs, root)
+    receipts = read_receipts(fs, root, manifest.declaration_id)
     return {i: shard_summary(r) for i, r in receipts.items()}, receipts
 
 
 def verify(url: str, decode: bool = False) -> VerifyReport:
-    """Check the manifest, that every declared shard is committed, every file's size and sha256,
-    duplicate keys, artifacts; with ``decode`` also decode every blob."""
+    """Check everything a reader relies on: the sealed manifest, that the cache is finalized with
+    every declared shard and artefact, every receipt (sealed, of this declaration, the one the
+    manifest lists), every file's size and sha256, the index against the receipts, duplicate keys,
+    the artefacts and their records; with ``decode`` also every blob's checksum and codec."""
     report = VerifyReport(str(url))
     fs, root = fsutil.resolve(url)
     try:
@@ -58,33 +61,45 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
     if manifest is None:
         report.problems.append(f"{url}: no {MANIFEST}")
         return report
-    try:
-        shards, receipts = _shards(fs, root, manifest)
-    except CacheError as e:
-        report.problems.append(str(e))
-        return report
-    receipts = dict(receipts)
+    declaration = manifest.declaration_id
+    receipts: dict[int, dict] = {}
+    if manifest["complete"]:
+        listed = {int(s["index"]): s for s in manifest["shards"]}
+        indices = sorted(set(listed) | set(_receipt_indices(fs, root)))
+    else:
+        report.problems.append("incomplete: the manifest is not finalized (an interrupted precompute: rerun it, "
+                               "or python -m store finalize after a multi-rank run)")
+        listed, indices = {}, _receipt_indices(fs, root)
+    for index in indices:
+        try:
+            receipt = read_receipt(fs, root, index, declaration)
+        except CacheError as e:
+            report.problems.append(str(e))
+            continue
+        if manifest["complete"] and receipt["checksum"] != listed.get(index, {}).get("receipt"):
+            report.problems.append(f"shard {index}: receipt {receipt_path('shards', index)} is not the one the "
+                                   "manifest lists")
+            continue
+        receipts[index] = receipt
     expected = manifest.num_shards
     if expected is not None:
         for index in range(expected):
-            if index not in shards:
+            if index not in listed and index not in receipts and not manifest["complete"]:
                 report.problems.append(f"shard {index}: not committed (no receipt; interrupted precompute?)")
-        for index in shards:
+        for index in set(listed) | set(receipts):
             if index >= expected:
                 report.problems.append(f"shard {index}: beyond the {expected} declared shards")
-    if not manifest["complete"]:
-        report.warnings.append("the manifest is not finalized (complete=false)")
     for name in fsutil.list_names(fs, fsutil.join(root, "shards")):
         if fsutil.TMP_MARK in name:
             report.warnings.append(f"shards/{name}: leftover of an interrupted writer (a resumed writer removes it)")
 
     backend = make_backend(manifest.backend, fs, root, str(url))
-    for index in sorted(shards):
-        summary = shards[index]
+    for index in sorted(receipts):
+        receipt = receipts[index]
         report.shards += 1
-        report.samples += summary["num_samples"]
+        report.samples += receipt["num_samples"]
         bad_files = False
-        for rel, info in summary["files"].items():
+        for rel, info in receipt["files"].items():
             path = fsutil.join(root, rel)
             try:
                 digest, size = fsutil.sha256_file(fs, path)
@@ -100,22 +115,17 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
             elif digest != info["sha256"]:
                 report.problems.append(f"shard {index}: {rel} sha256 mismatch (corrupt bytes)")
                 bad_files = True
-        if decode or not manifest["complete"]:
-            try:
-                receipt = receipts.get(index) or read_receipt(fs, root, index)
-            except CacheError as e:
-                report.problems.append(str(e))
-                continue
-            receipts[index] = receipt
-            if receipt["files"] != summary["files"]:
-                report.problems.append(f"shard {index}: its receipt does not match the manifest")
         if decode and not bad_files:
             for group, layout in receipt["groups"].items():
                 try:
                     for row, blobs in backend.stream(receipt, group, layout["fields"]):
-                        for name, blob in blobs.items():
+                        image_id, view_index = receipt["keys"][row]
+                        for col, name in enumerate(layout["fields"]):
+                            if blob_checksum(image_id, view_index, name, blobs[name]) != layout["crc32c"][row][col]:
+                                raise CorruptShardError(f"field {name}, sample {receipt['keys'][row]}: "
+                                                        "blob checksum mismatch")
                             try:
-                                manifest.codec(name).decode(blob)
+                                manifest.codec(name).decode(blobs[name])
                             except CacheError as e:
                                 raise CorruptShardError(f"field {name}, sample {receipt['keys'][row]}: {e}") from None
                 except CacheError as e:
@@ -132,7 +142,27 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
             if not 0 <= view_index < len(manifest["views"]):
                 report.problems.append(f"shard {shard}: sample (image_id={image_id}, view={view_index}) has a "
                                        f"view index outside the {len(manifest['views'])} declared views")
-    artifacts = manifest["artifacts"] if manifest["complete"] else _read_artifacts(fs, root)
+    _verify_artifacts(fs, root, manifest, report)
+    return report
+
+
+def _verify_artifacts(fs, root, manifest: Manifest, report: VerifyReport) -> None:
+    """Each artefact's bytes against its sha256, its record against the manifest's copy, and
+    every declared artefact present."""
+    try:
+        records = read_artifacts(fs, root)
+    except CacheError as e:
+        report.problems.append(str(e))
+        records = None
+    artifacts = manifest["artifacts"] if manifest["complete"] else (records or {})
+    for name in manifest["declared_artifacts"]:
+        if name not in artifacts:
+            report.problems.append(f"incomplete: artefact {name} is declared but was not written (an interrupted "
+                                   "MasKD stage 1?); rerun the precompute command")
+    if manifest["complete"] and records is not None and records != artifacts:
+        differ = sorted(n for n in set(records) | set(artifacts) if records.get(n) != artifacts.get(n))
+        report.problems.append(f"artefact record(s) {', '.join(f'artifacts/{n}.json' for n in differ)} differ "
+                               "from the manifest's copy")
     for name, info in artifacts.items():
         try:
             digest, size = fsutil.sha256_file(fs, fsutil.join(root, info["path"]))
@@ -140,15 +170,16 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
             report.problems.append(f"artifact {name}: {info['path']} is missing")
             continue
         report.bytes_checked += size
-        if digest != info["sha256"]:
+        if size != info["nbytes"] or digest != info["sha256"]:
             report.problems.append(f"artifact {name}: {info['path']} sha256 mismatch (corrupt bytes)")
-    return report
 
 
 def _keys(fs, root, manifest: Manifest, receipts: dict, report: VerifyReport):
-    """The (image_id, view_index, shard, row) table: index.npy once complete, else from receipts."""
+    """The (image_id, view_index, shard, row) table: index.npy once complete (checked against the
+    receipts), else from the receipts."""
+    from_receipts = key_index([receipts[i] for i in sorted(receipts)])
     if not manifest["complete"]:
-        return key_index([receipts[i] for i in sorted(receipts)])
+        return from_receipts
     info = manifest["index"]
     try:
         data = fs.cat_file(fsutil.join(root, info["path"]))
@@ -159,7 +190,10 @@ def _keys(fs, root, manifest: Manifest, receipts: dict, report: VerifyReport):
     if fsutil.sha256_bytes(data) != info["sha256"]:
         report.problems.append(f"{info['path']} sha256 mismatch (corrupt bytes)")
         return None
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    keys = np.load(io.BytesIO(data), allow_pickle=False)
+    if len(receipts) == len(manifest["shards"]) and not np.array_equal(keys, from_receipts):
+        report.problems.append(f"{info['path']} does not match the shard receipts")
+    return keys
 
 
 # ------------------------------------------------------------------------------------------ inspect
@@ -204,7 +238,7 @@ def summary(url: str) -> dict:
         groups={g: dict(stored=s, raw=r) for g, (s, r) in per_group.items()},
         per_view={v: dict(stored=s, raw=r) for v, (s, r) in per_view.items()},
         fields=fields, files_bytes=files_bytes, versions=manifest["versions"], created=manifest["created"],
-        artifacts=manifest["artifacts"] if manifest["complete"] else _read_artifacts(fs, root),
+        artifacts=manifest["artifacts"] if manifest["complete"] else read_artifacts(fs, root),
         extra=manifest["extra"])
 
 

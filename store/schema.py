@@ -56,6 +56,11 @@ REGION_VLR = 2
 
 KEY_FIELDS = ("meta.image_id", "meta.view_index")
 
+# Which "DIoU" picks LD's VLR rows (precompute/fields.py); a cache with region fields declares it
+# under this key of its manifest's ``options``, and LD refuses a cache written with another rule.
+LD_VLR_RULES = ("official", "diou")
+LD_VLR_RULE_OPTION = "ld_vlr_rule"
+
 
 @dataclass(frozen=True)
 class FieldSpec:

@@ -6,9 +6,12 @@ Samples are numbered by *position* 0..num_samples-1 in an order the caller keeps
 ``r, r + world_size, ...`` (or the indices it is given). A shard is committed when its last
 sample arrives: group files are written under temporary names, fsynced and renamed, then the
 shard's receipt ``shards/NNNNNN.json`` (sample keys, per-blob offsets and sizes, file sizes and
-sha256) is written the same way. A shard without a receipt does not exist for readers; a resumed
-writer deletes what it left and writes it again. When every shard has a receipt, ``close()``
-folds the receipts into ``manifest.json`` and marks the cache complete.
+sha256, a crc32c per blob, and the id of the declaration it was written under; sealed, see
+store/integrity.py) is written the same way. A shard without a receipt does not exist for
+readers; a resumed writer deletes what it left and writes it again. A receipt of another
+declaration (or damaged) is never adopted: refused, or deleted with ``discard_foreign``. When every
+shard has a receipt and every declared artefact is stored, ``close()`` folds the receipts into
+``manifest.json`` and marks the cache complete.
 
     manifest = Manifest.create(teacher=..., dataset=..., views=..., fields=[...],
                                num_samples=N, shard_size=64, backend="zarr")
@@ -33,8 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fsutil
-from .backends import make_backend, shard_name
-from .errors import CacheError, SchemaError
+from .backends import Backend, make_backend, shard_name
+from .errors import CacheError, CorruptShardError, ForeignShardError, SchemaError
+from .integrity import blob_checksum, seal, unseal
+from .lock import check_owner
 from .manifest import Manifest
 from .schema import FIELDS, field_spec, group_of, sample_key, validate_sample
 
@@ -106,25 +111,66 @@ def receipt_path(root: str, index: int) -> str:
     return fsutil.join(root, "shards", shard_name(index) + ".json")
 
 
-def read_receipt(fs, root: str, index: int) -> dict:
+RECEIPT_KEYS = ("index", "start", "num_samples", "keys", "groups", "files", "committed", "declaration")
+
+
+def read_receipt(fs, root: str, index: int, declaration: str) -> dict:
+    """A shard's receipt, checked: sealed (store/integrity.py), complete, and written under
+    ``declaration`` (the cache's declaration id); anything else is refused naming the file."""
     path = receipt_path(root, index)
     try:
-        return json.loads(fs.cat_file(path))
+        text = fs.cat_file(path)
     except FileNotFoundError:
         raise CacheError(f"shard {index}: receipt {path} is missing") from None
-    except ValueError as e:
-        raise CacheError(f"shard {index}: unreadable receipt {path} ({e})") from None
+    receipt = unseal(text, where=f"shard {index}: receipt {path}")
+    missing = [k for k in RECEIPT_KEYS if k not in receipt]
+    if missing:
+        raise CorruptShardError(f"shard {index}: receipt {path} lacks {missing}")
+    if receipt["index"] != index:
+        raise CorruptShardError(f"shard {index}: receipt {path} describes shard {receipt['index']}")
+    if receipt["declaration"] != declaration:
+        raise ForeignShardError(f"shard {index}: receipt {path} was written under another cache declaration "
+                                f"({str(receipt['declaration'])[:12]}, this cache's is {declaration[:12]})")
+    return receipt
 
 
-def committed_shards(fs, root: str) -> set[int]:
-    """Indices of the shards that have a receipt (listing only; receipts are written last)."""
-    return {int(name[:-5]) for name in fsutil.list_names(fs, fsutil.join(root, "shards"))
-            if re.fullmatch(r"\d{6,}\.json", name)}
+def _receipt_indices(fs, root: str) -> list[int]:
+    return sorted(int(name[:-5]) for name in fsutil.list_names(fs, fsutil.join(root, "shards"))
+                  if re.fullmatch(r"\d{6,}\.json", name))
 
 
-def read_receipts(fs, root: str) -> dict[int, dict]:
-    """Every committed shard's receipt."""
-    return {index: read_receipt(fs, root, index) for index in sorted(committed_shards(fs, root))}
+def read_receipts(fs, root: str, declaration: str, only=None, discard: bool = False) -> dict[int, dict]:
+    """The committed shards' receipts (of the indices in ``only``, default all), each checked by
+    ``read_receipt``. A receipt that fails (damaged, of another declaration, or with none) is never
+    adopted: it is refused with ForeignShardError naming the files, or, with ``discard``, deleted
+    with its shard's files so that the shard is computed again."""
+    wanted = None if only is None else set(only)
+    receipts, bad = {}, []
+    for index in _receipt_indices(fs, root):
+        if wanted is not None and index not in wanted:
+            continue
+        try:
+            receipts[index] = read_receipt(fs, root, index, declaration)
+        except CacheError as e:           # damaged, foreign, or not written by this store version
+            bad.append((index, str(e)))
+    if bad and discard:
+        backend = Backend(fs, root, root)
+        for index, _ in bad:
+            for rel in backend.leftovers(index):
+                fsutil.remove(fs, backend.path(rel))
+            fsutil.remove(fs, receipt_path(root, index))
+    elif bad:
+        listed = "; ".join(text for _, text in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ForeignShardError(f"{root}: {len(bad)} shard receipt(s) cannot be adopted by this cache: {listed}. "
+                                "Nothing was read or written. Write to a new location, or rerun with "
+                                "--discard-foreign-shards (python -m precompute) to delete those shards and "
+                                "compute them again")
+    return receipts
+
+
+def committed_shards(fs, root: str, declaration: str, only=None, discard: bool = False) -> set[int]:
+    """Indices of the shards with a valid receipt of this declaration (see ``read_receipts``)."""
+    return set(read_receipts(fs, root, declaration, only, discard))
 
 
 def finalize(url: str) -> Manifest:
@@ -135,7 +181,7 @@ def finalize(url: str) -> Manifest:
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise CacheError(f"{url}: no {MANIFEST}")
-    receipts = read_receipts(fs, root)
+    receipts = read_receipts(fs, root, manifest.declaration_id)
     _finalize(fs, root, manifest, receipts, expected=manifest.num_shards)
     return manifest
 
@@ -146,7 +192,8 @@ INDEX_DTYPE = np.dtype([("image_id", "<i8"), ("view_index", "<i4"), ("shard", "<
 
 def shard_summary(receipt: dict) -> dict:
     """What the manifest keeps of a receipt: enough to verify files, not the per-blob layout."""
-    return {k: receipt[k] for k in ("index", "start", "num_samples", "files", "committed")}
+    summary = {k: receipt[k] for k in ("index", "start", "num_samples", "files", "committed")}
+    return dict(summary, receipt=receipt["checksum"])
 
 
 def totals(receipts) -> dict:
@@ -184,6 +231,11 @@ def _finalize(fs, root, manifest: Manifest, receipts: dict, expected: int | None
     if missing:
         raise CacheError(f"{root}: cannot finalize, shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
                          "are not committed")
+    artifacts = read_artifacts(fs, root)
+    lacking = [name for name in manifest["declared_artifacts"] if name not in artifacts]
+    if lacking:
+        raise CacheError(f"{root}: cannot finalize, declared artefact(s) {lacking} were not written (an "
+                         "interrupted MasKD stage 1?); rerun the precompute command to finish the cache")
     ordered = [receipts[i] for i in indices]
     out = io.BytesIO()
     np.save(out, key_index(ordered))
@@ -192,16 +244,18 @@ def _finalize(fs, root, manifest: Manifest, receipts: dict, expected: int | None
     manifest.data["index"] = dict(path=INDEX, nbytes=len(data), sha256=fsutil.sha256_bytes(data))
     manifest.data["shards"] = [shard_summary(r) for r in ordered]
     manifest.data["totals"] = totals(ordered)
-    manifest.data["artifacts"] = _read_artifacts(fs, root)
+    manifest.data["artifacts"] = artifacts
     manifest.data["complete"] = True
     fsutil.write_atomic(fs, fsutil.join(root, MANIFEST), manifest.to_json().encode())
 
 
-def _read_artifacts(fs, root) -> dict:
+def read_artifacts(fs, root) -> dict:
+    """Artefact records (``artifacts/NAME.json``, sealed) by name."""
     out = {}
     for name in fsutil.list_names(fs, fsutil.join(root, "artifacts")):
         if name.endswith(".json") and fsutil.TMP_MARK not in name:
-            out[name[:-5]] = json.loads(fs.cat_file(fsutil.join(root, "artifacts", name)))
+            path = fsutil.join(root, "artifacts", name)
+            out[name[:-5]] = unseal(fs.cat_file(path), where=f"artefact record {path}")
     return out
 
 
@@ -260,16 +314,20 @@ class ShardWriter:
         groups = {}
         for name in sorted(manifest.fields):
             groups.setdefault(group_of(name), []).append(name)
-        built_groups = {}
+        built_groups, checksums = {}, {}
         for group, fields in groups.items():
             rows = [[_result(row[f]) for f in fields] for row in self._rows]
             built_groups[group] = (fields, rows)
+            checksums[group] = [[blob_checksum(*key, f, blob) for f, blob in zip(fields, blobs)]
+                                for key, blobs in zip(self.keys, rows)]
+        writer.check_owner()
         backend = writer.backend
         for rel in backend.leftovers(self.index):
             fsutil.remove(writer.fs, backend.path(rel))
         built, layout = backend.build(self.index, self.keys, built_groups)
         for group, fields in groups.items():
             layout[group]["raw_nbytes"] = [[raw[f] for f in fields] for raw in self._raw]
+            layout[group]["crc32c"] = checksums[group]
         files = backend.commit(built)
         now = time.perf_counter()
         # Wall time since this writer's previous commit (or its opening): the shard's share of the
@@ -278,8 +336,11 @@ class ShardWriter:
         receipt = dict(index=self.index, start=self.start, num_samples=len(self.keys), backend=backend.name,
                        keys=[list(k) for k in self.keys], groups=layout, files=files, seconds=round(seconds, 3),
                        writer=dict(host=socket.gethostname(), pid=os.getpid(), rank=writer.rank),
-                       committed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                       committed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       declaration=manifest.declaration_id)
+        receipt = seal(receipt)
         path = receipt_path(writer.root, self.index)
+        writer.check_owner()               # the last moment a writer that lost its run can be stopped
         fsutil.write_atomic(writer.fs, path, json.dumps(receipt, separators=(",", ":")).encode())
         writer.committed.add(self.index)
         writer._keys_written.update(self.keys)
@@ -301,26 +362,32 @@ def _result(value):
 
 
 class CacheWriter:
-    """See the module docstring. ``encode_threads`` > 0 encodes fields in a thread pool."""
+    """See the module docstring. ``encode_threads`` > 0 encodes fields in a thread pool.
+
+    ``run_id``: the writer run that holds the cache's lock (store/lock.py); every commit first
+    checks that the lock still names it. ``discard_foreign``: delete shards whose receipts this
+    cache cannot adopt (damaged, or written under another declaration) instead of refusing."""
 
     def __init__(self, url: str, manifest: Manifest, rank: int = 0, world_size: int = 1,
-                 shards=None, encode_threads: int = 0):
+                 shards=None, encode_threads: int = 0, run_id: str | None = None, discard_foreign: bool = False):
         self.url = str(url)
         self.fs, self.root = fsutil.resolve(self.url)
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is not in [0, {world_size})")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.run_id = rank, world_size, run_id
         existing = read_manifest(self.fs, self.root)
         if existing is not None:
             manifest.check_same_declaration(existing, where=self.url)
             self.manifest = existing
         else:
+            # shards without a manifest were written under some other declaration: never adopted
+            committed_shards(self.fs, self.root, manifest.declaration_id, discard=discard_foreign)
+            self.check_owner()
             self.fs.makedirs(self.root, exist_ok=True)
             fsutil.write_atomic(self.fs, fsutil.join(self.root, MANIFEST), manifest.to_json().encode())
             self.manifest = read_manifest(self.fs, self.root)      # another rank may have won the race
             manifest.check_same_declaration(self.manifest, where=self.url)
         self.backend = make_backend(self.manifest.backend, self.fs, self.root, self.url)
-        self.committed = committed_shards(self.fs, self.root)
         num_shards = self.manifest.num_shards
         if shards is not None:
             self.owned = sorted(int(i) for i in shards)
@@ -333,12 +400,18 @@ class CacheWriter:
         if num_shards is not None and self.owned and self.owned[-1] >= num_shards:
             raise CacheError(f"shard {self.owned[-1]} is beyond the {num_shards} shards of "
                              f"{num_samples_text(self.manifest)}")
+        self.committed = committed_shards(self.fs, self.root, self.manifest.declaration_id, only=self.owned,
+                                          discard=discard_foreign)
         self._keys_written: set = set()
         self._pool = ThreadPoolExecutor(encode_threads) if encode_threads > 0 else None
         self._position = 0
         self._clock = time.perf_counter()
         self._current: ShardWriter | None = None
         self.skipped = 0
+
+    def check_owner(self) -> None:
+        if self.run_id is not None:
+            check_owner(self.fs, self.root, self.run_id, where=self.url)
 
     # ------------------------------------------------------------------ shard-level API
     def task(self, index: int) -> ShardTask:
@@ -417,16 +490,18 @@ class CacheWriter:
         out = io.BytesIO()
         np.savez(out, **plain)
         data = out.getvalue()
+        self.check_owner()
         rel = fsutil.join("artifacts", name + ".npz")
         fsutil.write_atomic(self.fs, fsutil.join(self.root, rel), data)
         info = dict(path=rel, nbytes=len(data), sha256=fsutil.sha256_bytes(data),
                     arrays={k: dict(shape=list(v.shape), dtype=v.dtype.str) for k, v in plain.items()},
                     meta=meta or {})
+        info = seal(info)
         fsutil.write_atomic(self.fs, fsutil.join(self.root, "artifacts", name + ".json"),
                             json.dumps(info, indent=1).encode())
         current = read_manifest(self.fs, self.root)
         if current["complete"]:                    # already finalized: list the artifact there too
-            current.data["artifacts"] = _read_artifacts(self.fs, self.root)
+            current.data["artifacts"] = read_artifacts(self.fs, self.root)
             fsutil.write_atomic(self.fs, fsutil.join(self.root, MANIFEST), current.to_json().encode())
         return info
 
@@ -439,13 +514,19 @@ class CacheWriter:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        self.committed = committed_shards(self.fs, self.root)        # other ranks may have finished too
+        if not finalize:
+            return False
+        receipts = read_receipts(self.fs, self.root, self.manifest.declaration_id)  # other ranks' too
+        self.committed = set(receipts)
         expected = self.manifest.num_shards
         if expected is None:                                          # open-ended: shards 0..last, no gap
             expected = max(self.committed) + 1 if self.committed else None
-        if not finalize or expected is None or any(i not in self.committed for i in range(expected)):
+        if expected is None or any(i not in self.committed for i in range(expected)):
             return False
-        _finalize(self.fs, self.root, self.manifest, read_receipts(self.fs, self.root), expected)
+        if any(name not in read_artifacts(self.fs, self.root) for name in self.manifest["declared_artifacts"]):
+            return False                                              # finalize() once they are stored
+        self.check_owner()
+        _finalize(self.fs, self.root, self.manifest, receipts, expected)
         return True
 
     def __enter__(self):
@@ -464,7 +545,8 @@ def num_samples_text(manifest: Manifest) -> str:
 
 
 def open_writer(url: str, manifest: Manifest, rank: int = 0, world_size: int = 1, shards=None,
-                encode_threads: int = 0) -> CacheWriter:
-    """Create a cache at ``url`` (or resume one with the same declaration) and return its writer."""
+                encode_threads: int = 0, run_id: str | None = None, discard_foreign: bool = False) -> CacheWriter:
+    """Create a cache at ``url`` (or resume one with the same declaration) and return its writer
+    (see ``CacheWriter`` for ``run_id`` and ``discard_foreign``)."""
     return CacheWriter(url, manifest, rank=rank, world_size=world_size, shards=shards,
-                       encode_threads=encode_threads)
+                       encode_threads=encode_threads, run_id=run_id, discard_foreign=discard_foreign)
