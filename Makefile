@@ -69,13 +69,15 @@ train: $(STAMP)
 		--out $(or $(OUT),$(RUNS)/train/$(or $(METHOD),none)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(EXTRA)
 
 # Sweeps: every METHODS x SEEDS (x GRID) student from one cache; EXTRA/GRID take KEY=VALUE words (trainer
-# options such as epochs=12, or METHOD.KEY hyperparameters). With no CACHE: the demo set and its cache.
+# options such as epochs=12, or METHOD.KEY hyperparameters), each checked against its key's type and range
+# before any run (an empty value is an error). Each word is quoted for the shell: milestones=(8,11) works.
+# With no CACHE: the demo set and its cache.
 DEMO_METHODS ?= none frs icd maskd ld defeat
 .PHONY: sweep report viz
 sweep: $(STAMP)
 	$(PY) -m train.sweep --cache $(or $(CACHE),$(RUNS)/demo/cache) --data $(or $(DATA),$(DEMO_DATA)) \
 		--student $(or $(STUDENT),$(DEMO_STUDENT)) --methods $(or $(METHODS),$(DEMO_METHODS)) --seeds $(or $(SEEDS),1) \
-		--out $(or $(OUT),$(RUNS)/sweep) $(foreach kv,$(EXTRA),--set $(kv)) $(foreach kv,$(GRID),--grid $(kv)) \
+		--out $(or $(OUT),$(RUNS)/sweep) $(foreach kv,$(EXTRA),--set '$(kv)') $(foreach kv,$(GRID),--grid '$(kv)') \
 		$(if $(JOBS),--jobs $(JOBS))
 
 report: $(STAMP)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and views")
     g.add_argument("--data", required=True, help="COCO-layout root: annotations/instances_SPLIT.json, SPLIT/")
     g.add_argument("--split", default="train2017", help="[train2017]")
+    g.add_argument("--on-error", default="skip", choices=("skip", "raise"),
+                   help="a corrupt or missing image: skip (left out and counted, its id and the reason in the "
+                        "cache manifest, so the trainer leaves it out too) or raise (refuse the split) [skip]")
     g.add_argument("--views", default="default", help="views cached per image (see below) [default]")
     g = p.add_argument_group("cache")
     g.add_argument("--cache", required=True, help="cache directory or fsspec URL")
@@ -81,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codec", action="append", default=[], metavar="FIELD=PRESET",
                    help="codec of a field group, prefix or field (repeatable)")
     g.add_argument("--shard-size", type=int, default=64, help="views per shard [64]")
+    g.add_argument("--ld-vlr-rule", default="official", choices=("official", "diou"),
+                   help="which 'DIoU' picks LD's VLR rows: official (overlap / anchor area - rho^2/c^2, as the "
+                        "official LD code computed it) or diou (the true DIoU); recorded in the manifest [official]")
     g = p.add_argument_group("throughput")
     g.add_argument("--batch-size", type=int, default=8, help="views per teacher forward (one padded shape) [8]")
     g.add_argument("--window", type=int, default=4, help="shards whose views are batched together [4]")
@@ -104,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("other")
     g.add_argument("--seed", type=int, default=0, help="multi-scale view sampling and MasKD init [0]")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--discard-foreign-shards", action="store_true",
+                   help="delete shards whose receipts this cache cannot adopt (damaged, or written under another "
+                        "declaration, e.g. after manifest.json was lost) and compute them again; without it such "
+                        "a cache is refused, naming the shards")
     return p
 
 
@@ -120,20 +130,20 @@ def parse_codecs(items: list[str]) -> dict[str, str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from precompute.pipeline import PrecomputeConfig, run_precompute
-
-    config = PrecomputeConfig(
-        ckpt=args.ckpt, data=args.data, cache=args.cache, teacher=args.teacher, source=args.source,
-        split=args.split, format=args.format, views=args.views, fields=args.fields,
-        codecs=parse_codecs(args.codec), shard_size=args.shard_size, batch_size=args.batch_size,
-        window=args.window, device=args.device, amp=args.amp, workers=args.workers,
-        encode_threads=args.encode_threads, writer_procs=args.writer_procs, calibration=args.calibration,
-        maskd_iters=args.maskd_iters,
-        maskd_batch_size=args.maskd_batch_size, maskd_lr=args.maskd_lr, num_procs=args.num_procs,
-        seed=args.seed, progress=not args.no_progress)
     from store import CacheError
     try:
+        config = PrecomputeConfig(  # checks the options (--shard-size 0 is refused here)
+            ckpt=args.ckpt, data=args.data, cache=args.cache, teacher=args.teacher, source=args.source,
+            split=args.split, on_error=args.on_error, format=args.format, views=args.views, fields=args.fields,
+            codecs=parse_codecs(args.codec), ld_vlr_rule=args.ld_vlr_rule, shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            window=args.window, device=args.device, amp=args.amp, workers=args.workers,
+            encode_threads=args.encode_threads, writer_procs=args.writer_procs, calibration=args.calibration,
+            maskd_iters=args.maskd_iters,
+            maskd_batch_size=args.maskd_batch_size, maskd_lr=args.maskd_lr, num_procs=args.num_procs,
+            seed=args.seed, progress=not args.no_progress, discard_foreign_shards=args.discard_foreign_shards)
         run_precompute(config)
-    except (CacheError, ValueError, FileNotFoundError) as error:  # bad input: the message says what and where
+    except (CacheError, ValueError, OSError) as error:  # bad input, a full disk: the message says what and where
         hint = ""
         if isinstance(error, FileNotFoundError) and "runs/demo/teacher" in str(error):
             hint = " (make demo trains the demo teacher there)"

@@ -17,11 +17,18 @@ Field names and shapes are the store's vocabulary (store/schema.py). Per image o
   logits and box outputs at those locations:
     positive rows: the ATSS positives (``detectors.atss.atss_assign``, topk from the teacher's
       config), ``region.gt`` the assigned GT, ``region.iou`` the anchor's IoU with it;
-    VLR rows ("valuable localization region"): every anchor whose DIoU with a GT lies in
-      [0.25·thr, thr), thr = that GT's ATSS threshold (mean + std of the IoUs of its candidates);
-      no centre-in-box condition; an anchor in the VLR of several GTs goes to the one with the
-      highest IoU, and ``region.iou`` is that IoU (the official LD weights the VLR loss with the
-      IoU, not the DIoU). An anchor can be both a positive row and a VLR row (as in LD).
+    VLR rows ("valuable localization region", the official ``ATSSAssigner.get_vlr_region``):
+      every anchor whose "DIoU" with a GT lies in [0.25·thr, thr), thr = that GT's ATSS threshold
+      (mean + unbiased std of the IoUs of its top-9-per-level candidates); no centre-in-box
+      condition; an anchor in the VLR of several GTs takes the highest IoU among them, and
+      ``region.iou`` is that IoU (the official LD weights the VLR loss with the IoU, not the
+      DIoU); rows with IoU 0 are dropped (the official loss keeps ``vlr_region > 0``). An anchor
+      can be both a positive row and a VLR row (as in LD). Which "DIoU" (``ld_vlr_rule``, recorded
+      in the cache manifest's ``options``, :func:`cache_options`):
+        "official" (default): mmdetection's ``bbox_overlaps(mode="diou")`` as LD ran it, which
+          builds the union only for iou/giou, so for diou the denominator is the anchor's area:
+          overlap / area(anchor) − ρ²/c²;
+        "diou": the true DIoU, IoU − ρ²/c².
   ``region.index`` = (h·W_l + w)·A + a on the image's level map, ``region.level`` indexes P3..P7.
 - ``meta.*``: image id, view index, source and view sizes, level sizes; the GT boxes (view
   pixels) and labels when regions are written (``region.gt`` indexes them) or asked for.
@@ -42,6 +49,7 @@ from detectors.outputs import Detector, valid_level_sizes
 from detectors.views import Batch, padded_size
 from precompute.maskd_tokens import MASKD_ARTIFACT  # "maskd_tokens": MasKD stage 1's receptive tokens
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+from store.schema import LD_VLR_RULE_OPTION, LD_VLR_RULES
 
 # Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
 ALL_GROUPS = ("fpn", "head", "region", "meta")
@@ -64,10 +72,12 @@ FIELD_GROUPS_FOR_METHOD: dict[str, tuple[str, ...]] = {
 INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* weights ("inherit")
 ARTIFACTS_FOR_METHOD: dict[str, tuple[str, ...]] = {"maskd": (MASKD_ARTIFACT,)}
 
-# mmdetection's eps in bbox_overlaps(mode="diou") (union and enclosing diagonal).
+# mmdetection's eps in bbox_overlaps(mode="diou"): both denominators are clamped to at least it.
 DIOU_EPS = 1e-6
 # VLR is DIoU in [VLR_LOW * thr, thr).
 VLR_LOW = 0.25
+# Which "DIoU" picks LD's VLR rows (see the module docstring); part of the cache declaration.
+DEFAULT_VLR_RULE = "official"
 
 
 def _items(spec: str | Iterable[str]) -> list[str]:
@@ -119,25 +129,50 @@ def fields_for_methods(methods: Iterable[str]) -> list[str]:
 # LD regions
 
 
-def diou_matrix(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, eps: float = DIOU_EPS) -> Tensor:
-    """Distance-IoU (n, m) as mmdetection's ``bbox_overlaps(mode="diou")``: IoU − ρ²/c², ρ the
-    distance between the centres and c the diagonal of the smallest enclosing box."""
+def diou_matrix(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, eps: float = DIOU_EPS, rule: str = "diou") -> Tensor:
+    """(n, m) "DIoU" of every box of ``boxes1_xyxy`` (the anchors) with every box of ``boxes2_xyxy``.
+
+    rule "diou": the true Distance-IoU, overlap / union − ρ²/c² (ρ the distance between the centres,
+    c the diagonal of the smallest enclosing box). rule "official": the same with the first box's
+    area in place of the union, as HikariTJU/LD's ``bbox_overlaps(mode="diou")``
+    (``mmdet/core/bbox/iou_calculators/iou2d_calculator.py``) computes it and ``get_vlr_region``
+    uses it. Both denominators are clamped to at least ``eps`` (``torch.max(., eps)``), and the
+    arithmetic follows mmdetection's order, so threshold decisions round the same way.
+    """
+    if rule not in LD_VLR_RULES:
+        raise ValueError(f"unknown VLR rule {rule!r}; expected one of {LD_VLR_RULES}")
     lt = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])  # (n, m, 2)
     rb = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
-    overlap = (rb - lt).clamp(min=0).prod(-1)  # (n, m)
-    area1 = (boxes1_xyxy[:, 2:] - boxes1_xyxy[:, :2]).prod(-1)
-    area2 = (boxes2_xyxy[:, 2:] - boxes2_xyxy[:, :2]).prod(-1)
-    union = (area1[:, None] + area2[None, :] - overlap).clamp(min=eps)
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]  # (n, m)
+    area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])  # (n,)
+    area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])  # (m,)
+    if rule == "diou":
+        union = area1[:, None] + area2[None, :] - overlap
+    else:
+        union = area1[:, None].expand_as(overlap)  # the official "union" for mode="diou"
+    eps_t = union.new_tensor([eps])
+    ious = overlap / torch.max(union, eps_t)
+    # ρ²: squared distance between the centres, from the coordinate sums as mmdetection.
+    sums1 = (boxes1_xyxy[:, :2] + boxes1_xyxy[:, 2:])[:, None, :]  # (n, 1, 2) twice the centres
+    sums2 = (boxes2_xyxy[:, :2] + boxes2_xyxy[:, 2:])[None, :, :]  # (1, m, 2)
+    offsets2 = (sums2 - sums1) ** 2 / 4  # (n, m, 2)
+    rho2 = offsets2[..., 0] + offsets2[..., 1]
     enclose = (torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
                - torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])).clamp(min=0)  # (n, m, 2)
-    diagonal2 = enclose.pow(2).sum(-1) + eps
-    centre_offset = (boxes2_xyxy[None, :, :2] + boxes2_xyxy[None, :, 2:]
-                     - boxes1_xyxy[:, None, :2] - boxes1_xyxy[:, None, 2:]) / 2  # (n, m, 2)
-    return overlap / union - centre_offset.pow(2).sum(-1) / diagonal2
+    diagonal2 = torch.max(enclose[..., 0] ** 2 + enclose[..., 1] ** 2, eps_t)  # c²
+    return ious - rho2 / diagonal2
+
+
+def cache_options(fields: Iterable[str], ld_vlr_rule: str = DEFAULT_VLR_RULE) -> dict[str, str]:
+    """The manifest ``options`` of a cache holding ``fields``: the VLR rule when regions are written."""
+    if ld_vlr_rule not in LD_VLR_RULES:
+        raise ValueError(f"unknown LD VLR rule {ld_vlr_rule!r}; expected one of {LD_VLR_RULES}")
+    return {LD_VLR_RULE_OPTION: ld_vlr_rule} if set(fields) & set(REGION_FIELDS) else {}
 
 
 def ld_regions(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_xyxy: Tensor,
-               topk: int = 9) -> dict[str, Tensor]:
+               topk: int = 9, vlr_rule: str = DEFAULT_VLR_RULE) -> dict[str, Tensor]:
     """LD's positive and VLR rows for one image (see the module docstring).
 
     Args:
@@ -145,11 +180,14 @@ def ld_regions(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_
             (h, w, a) order within a level.
         num_anchors_per_level: anchors of each level in ``anchors_xyxy``.
         gt_boxes_xyxy: (G, 4) GT boxes, same pixels as the anchors.
+        vlr_rule: which "DIoU" picks the VLR rows, "official" or "diou" (module docstring).
     Returns:
         ``level`` (R,) long, ``index`` (R,) long (row within the level), ``kind`` (R,) int8
         (REGION_POSITIVE rows first, then REGION_VLR, each in anchor order), ``gt`` (R,) long,
         ``iou`` (R,) float32.
     """
+    if vlr_rule not in LD_VLR_RULES:
+        raise ValueError(f"unknown LD VLR rule {vlr_rule!r}; expected one of {LD_VLR_RULES}")
     anchors_xyxy = anchors_xyxy.float()
     gt_boxes_xyxy = gt_boxes_xyxy.to(anchors_xyxy)
     device = anchors_xyxy.device
@@ -159,11 +197,12 @@ def ld_regions(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_
     positive_iou = result.ious[positive, positive_gt]
 
     if gt_boxes_xyxy.shape[0]:
-        diou = diou_matrix(anchors_xyxy, gt_boxes_xyxy)  # (A, G)
+        diou = diou_matrix(anchors_xyxy, gt_boxes_xyxy, rule=vlr_rule)  # (A, G)
         thresholds = result.thresholds[None, :]  # (1, G)
-        in_vlr = (diou >= VLR_LOW * thresholds) & (diou < thresholds)
+        in_vlr = (diou < thresholds) & (diou >= VLR_LOW * thresholds)
+        # Several GTs: the highest IoU among them (the official max over IoUs masked to -INF).
         vlr_iou, vlr_gt = torch.where(in_vlr, result.ious, torch.full_like(result.ious, -math.inf)).max(dim=1)
-        vlr = torch.where(vlr_iou > 0)[0]  # (V,) the official code keeps rows whose IoU weight is > 0
+        vlr = torch.where(vlr_iou > 0)[0]  # (V,) the official loss keeps rows whose IoU weight is > 0
         vlr_gt, vlr_iou = vlr_gt[vlr], vlr_iou[vlr]
     else:
         vlr = positive.new_zeros(0)
@@ -235,7 +274,8 @@ def _forward(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]]
 @torch.no_grad()
 def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *,
                    amp_dtype: torch.dtype | None = None,
-                   output_device: torch.device | str | None = None) -> list[dict[str, Tensor]]:
+                   output_device: torch.device | str | None = None,
+                   ld_vlr_rule: str = DEFAULT_VLR_RULE) -> list[dict[str, Tensor]]:
     """Runs the frozen teacher on ``batch`` and returns one store-vocabulary dict per image.
 
     Args:
@@ -248,6 +288,8 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
         output_device: where the returned tensors live (default: the model's device). On a CUDA
             model with ``"cpu"``, dense maps are copied with ``non_blocking=True`` into pinned
             memory: synchronise (e.g. an event recorded after this call) before reading them.
+        ld_vlr_rule: which "DIoU" picks LD's VLR rows ("official" or "diou"); a cache records it
+            in its manifest's ``options`` (:func:`cache_options`).
     Returns:
         per image: {field name: tensor}; float fields float32, integer fields in the schema dtype.
     """
@@ -290,7 +332,7 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
             if want_region:
                 canonical, counts = canonical_anchors(anchors, map_sizes, valid, num_anchors)
                 gt_boxes = batch.targets[index]["boxes"].to(device)
-                rows = ld_regions(canonical, counts, gt_boxes, model.config.atss_topk)
+                rows = ld_regions(canonical, counts, gt_boxes, model.config.atss_topk, vlr_rule=ld_vlr_rule)
                 widths = [w for _, w in valid]
                 region = {
                     "region.level": rows["level"].to(torch.int8),

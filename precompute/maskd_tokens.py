@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -168,17 +170,71 @@ def cosine_lr(iteration: int, iters: int, lr: float, min_lr: float) -> float:
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * iteration / iters))
 
 
+class _SeededDraws(torch.utils.data.Sampler):
+    """Shuffled ``(index, sample_seed)`` pairs, every epoch, from one generator seeded with ``seed``.
+
+    Drawn in the main process, so the order and each sample's seed do not depend on the loader's
+    worker count (see :class:`_SeededSamples`).
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.length, generator=self.generator)  # (length,)
+        sample_seeds = torch.randint(2 ** 62, (self.length,), generator=self.generator)  # (length,)
+        return iter(zip(order.tolist(), sample_seeds.tolist()))
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` with the global RNGs (torch, numpy, random) seeded with the sample's seed and
+    restored afterwards.
+
+    A dataset that draws from the global RNG (``CocoDetection(view_policy="random")`` draws each
+    image's view with ``torch.randint``) would otherwise draw from the caller's unseeded state with
+    ``num_workers=0``, and from per-worker streams, which depend on the worker count, otherwise.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: tuple[int, int]) -> Any:
+        index, sample_seed = draw
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2 ** 32)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def _endless_batches(dataset_or_loader: torch.utils.data.Dataset | Iterable[Batch], batch_size: int,
                      num_workers: int, seed: int) -> Iterator[Batch]:
-    """Batches forever: a Dataset of Samples is shuffled (seeded) and collated; an iterable of Batches
-    (a DataLoader, a list) is iterated again each time it runs out."""
+    """Batches forever: a Dataset of Samples is shuffled and collated, bit-identically for a ``seed``
+    whatever ``num_workers`` (each sample's random draws are seeded from ``seed``, see
+    :class:`_SeededSamples`; the caller's global RNGs are neither read nor moved); an iterable of
+    Batches (a DataLoader, a list) is iterated again each time it runs out."""
     if isinstance(dataset_or_loader, torch.utils.data.Dataset) and not isinstance(
             dataset_or_loader, torch.utils.data.IterableDataset):
         if len(dataset_or_loader) == 0:
             raise ValueError("the dataset is empty")
-        generator = torch.Generator().manual_seed(seed)
-        batches = torch.utils.data.DataLoader(dataset_or_loader, batch_size=batch_size, shuffle=True,
-                                              collate_fn=collate, num_workers=num_workers, generator=generator,
+        # The loader's own generator only seeds its workers (which then draw nothing): without it the
+        # loader would take their base seed from the global RNG.
+        batches = torch.utils.data.DataLoader(_SeededSamples(dataset_or_loader), batch_size=batch_size,
+                                              sampler=_SeededDraws(len(dataset_or_loader), seed),
+                                              collate_fn=collate, num_workers=num_workers,
+                                              generator=torch.Generator().manual_seed(seed),
                                               drop_last=len(dataset_or_loader) >= batch_size)
     else:
         batches = dataset_or_loader
@@ -208,7 +264,8 @@ def learn_receptive_tokens(model: Detector, dataset_or_loader: torch.utils.data.
         iters, lr, weight_decay, min_lr: Adam with L2 weight decay, lr cosine from ``lr`` to ``min_lr``
             over ``iters`` iterations (the official 2000, 0.01, 1e-3, 1e-6).
         batch_size: images per iteration for a Dataset (official: 16 in total over 8 GPUs).
-        seed: token and prob-head initialisation and the shuffling order.
+        seed: token and prob-head initialisation, the shuffling order and each sample's random draws
+            (its view): the tokens are bit-identical for a seed whatever ``num_workers``.
         tokens: start from these tokens instead of a fresh initialisation (trained in place).
 
     Returns:

@@ -17,6 +17,7 @@ codecs or layout is refused.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import queue
 import sys
@@ -28,14 +29,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from detectors.data import CocoDetection
+from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest, image_hash_table, scan_images
 from detectors.views import ViewSpec, collate
-from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT, artifacts_for, extract_fields, resolve_fields
-from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn,
+from precompute.fields import (INHERIT_ARTIFACT, MASKD_ARTIFACT, artifacts_for, cache_options, extract_fields,
+                               resolve_fields)
+from precompute.plan import (IMAGE_HASHES_ARTIFACT, TaskOrder, ViewBatches, calibration_positions, padded_shape_fn,
                              parse_view_list, plan_batches, plan_windows)
 from precompute.teacher import Teacher, load_teacher, neck_head_meta, neck_head_state
-from store import FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, load_manifest, open_cache, open_writer
+from store import (FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, fsutil, load_manifest, open_cache,
+                   open_writer)
+from store.lock import CacheLock, read_lock
 from store.manifest import first_difference
+from store.schema import LD_VLR_RULES
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("zarr", "wds")
@@ -51,10 +56,12 @@ class PrecomputeConfig:
     teacher: str | None = None           # zoo name, "rNN", or None/"auto"
     source: str = "auto"                 # checkpoint layout: auto | project | torchvision | mmdet
     split: str = "train2017"
+    on_error: str = "skip"               # bad images: skip (left out, declared in the cache) | raise
     format: str = "zarr"                 # store backend: zarr | wds
     views: str = "default"
     fields: str = "all"
     codecs: dict[str, str] = field(default_factory=dict)   # field/group/prefix -> codec preset
+    ld_vlr_rule: str = "official"        # which "DIoU" picks LD's VLR rows: official | diou (precompute.fields)
     shard_size: int = 64
     batch_size: int = 8
     window: int = 4                      # shards batched together (views of one shape per batch)
@@ -72,20 +79,27 @@ class PrecomputeConfig:
     seed: int = 0
     dist_timeout: float = 24 * 3600.0    # seconds a rank waits for the others at a barrier
     progress: bool = True
+    discard_foreign_shards: bool = False  # delete shards this cache cannot adopt (else refuse, naming them)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.ld_vlr_rule not in LD_VLR_RULES:
+            raise ValueError(f"ld_vlr_rule must be one of {LD_VLR_RULES}, got {self.ld_vlr_rule!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
         if self.encode_threads < -1:
             raise ValueError(f"encode_threads must be >= 0 or -1 (auto), got {self.encode_threads}")
-        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration"):
+        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration", "maskd_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("workers", "maskd_iters", "num_procs", "writer_procs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.maskd_lr) or self.maskd_lr <= 0:
+            raise ValueError(f"maskd_lr must be a finite number > 0, got {self.maskd_lr}")
 
 
 @dataclass
@@ -134,7 +148,15 @@ class Run:
     def __init__(self, config: PrecomputeConfig, rank: int = 0, local_rank: int = 0) -> None:
         self.config = config
         self.views: list[ViewSpec] = parse_view_list(config.views, seed=config.seed)
-        self.dataset = CocoDetection(config.data, config.split, views=self.views, view_policy="all")
+        self.dataset = CocoDetection(config.data, config.split, views=self.views, view_policy="all",
+                                     on_error=config.on_error)
+        # Every image is read, hashed and decoded once before the cache is declared: the bad ones
+        # (on_error="skip") are left out of the task order and named in the declaration, and every
+        # image's hash is recorded (the declaration holds the table's digest, the cache the table) and
+        # checked again when the image is loaded for its views.
+        self.scan = scan_images(self.dataset, workers=config.workers, progress=config.progress and rank == 0)
+        self.dataset.exclude(self.scan.bad)
+        self.dataset.expect_image_hashes(self.scan.hashes)
         self.order = TaskOrder(len(self.dataset.image_ids), len(self.views))
         self.device = resolve_device(config.device, local_rank)
         self.amp_dtype = AMP_DTYPES[config.amp]
@@ -145,31 +167,50 @@ class Run:
         self.fields = resolve_fields(config.fields)
         self.artifacts = [a for a in artifacts_for(config.fields) if not (a == MASKD_ARTIFACT and
                                                                             config.maskd_iters == 0)]
+        self.artifacts.append(IMAGE_HASHES_ARTIFACT)   # declared: the cache is complete only with the hash table
         self.codecs = field_codecs(self.fields, config.codecs)
         self.rank = rank
+        self.run_id: str | None = None    # the writer run holding the cache's lock (store/lock.py)
 
     # ------------------------------------------------------------------ declaration
     def declared(self) -> dict[str, Any]:
         """The cache this run writes; a resumed run must find exactly this in the manifest."""
         return dict(teacher=self.teacher.manifest_entry(self.config.amp if self.amp_dtype else "fp32"),
                     dataset=dict(self.dataset.fingerprint(), split=self.config.split),
-                    views=[v.to_dict() for v in self.views], fields=self.fields)
+                    views=[v.to_dict() for v in self.views], fields=self.fields,
+                    options=cache_options(self.fields, self.config.ld_vlr_rule))
 
     def extra(self) -> dict[str, Any]:
         # The teacher's own metrics (when its checkpoint records them) travel with the cache, so
         # sweep reports can place the students against it.
+        n = max(1, len(self.scan.hashes) + len(self.scan.bad))
         return dict(precompute=dict(codecs=self.codecs, fields_spec=self.config.fields,
-                                    views_spec=self.config.views, seed=self.config.seed),
+                                    views_spec=self.config.views, seed=self.config.seed,
+                                    on_error=self.config.on_error,
+                                    # why each image named in dataset.skipped_image_ids was left out
+                                    skipped_images={str(i): why for i, why in sorted(self.dataset.excluded.items())},
+                                    image_scan_ms_per_image=dict(read_hash=round(1e3 * self.scan.seconds_read_hash / n, 3),
+                                                                 decode=round(1e3 * self.scan.seconds_decode / n, 3))),
                     teacher_metrics=self.teacher.metrics)
+
+    def image_hashes_artifact(self) -> tuple[dict, dict]:
+        """The arrays and meta of the ``IMAGE_HASHES_ARTIFACT`` (its digest is in the declaration)."""
+        ids, digests = image_hash_table(self.dataset.image_hashes)
+        return ({"image_ids": ids, "digests": digests},
+                {"algorithm": IMAGE_HASH, "digest": image_hash_digest(ids, digests)})
 
     def check_existing(self, manifest: Manifest) -> None:
         """Refuse to add to a cache declared differently (not mixed): first difference named."""
         declared = self.declared()
         actual = manifest.declaration()
         checks = [("teacher", actual["teacher"], declared["teacher"]),
+                  # the bad images first: other skipped images also change the count and the hash digest
+                  ("dataset.skipped_image_ids", actual["dataset"].get("skipped_image_ids", []),
+                   declared["dataset"].get("skipped_image_ids", [])),
                   ("dataset", actual["dataset"], declared["dataset"]),
                   ("views", actual["views"], declared["views"]),
                   ("fields", sorted(actual["fields"]), sorted(declared["fields"])),
+                  ("options", actual.get("options", {}), declared["options"]),
                   ("backend", actual["backend"], self.config.format),
                   ("shard_size", actual["shard_size"], self.config.shard_size),
                   ("num_samples", actual["num_samples"], self.order.num_samples),
@@ -194,8 +235,10 @@ class Run:
         manifest = Manifest.create(teacher=declared["teacher"], dataset=declared["dataset"], views=declared["views"],
                                    fields={name: self.codecs[name] for name in self.fields},
                                    backend=self.config.format, shard_size=self.config.shard_size,
-                                   num_samples=self.order.num_samples, calibration=calibration, extra=self.extra())
-        open_writer(self.config.cache, manifest, shards=[]).close(finalize=False)  # writes manifest.json
+                                   num_samples=self.order.num_samples, calibration=calibration, extra=self.extra(),
+                                   options=declared["options"], artifacts=[INHERIT_ARTIFACT, *self.artifacts])
+        open_writer(self.config.cache, manifest, shards=[], run_id=self.run_id,               # writes manifest.json
+                    discard_foreign=self.config.discard_foreign_shards).close(finalize=False)
         return load_manifest(self.config.cache)
 
     def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
@@ -207,6 +250,7 @@ class Run:
         for batch_positions in plan_batches(positions, shape_of, self.config.batch_size):
             batch = collate([self.dataset.load(*self.order.task(p)) for p in batch_positions])
             samples += extract_fields(self.teacher.model, batch, klt_fields, amp_dtype=self.amp_dtype,
+                                      ld_vlr_rule=self.config.ld_vlr_rule,
                                       output_device="cpu")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies to host memory were asynchronous
@@ -255,17 +299,21 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
     start = time.perf_counter()
     ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", config.num_procs if config.num_procs > 1 else 1))
     writer = open_writer(config.cache, manifest, rank=rank, world_size=world_size,
-                         encode_threads=encode_threads_for(config, run.device, ranks_on_host))
+                         encode_threads=encode_threads_for(config, run.device, ranks_on_host), run_id=run.run_id,
+                         discard_foreign=config.discard_foreign_shards)
     stats = RankStats(rank)
     try:
         pending = writer.pending_shards()
         stats.skipped_shards = len(writer.owned) - len(pending)
         shard_size = manifest.shard_size
-        batches = plan_windows([list(task.positions) for task in pending], padded_shape_fn(run.dataset, order),
-                               config.batch_size, config.window)
+        owned = [writer.task(index) for index in writer.owned]
+        pending_set = {task.index for task in pending}
+        batches = plan_windows([list(task.positions) for task in owned], padded_shape_fn(run.dataset, order),
+                               config.batch_size, config.window,
+                               keep=[task.index in pending_set for task in owned])
         total_views = sum(len(b) for b in batches)
         use_cuda = run.device.type == "cuda"
-        loader = torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(   # the images' bytes are checked against the scan's hashes
             ViewBatches(run.dataset, order, batches, image_bytes="image.encoded" in run.fields),
             batch_size=None, shuffle=False, num_workers=config.workers, pin_memory=use_cuda,
             prefetch_factor=4 if config.workers else None, persistent_workers=False)
@@ -275,13 +323,14 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
                    dynamic_ncols=True, smoothing=0.1)
         if config.writer_procs > 0 and pending:
             sink = _ProcessSink(config.cache, rank, world_size, pending, shard_size, config.writer_procs, bar, stats,
-                                config.queue_size, encode_threads_for(config, run.device, ranks_on_host))
+                                config.queue_size, encode_threads_for(config, run.device, ranks_on_host), run.run_id)
         else:
             sink = _ShardSink(writer, shard_size, expected, bar, stats, config.queue_size)
         sink.start()
         try:
             for planned in loader:
                 samples = extract_fields(run.teacher.model, planned.batch, run.fields, amp_dtype=run.amp_dtype,
+                                         ld_vlr_rule=config.ld_vlr_rule,
                                          output_device="cpu")
                 if planned.image_bytes is not None:
                     for sample, blob in zip(samples, planned.image_bytes):
@@ -365,6 +414,8 @@ class _ShardSink:
                     event.synchronize()
                 for position, sample in zip(positions, samples):
                     index = position // self.shard_size
+                    if index not in self.expected:
+                        continue             # a committed shard's view, recomputed only to batch as before
                     shard = self.open.get(index)
                     if shard is None:
                         shard = self.open[index] = self.writer.shard(index)
@@ -389,7 +440,7 @@ class _ProcessSink:
     the main thread, which feeds the accelerator, does not share its GIL with it."""
 
     def __init__(self, url: str, rank: int, world_size: int, pending, shard_size: int, procs: int, bar,
-                 stats: RankStats, queue_size: int, encode_threads: int) -> None:
+                 stats: RankStats, queue_size: int, encode_threads: int, run_id: str | None) -> None:
         import torch.multiprocessing as tmp
         context = tmp.get_context("spawn")
         procs = min(procs, len(pending))
@@ -402,7 +453,8 @@ class _ProcessSink:
             shards = {task.index: task.stop - task.start for task in pending if self.owner[task.index] == k}
             self.procs.append(context.Process(
                 target=_writer_process, name=f"precompute-writer{k}", daemon=True,
-                args=(url, rank, world_size, shards, shard_size, encode_threads, self.inboxes[k], self.outbox)))
+                args=(url, rank, world_size, shards, shard_size, encode_threads, self.inboxes[k], self.outbox,
+                      run_id, os.getpid())))
         self.done = 0
         self.started = time.perf_counter()
 
@@ -415,6 +467,9 @@ class _ProcessSink:
             event.synchronize()  # the host copies are complete
         routed: dict[int, tuple[list, list]] = {}
         for position, sample in zip(positions, samples):
+            if position // self.shard_size not in self.owner:
+                self.bar.update(1)           # a committed shard's view, recomputed only to batch as before
+                continue
             sample = {k: v.clone() if v.is_pinned() else v for k, v in sample.items()}  # pinned memory is not shareable
             entry = routed.setdefault(self.owner[position // self.shard_size], ([], []))
             entry[0].append(position)
@@ -474,13 +529,14 @@ class _ProcessSink:
 
 
 def _writer_process(url: str, rank: int, world_size: int, shards: dict[int, int], shard_size: int,
-                    encode_threads: int, inbox, outbox) -> None:
+                    encode_threads: int, inbox, outbox, run_id: str | None, parent: int) -> None:
     """One writer process: commits the shards it owns as their samples arrive (see _ProcessSink)."""
     import traceback
 
+    die_with_parent(parent)
     torch.set_num_threads(1)
     writer = open_writer(url, load_manifest(url), rank=rank, world_size=world_size, shards=sorted(shards),
-                         encode_threads=encode_threads)
+                         encode_threads=encode_threads, run_id=run_id)
     open_shards: dict[int, Any] = {}
     try:
         while True:
@@ -516,9 +572,12 @@ def _writer_process(url: str, rank: int, world_size: int, shards: dict[int, int]
 def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
     """Store the per-cache artefacts that are missing: teacher neck+head weights, MasKD tokens."""
     existing = set(open_cache(run.config.cache, allow_incomplete=True).artifacts())
-    writer = open_writer(run.config.cache, manifest, shards=[])
+    writer = open_writer(run.config.cache, manifest, shards=[], run_id=run.run_id)
     written = []
     try:
+        if IMAGE_HASHES_ARTIFACT not in existing:   # the per-image table behind the declared digest
+            writer.put_artifact(IMAGE_HASHES_ARTIFACT, *run.image_hashes_artifact())
+            written.append(IMAGE_HASHES_ARTIFACT)
         if INHERIT_ARTIFACT not in existing:
             writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
             written.append(INHERIT_ARTIFACT)
@@ -544,10 +603,28 @@ def learn_maskd_tokens(run: Run) -> dict:
                                   seed=config.seed, num_workers=config.workers)
 
 
-def _spawned_rank(config_dict: dict, rank: int, world_size: int, threads: int, results) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so that no rank or writer
+    outlives a killed run; where that is unavailable the lock check before each commit still
+    stops it (store/lock.py)."""
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _spawned_rank(config_dict: dict, rank: int, world_size: int, threads: int, results, run_id: str,
+                  parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     config = PrecomputeConfig(**config_dict)
     run = Run(config, rank)
+    run.run_id = run_id
     manifest = load_manifest(config.cache)
     run.check_existing(manifest)
     stats = run_rank(run, manifest, rank, world_size)
@@ -575,13 +652,17 @@ def run_precompute(config: PrecomputeConfig) -> dict[str, Any]:
         import torch.distributed as dist
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=config.dist_timeout))
+    lock = None
     try:
         run = Run(config, rank, local_rank)
         if rank == 0:
+            lock = CacheLock.acquire(config.cache)   # one writer run per cache; refused if another is live
+            run.run_id = lock.run_id
             manifest = run.prepare_manifest()
         if distributed:
-            dist.barrier()  # the manifest exists
+            dist.barrier()  # the manifest and the lock exist
         if rank != 0:
+            run.run_id = (read_lock(*fsutil.resolve(config.cache)) or {}).get("run_id")
             manifest = load_manifest(config.cache)
             run.check_existing(manifest)
         if manifest["complete"]:
@@ -590,7 +671,7 @@ def run_precompute(config: PrecomputeConfig) -> dict[str, Any]:
                       file=sys.stderr)
             return dict(complete=True, views=0, seconds=time.perf_counter() - start, artifacts=[])
         if config.num_procs > 1:
-            stats = _run_spawned(config, manifest)
+            stats = _run_spawned(config, manifest, run.run_id)
         else:
             stats = [run_rank(run, manifest, rank, world)]
             _report_rank(stats[0], world)
@@ -615,15 +696,18 @@ def run_precompute(config: PrecomputeConfig) -> dict[str, Any]:
     finally:
         if distributed:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
-def _run_spawned(config: PrecomputeConfig, manifest: Manifest) -> list[RankStats]:
+def _run_spawned(config: PrecomputeConfig, manifest: Manifest, run_id: str) -> list[RankStats]:
     """``num_procs`` CPU processes, each a rank; returns after all exited (an error names the rank)."""
     import multiprocessing as mp
     context = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // config.num_procs)
     results = context.SimpleQueue()
-    procs = [context.Process(target=_spawned_rank, args=(asdict(config), r, config.num_procs, threads, results),
+    procs = [context.Process(target=_spawned_rank, args=(asdict(config), r, config.num_procs, threads, results,
+                                                         run_id, os.getpid()),
                              name=f"precompute-rank{r}") for r in range(config.num_procs)]
     for proc in procs:
         proc.start()

@@ -21,6 +21,10 @@ import torch
 from detectors.data import CocoDetection, DataError
 from detectors.views import Batch, ViewSpec, collate, multiscale_views, padded_size, parse_views, view_size
 
+# The per-image hash table of a cache (image ids (n,) int64 sorted, sha256 digests (n, 32) uint8 of
+# the image files); the declaration's dataset.image_hashes holds its digest (detectors.data.image_hash_digest).
+IMAGE_HASHES_ARTIFACT = "image_hashes"
+
 _MULTISCALE = re.compile(r"^ms:(\d+):(\d+)-(\d+)(?::(\d+))?(:noflip)?$")
 
 
@@ -96,12 +100,20 @@ def plan_batches(positions: Sequence[int], shape_of: Callable[[int], tuple[int, 
 
 
 def plan_windows(shard_positions: Sequence[Sequence[int]], shape_of: Callable[[int], tuple[int, int]],
-                 batch_size: int, window: int) -> list[list[int]]:
-    """Batches over consecutive windows of ``window`` shards (each given as its positions)."""
+                 batch_size: int, window: int, keep: Sequence[bool] | None = None) -> list[list[int]]:
+    """Batches over consecutive windows of ``window`` shards (each given as its positions).
+
+    ``keep``: per shard, whether it still has to be computed; only the windows holding such a shard
+    are planned, whole. A resumed rank plans over every shard it owns and passes the pending ones
+    here, so each view is batched with the same partners as in an uninterrupted run (a
+    convolution's float result depends on its batch) and the resumed cache is bit-identical, at the
+    cost of recomputing the committed shards of the windows it resumes (at most ``window - 1``)."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     batches: list[list[int]] = []
     for start in range(0, len(shard_positions), window):
+        if keep is not None and not any(keep[start:start + window]):
+            continue
         positions = [p for shard in shard_positions[start:start + window] for p in shard]
         batches += plan_batches(positions, shape_of, batch_size)
     return batches
@@ -137,10 +149,9 @@ class ViewBatches(torch.utils.data.Dataset):
             sample = self.dataset.load(image_index, view_index)
             expected = self.dataset.image_ids[image_index]
             if sample.image_id != expected:  # the skip policy replaced an undecodable image
-                raise DataError(f"image id {expected} ({self.dataset.image_info(image_index).path}) cannot be "
-                                f"decoded; every image of the split must be readable to cache it (fix or remove "
-                                f"the file and its annotation entry, then rerun: a changed annotation file is a "
-                                f"new dataset and needs a new cache)")
+                raise DataError(f"image id {expected} ({self.dataset.image_info(image_index).path}) could not be "
+                                f"decoded now although it was read before the cache was declared (the scan "
+                                f"recorded it as good); restore the file and rerun the same command")
             samples.append(sample)
             if self.image_bytes:
                 blobs.append(self.dataset.image_info(image_index).path.read_bytes())

@@ -206,8 +206,7 @@ def test_ld_matches_hand_computation():
     teacher = make_teacher(valid_sizes, map_sizes, region=region)
     terms = build_method("ld", "gfl")(student, teacher, [], iteration=0)
 
-    num_positive = 2 + 2  # Σ_images max(1, positives)
-    main = vlr = 0.0
+    main = vlr = 0.0  # 2 images: one official group, so sums over the rows with no count of positives
     kd_per_level = {}
     for r, (image, level, _, kind, iou, (y, x)) in enumerate(rows):
         student_cls = [float(s_cls[level][image, j, y, x]) for j in range(k)]
@@ -220,15 +219,106 @@ def test_ld_matches_hand_computation():
         else:
             vlr += iou * sum(sides) / 16
     kd = sum(sum(v) / len(v) for v in kd_per_level.values())
-    assert terms["ld_main"].item() == pytest.approx(0.25 * main / num_positive, rel=1e-5)
-    assert terms["ld_vlr"].item() == pytest.approx(0.25 * vlr / num_positive, rel=1e-5)
+    assert terms["ld_main"].item() == pytest.approx(0.25 * main, rel=1e-5)
+    assert terms["ld_vlr"].item() == pytest.approx(0.25 * vlr, rel=1e-5)
     assert terms["ld_kd"].item() == pytest.approx(10 * kd, rel=1e-5)
     assert "ld_vlr_kd" not in terms
 
-    official = build_method("ld", "gfl", {"normalize": False})(student, teacher, [], iteration=0)
-    assert official["ld_main"].item() == pytest.approx(0.25 * main, rel=1e-5)
+    # Groups of one image each: the mean of the two single-image values (KD per level per group).
+    single = build_method("ld", "gfl", {"images_per_group": 1})(student, teacher, [], iteration=0)
+    main_1 = [0.0, 0.0]
+    kd_1: dict[tuple[int, int], list[float]] = {}
+    for r, (image, level, _, kind, _, (y, x)) in enumerate(rows):
+        if kind != REGION_POSITIVE:
+            continue
+        student_cls = [float(s_cls[level][image, j, y, x]) for j in range(k)]
+        sides = [kl_mean([float(s_box[level][image, side * bins + b, y, x]) for b in range(bins)],
+                         [float(t_box[r, side * bins + b]) for b in range(bins)], 10.0) for side in range(4)]
+        main_1[image] += max(1 / (1 + math.exp(-v)) for v in student_cls) * sum(sides) / 4
+        kd_1.setdefault((image, level), []).append(kl_mean(student_cls, t_cls[r].tolist(), 2.0))
+    assert single["ld_main"].item() == pytest.approx(0.25 * sum(main_1) / 2, rel=1e-5)
+    assert single["ld_kd"].item() == pytest.approx(10 * sum(sum(v) / len(v) for v in kd_1.values()) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="retina"):
         build_method("ld", "retina")
+    with pytest.raises(ValueError, match="unknown"):
+        build_method("ld", "gfl", {"normalize": False})  # dividing by the positives is gone
+
+
+def test_ld_declares_and_checks_the_vlr_rule_of_the_cache():
+    method = build_method("ld", "gfl")
+    assert method.cache_options == {"ld_vlr_rule": "official"}
+    method.check_cache_options({"ld_vlr_rule": "official"})
+    with pytest.raises(ValueError, match="does not record 'ld_vlr_rule'"):
+        method.check_cache_options({}, where="old-cache")
+    with pytest.raises(ValueError, match="'diou' rule but LD is configured for 'official'"):
+        method.check_cache_options({"ld_vlr_rule": "diou"})
+    build_method("ld", "gfl", {"vlr_rule": "diou"}).check_cache_options({"ld_vlr_rule": "diou"})
+    assert build_method("ld", "gfl", {"vlr_weight": 0.0}).cache_options == {}  # no term reads the VLR rows
+    with pytest.raises(ValueError, match="vlr_rule"):
+        build_method("ld", "gfl", {"vlr_rule": "giou"})
+
+
+def test_ld_imitation_matches_hand_computation():
+    """'finegrained' imitation: MSE of the FPN maps over each group's region cells and channels, per
+    level, a level without a positive row in the group adding 0; summed over levels, mean over groups.
+
+    Anchors: level 0 stride 8, 16×16 centred at (8x, 8y); level 1 stride 16, 32×32 at (16x, 16y).
+    Each GT equals one anchor (IoU 1); every other anchor has IoU <= 1/3 with it, so the region
+    (IoU > 0.5 · max) is that one cell: image 0 level 0 (y=1, x=0), image 1 level 1 (y=0, x=1).
+    """
+    torch.manual_seed(4)
+    n, channels = 2, 3
+    map_sizes = [(2, 3), (1, 2)]
+    valid_sizes = [[(2, 2), (1, 1)], [(2, 3), (1, 2)]]
+    anchors = []
+    for (h, w), stride in zip(map_sizes, (8, 16)):
+        centres = torch.tensor([[stride * x, stride * y] for y in range(h) for x in range(w)], dtype=torch.float)
+        anchors.append(torch.cat([centres - stride, centres + stride], dim=1))  # (h·w, 4), side 2·stride
+    targets = [{"boxes": torch.tensor([[-8.0, 0.0, 8.0, 16.0]])}, {"boxes": torch.tensor([[0.0, -16.0, 32.0, 16.0]])}]
+    s_fpn = [torch.randn(n, channels, h, w, requires_grad=True) for h, w in map_sizes]
+    t_fpn = [torch.randn(n, channels, h, w) for h, w in map_sizes]
+    cells = [(0, 0, 1, 0), (1, 1, 0, 1)]  # (image, level, y, x)
+
+    def mse(image, level, y, x):
+        return sum((float(s_fpn[level].detach()[image, c, y, x]) - float(t_fpn[level][image, c, y, x])) ** 2
+                   for c in range(channels)) / channels
+
+    def inputs(positive_levels, features=s_fpn):
+        """Student and teacher with positive rows of image 0 on each of ``positive_levels`` (their
+        logits do not matter here)."""
+        count = len(positive_levels)
+        region = {"batch_index": torch.zeros(count, dtype=torch.long), "level": torch.tensor(positive_levels),
+                  "index": torch.zeros(count, dtype=torch.long), "kind": torch.full((count,), REGION_POSITIVE),
+                  "iou": torch.ones(count), "gt": torch.zeros(count, dtype=torch.long),
+                  "cls": torch.zeros(count, 2), "box_dist": torch.zeros(count, 8)}
+        student = DetectorOutput(features, [torch.zeros(n, 2, h, w) for h, w in map_sizes],
+                                 [torch.zeros(n, 8, h, w) for h, w in map_sizes], anchors, (8, 16), [(16, 16)] * n)
+        return student, make_teacher(valid_sizes, map_sizes, fpn=t_fpn, region=region)
+
+    def run(positive_levels, **overrides):
+        return build_method("ld", "gfl", {"imitation_weight": 2.0, **overrides})(*inputs(positive_levels),
+                                                                                  targets, 0)
+
+    both = run([0, 1])
+    assert both["ld_im"].item() == pytest.approx(2.0 * (mse(*cells[0]) + mse(*cells[1])), rel=1e-5)
+    # No positive on level 1 in the (only) group: the official no-positive branch zeroes that level.
+    assert run([0])["ld_im"].item() == pytest.approx(2.0 * mse(*cells[0]), rel=1e-5)
+    # Groups of 1 image: image 1 has no positive row at all, so its group adds 0; the mean over 2 groups.
+    assert run([0, 1], images_per_group=1)["ld_im"].item() == pytest.approx(2.0 * mse(*cells[0]) / 2, rel=1e-5)
+    both["ld_im"].backward()
+    grad = 2.0 * 2 * (s_fpn[0][0, :, 1, 0] - t_fpn[0][0, :, 1, 0]) / channels
+    torch.testing.assert_close(s_fpn[0].grad[0, :, 1, 0], grad.detach())
+    assert s_fpn[0].grad.count_nonzero() == channels and s_fpn[1].grad.count_nonzero() == channels
+    assert "ld_im" not in run([0], imitation_weight=0.0)
+
+    method = build_method("ld", "gfl", {"imitation_weight": 2.0})
+    with pytest.raises(ValueError, match="GT boxes"):
+        method(*inputs([0]), [], 0)
+    with pytest.raises(ValueError, match="adapter"):  # the official code has none: channels must agree
+        method(*inputs([0], features=[f[:, :2] for f in s_fpn]), targets, 0)
+    with pytest.raises(ValueError, match="student 64, teacher 128"):  # refused when built, too
+        build_method("ld", "gfl", {"imitation_weight": 2.0}, student_channels=64, teacher_channels=128)
+    build_method("ld", "gfl", student_channels=64, teacher_channels=128)  # without imitation no FPN is compared
 
 
 def test_region_rows_gather_with_several_anchors_and_each_images_width():
@@ -328,8 +418,11 @@ def test_icd_matches_hand_computation():
     d = c // heads
     map_size, valid = (2, 2), (2, 1)  # keys: (0, 0) and (1, 0); column 1 is batch padding
     f_t, f_s = torch.randn(1, c, *map_size), torch.randn(1, c, *map_size)
-    method = ICD(ICD.Config.for_family("retina", num_heads=heads), num_classes=k, student_channels=c,
-                 teacher_channels=c)
+    # The corrected options (exact log2 bins, own image size, canonical key region); the official
+    # defaults are checked against the official code in tests/test_reference_icd.py.
+    config = ICD.Config.for_family("retina", num_heads=heads, scale_bins="log2", scale_image="own",
+                                   key_region="canonical")
+    method = ICD(config, num_classes=k, student_channels=c, teacher_channels=c)
     image_h, image_w = 1024, 512
     queries = InstanceQueries(labels=torch.tensor([[1, 0]]),
                               boxes=torch.tensor([[[0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.5, 0.4]]]),
@@ -455,7 +548,8 @@ def test_icd_detaches_student_features_early_and_has_its_own_optimiser():
     (group,) = method.param_groups()
     assert (group.optimizer, group.lr, group.weight_decay, group.max_grad_norm) == ("adamw", 1e-4, 1e-4, 0.01)
     optimizer, scheduler = group.build(total_iters=100)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.001)  # warmup starts at 0.001·lr
+    assert group.warmup_iters == 0  # official build_tea_optimizer: WARMUP_FACTOR 1.0, i.e. no warmup
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     norm = group.clip()
     assert norm > 0 and torch.nn.utils.clip_grad_norm_(group.params, 1e9) <= 0.01 + 1e-6
     optimizer.step()
@@ -687,7 +781,8 @@ def test_precompute_samples_collate_and_drive_every_method():
 
 def test_schedule_warnings_name_the_iteration_counts_a_short_run_swallows():
     from train.methods import iteration_settings, schedule_warnings
-    method = build_method("icd+frs", "gfl", {"icd.detach_student_iters": 10}, student_channels=16,
+    method = build_method("icd+frs", "gfl", {"icd.detach_student_iters": 10, "icd.warmup_iters": 1000},
+                          student_channels=16,
                           teacher_channels=16, num_classes=3)
     assert iteration_settings(method) == {"icd.detach_student_iters": 10, "icd.warmup_iters": 1000,
                                           "frs.warmup_iters": 500}

@@ -18,7 +18,7 @@ from detectors.synth import SynthConfig, generate
 from detectors.views import collate
 from precompute.__main__ import main
 from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT, extract_fields, resolve_fields
-from precompute.plan import parse_view_list
+from precompute.plan import IMAGE_HASHES_ARTIFACT, parse_view_list
 from store import FIELDS, measure_error, open_cache
 from store.report import verify
 
@@ -117,7 +117,7 @@ def test_cached_fields_equal_the_online_teacher_within_the_codec_bounds(setup, r
     assert_matches_online(setup, reference)
     cache = open_cache(str(reference))
     assert cache.manifest["complete"] and cache.manifest["teacher"]["arch"] == "gfl-nano"
-    assert set(cache.artifacts()) == {INHERIT_ARTIFACT, MASKD_ARTIFACT}
+    assert set(cache.artifacts()) == {INHERIT_ARTIFACT, MASKD_ARTIFACT, IMAGE_HASHES_ARTIFACT}
     weights = cache.artifact(INHERIT_ARTIFACT)
     teacher_state = torch.load(setup / "teacher.pt", weights_only=True)["state_dict"]
     assert set(weights) == {k for k in teacher_state if k.startswith(("backbone.fpn.", "head."))}
@@ -175,7 +175,7 @@ def test_two_cpu_processes_write_disjoint_shards(setup, reference):
     pids = {two.receipt(i)["writer"]["pid"] for i in two.shards}
     assert ranks == {0, 1} and len(pids) == 2
     assert {two.receipt(i)["writer"]["rank"] for i in two.shards if i % 2 == 1} == {1}
-    assert set(two.artifacts()) == {INHERIT_ARTIFACT}  # no maskd requested
+    assert set(two.artifacts()) == {INHERIT_ARTIFACT, IMAGE_HASHES_ARTIFACT}  # no maskd requested
     assert "region.box_dist" in two.manifest.fields and "head.box.p3" not in two.manifest.fields
     assert two.manifest.backend == "wds"
 
@@ -197,7 +197,7 @@ def test_torchrun_ranks_write_disjoint_shards_and_rank0_finalizes_once(setup, re
     assert {i % 2 for i in cache.shards} == {0, 1}
     assert all(cache.receipt(i)["writer"]["rank"] == i % 2 for i in cache.shards)
     assert len({cache.receipt(i)["writer"]["pid"] for i in cache.shards}) == 2  # one writer process per rank
-    assert set(cache.artifacts()) == {INHERIT_ARTIFACT, MASKD_ARTIFACT}
+    assert set(cache.artifacts()) == {INHERIT_ARTIFACT, MASKD_ARTIFACT, IMAGE_HASHES_ARTIFACT}
 
 
 def test_a_different_configuration_is_refused_not_mixed(setup, reference, tmp_path):
@@ -207,7 +207,8 @@ def test_a_different_configuration_is_refused_not_mixed(setup, reference, tmp_pa
     other_shards = _args(setup, reference)
     other_shards[other_shards.index("--shard-size") + 1] = "2"
     for argv, what in [(other_views, "views"), (_args(setup, reference, "--fields", "frs"), "fields"),
-                       (_args(setup, reference, "--codec", "fpn=int8"), "codecs"), (other_shards, "shard_size")]:
+                       (_args(setup, reference, "--codec", "fpn=int8"), "codecs"), (other_shards, "shard_size"),
+                       (_args(setup, reference, "--ld-vlr-rule", "diou"), "options")]:
         assert main(argv) == 1, what
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "other.pt", build_detector("gfl-nano", num_classes=8))

@@ -17,36 +17,47 @@ torch.set_num_threads(2)
 def test_ld_regions_hand_checked_case():
     # One level, four anchors, one GT [0, 0, 10, 10]; topk 9 > 4 so every anchor is a candidate.
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0],    # IoU 1,    DIoU 1
-                            [5.0, 0.0, 15.0, 10.0],    # IoU 1/3,  DIoU 1/3 - 25/325 = 0.25641
-                            [10.0, 0.0, 20.0, 10.0],   # IoU 0,    DIoU -100/500 = -0.2
-                            [2.0, 2.0, 8.0, 8.0]])     # IoU 0.36, DIoU 0.36 (same centre)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0],    # IoU 1,    DIoU 1,                official 1
+                            [5.0, 0.0, 15.0, 10.0],    # IoU 1/3,  DIoU 1/3 - 25/325,     official 50/100 - 25/325
+                            [10.0, 0.0, 20.0, 10.0],   # IoU 0,    DIoU -100/500 = -0.2,  official -0.2
+                            [2.0, 2.0, 8.0, 8.0]])     # IoU 0.36, DIoU 0.36 (same centre), official 36/36 = 1
     torch.testing.assert_close(diou_matrix(anchors, gt)[:, 0], torch.tensor([1.0, 1 / 3 - 25 / 325, -0.2, 0.36]),
                                atol=1e-5, rtol=0)
+    torch.testing.assert_close(diou_matrix(anchors, gt, rule="official")[:, 0],
+                               torch.tensor([1.0, 0.5 - 25 / 325, -0.2, 1.0]), atol=1e-5, rtol=0)
     # thr = mean + std (unbiased) of (1, 1/3, 0, 0.36) = 0.42333 + 0.41788 = 0.84121
     ious = [1.0, 1 / 3, 0.0, 0.36]
     mean = sum(ious) / 4
     thr = mean + math.sqrt(sum((v - mean) ** 2 for v in ious) / 3)
     assert thr == pytest.approx(0.841211, abs=1e-5)
 
+    # positive: IoU >= thr and centre inside the GT -> anchor 0 only.
+    # official (default): VLR "DIoU" in [0.2103, 0.8412) -> anchor 1 (0.4231) only; anchor 3 (1.0) is out.
     rows = ld_regions(anchors, [4], gt, topk=9)
-    # positive: IoU >= thr and centre inside the GT -> anchor 0 only;
-    # VLR: DIoU in [0.25 thr, thr) = [0.2103, 0.8412) -> anchors 1 (0.2564) and 3 (0.36), weight = IoU.
+    assert rows["kind"].tolist() == [REGION_POSITIVE, REGION_VLR]
+    assert rows["index"].tolist() == [0, 1]
+    assert rows["level"].tolist() == [0, 0] and rows["gt"].tolist() == [0, 0]
+    torch.testing.assert_close(rows["iou"], torch.tensor([1.0, 1 / 3]))
+    # true DIoU: anchors 1 (0.2564) and 3 (0.36), weight = IoU.
+    rows = ld_regions(anchors, [4], gt, topk=9, vlr_rule="diou")
     assert rows["kind"].tolist() == [REGION_POSITIVE, REGION_VLR, REGION_VLR]
     assert rows["index"].tolist() == [0, 1, 3]
     assert rows["level"].tolist() == [0, 0, 0]
     assert rows["gt"].tolist() == [0, 0, 0]
     torch.testing.assert_close(rows["iou"], torch.tensor([1.0, 1 / 3, 0.36]))
+    with pytest.raises(ValueError, match="VLR rule"):
+        ld_regions(anchors, [4], gt, vlr_rule="giou")
 
 
 def test_ld_regions_vlr_goes_to_the_gt_with_the_highest_iou_and_levels_are_split():
     gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]])
     level0 = torch.tensor([[2.0, 2.0, 8.0, 8.0]])      # level 0, index 0
     level1 = torch.tensor([[100.0, 100.0, 110.0, 110.0], [5.0, 0.0, 15.0, 10.0]])  # level 1, indices 0, 1
-    rows = ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9)
-    ref = _reference_ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9)
-    assert _rows(rows) == ref
-    assert {(lvl, idx) for lvl, idx, *_ in ref} <= {(0, 0), (1, 0), (1, 1)}
+    for rule in ("official", "diou"):
+        rows = ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9, vlr_rule=rule)
+        ref = _reference_ld_regions(torch.cat([level0, level1]), [1, 2], gts, topk=9, rule=rule)
+        assert _rows(rows) == ref
+        assert {(lvl, idx) for lvl, idx, *_ in ref} <= {(0, 0), (1, 0), (1, 1)}
 
 
 def _rows(rows):
@@ -54,8 +65,9 @@ def _rows(rows):
                       [round(v, 5) for v in rows["iou"].tolist()]))
 
 
-def _reference_ld_regions(anchors, counts, gts, topk):
-    """Brute force in plain Python: ATSS positives and LD's VLR, from the definitions."""
+def _reference_ld_regions(anchors, counts, gts, topk, rule="official"):
+    """Brute force in plain Python: ATSS positives and LD's VLR, from the definitions ("official":
+    the anchor's area in place of the union in the VLR "DIoU", as the official code)."""
     def iou(a, b):
         w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
         h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -67,6 +79,10 @@ def _reference_ld_regions(anchors, counts, gts, topk):
         cw = max(a[2], b[2]) - min(a[0], b[0])
         ch = max(a[3], b[3]) - min(a[1], b[1])
         rho2 = ((a[0] + a[2] - b[0] - b[2]) ** 2 + (a[1] + a[3] - b[1] - b[3]) ** 2) / 4
+        if rule == "official":
+            w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            return w * h / ((a[2] - a[0]) * (a[3] - a[1])) - rho2 / (cw * cw + ch * ch)
         return iou(a, b) - rho2 / (cw * cw + ch * ch)
 
     anchors, gts = anchors.tolist(), gts.tolist()
@@ -100,16 +116,17 @@ def _reference_ld_regions(anchors, counts, gts, topk):
     return sorted(out)
 
 
+@pytest.mark.parametrize("rule", ["official", "diou"])
 @pytest.mark.parametrize("gt_box", [[0.0, 0.0, 20.0, 14.0], [30.0, 20.0, 90.0, 62.0], [70.0, 40.0, 96.0, 64.0]])
-def test_ld_regions_match_the_reference_on_a_detector_grid(gt_box):
+def test_ld_regions_match_the_reference_on_a_detector_grid(gt_box, rule):
     """A GT at the image's corner, in the middle, and at the far border of a 64x96 GFL anchor grid."""
     model = build_detector("gfl-nano", num_classes=3)
     sizes = valid_level_sizes((64, 96))
     anchors = model.grid_anchors(sizes, torch.zeros(1))
     canonical, counts = canonical_anchors(anchors, sizes, sizes, model.num_anchors)
     gts = torch.tensor([gt_box, [8.0, 30.0, 40.0, 60.0]])
-    rows = ld_regions(canonical, counts, gts, topk=9)
-    assert _rows(rows) == _reference_ld_regions(canonical, counts, gts, topk=9)
+    rows = ld_regions(canonical, counts, gts, topk=9, vlr_rule=rule)
+    assert _rows(rows) == _reference_ld_regions(canonical, counts, gts, topk=9, rule=rule)
     assert (rows["kind"] == REGION_POSITIVE).any() and (rows["kind"] == REGION_VLR).any()
 
 
@@ -207,3 +224,26 @@ def test_resolve_fields_methods_groups_and_always_meta():
         resolve_fields("fpn,bogus")
     with pytest.raises(ValueError, match="unknown method"):
         fields_for_methods(["kd"])
+
+
+def test_cache_options_record_the_vlr_rule_only_with_regions():
+    from precompute.fields import cache_options
+    assert cache_options(resolve_fields("ld")) == {"ld_vlr_rule": "official"}
+    assert cache_options(resolve_fields("all"), "diou") == {"ld_vlr_rule": "diou"}
+    assert cache_options(resolve_fields("frs")) == {}
+    with pytest.raises(ValueError, match="VLR rule"):
+        cache_options(resolve_fields("ld"), "giou")
+
+
+def test_extract_fields_passes_the_vlr_rule_to_the_regions():
+    torch.manual_seed(3)
+    model = build_detector("gfl-nano", num_classes=3).eval()
+    batch = _batch([torch.randn(3, 64, 96)], [(64, 96)], [torch.tensor([[10.0, 6.0, 50.0, 40.0]])])
+    for rule in ("official", "diou"):
+        sample = extract_fields(model, batch, "ld", ld_vlr_rule=rule)[0]
+        sizes = valid_level_sizes((64, 96))
+        canonical, counts = canonical_anchors(model.grid_anchors(sizes, torch.zeros(1)), sizes, sizes,
+                                              model.num_anchors)
+        rows = ld_regions(canonical, counts, batch.targets[0]["boxes"], topk=9, vlr_rule=rule)
+        assert sample["region.index"].tolist() == rows["index"].tolist()
+        assert sample["region.kind"].tolist() == rows["kind"].tolist()

@@ -51,7 +51,7 @@ def test_plan_trainer_option_grid(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     ({"epoch": 3}, "unknown setting 'epoch'"),
     ({"seed": 3}, "set by the sweep itself"),
-    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"epochs": 0}, "epochs=0: out of range; expected an int >= 1"),
 ])
 def test_plan_refuses_bad_settings(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):

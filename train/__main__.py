@@ -23,6 +23,9 @@ Methods (--method, combinable with +, e.g. ld+frs):
   ld       Localization Distillation (GFL): region rows (ATSS positives and VLR)
   defeat   Decoupled features: fpn (+ head.cls with the one-stage head term)
 Every hyperparameter of a method is overridable: --set frs.feat_weight=0.2 (see train/methods/).
+Each --set value and option is checked against its field's type and range before anything is
+loaded (an empty, non-numeric or non-finite number, 2.5 for an int, a negative weight or an
+unknown key is an error, exit status 2).
 
 Refused before any training step: a cache written for other data (annotation hash, image count)
 or other views, lacking a field or artefact the method reads, whose teacher predicts other
@@ -45,20 +48,48 @@ examples:
 """
 
 
-def parse_assignments(items: list[str], flag: str) -> dict:
-    """``["a.b=0.2", "c=true"]`` -> ``{"a.b": 0.2, "c": True}`` (Python literals; true/false/none too)."""
+# Ranges and choices of the trainer options (TrainConfig fields), for their flags and the sweep's
+# --set/--grid; a number not listed must be >= 0. Types come from TrainConfig itself.
+TRAIN_LIMITS = {
+    "epochs": {"minimum": 1}, "batch_size": {"minimum": 1}, "eval_batch_size": {"minimum": 1},
+    "log_every": {"minimum": 1}, "lr": {"minimum": 0, "exclusive": True}, "momentum": {"maximum": 1},
+    "warmup_ratio": {"maximum": 1}, "optimizer": {"choices": ("sgd", "adamw")},
+    "schedule": {"choices": ("step", "cosine")}, "on_error": {"choices": ("skip", "raise")},
+}
+
+
+def train_option_rules() -> dict:
+    """The ``ValueRule`` of every TrainConfig field (``train.methods.base.config_rules``)."""
+    from train.methods.base import config_rules
+    from train.trainer import AMP_DTYPES, TrainConfig
+    return config_rules(TrainConfig, {**TRAIN_LIMITS, "amp": {"choices": ("auto", *AMP_DTYPES)}})
+
+
+def split_assignments(items: list[str], flag: str) -> dict[str, str]:
+    """``["a.b=0.2", "c=x"]`` -> ``{"a.b": "0.2", "c": "x"}`` (the text; parse it by the key's rule).
+    Raises ValueError for an item without ``=`` or without a key."""
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} frs.feat_weight=0.2")
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = text
+    return out
+
+
+def parse_assignments(items: list[str], flag: str) -> dict:
+    """``["norm=bn", "trainable_layers=5"]`` -> ``{"norm": "bn", "trainable_layers": 5}`` (Python
+    literals; true/false/none too; other text as a string). For ``--student-config``, whose keys
+    ``DetectorConfig`` checks; method and trainer settings are parsed by their fields' rules."""
+    out = {}
+    for key, text in split_assignments(items, flag).items():
         text = text.strip()
         lowered = {"true": "True", "false": "False", "none": "None", "null": "None"}.get(text.lower(), text)
         try:
             value = ast.literal_eval(lowered)
         except (ValueError, SyntaxError):
             value = text  # a plain string
-        out[key.strip()] = value
+        out[key] = value
     return out
 
 
@@ -88,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--views", help="cache: the views it must hold (default: its own); online: views to train on, "
                                    "as python -m precompute --views [default]")
     g.add_argument("--workers", type=int, default=2, help="loader processes per rank [2]")
+    g.add_argument("--on-error", default="skip", choices=("skip", "raise"),
+                   help="a training image that cannot be read: skip it (replaced by the next, counted in "
+                        "results.json) or stop with an error naming it; a changed image always stops [skip]")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12, help="[12]")
     g.add_argument("--batch-size", type=int, default=8, help="images per step per rank [8]")
@@ -121,20 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """TrainConfig keyword arguments (checked when the config is built, inside run_training)."""
-    return dict(
+    """TrainConfig keyword arguments, every value checked against its field's rule (``--set`` values
+    parsed by the method's config fields); raises ValueError with a one-line message. The config's
+    remaining checks run when it is built, inside run_training."""
+    from train.methods import parse_overrides
+    config = dict(
         data=args.data, out=args.out, method=args.method, student=args.student, cache=args.cache,
         teacher=args.teacher, teacher_arch=args.teacher_arch, views=args.views, split=args.split,
-        val_split=args.val_split, overrides=parse_assignments(args.overrides, "--set"),
+        val_split=args.val_split, overrides=parse_overrides(args.method, split_assignments(args.overrides, "--set")),
         student_config=parse_assignments(args.student_config, "--student-config"), inherit=args.inherit,
         maskd_tokens=args.maskd_tokens, maskd_iters=args.maskd_iters, epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, schedule=args.schedule,
         milestones=tuple(args.milestones) if args.milestones else None, clip_grad=args.clip_grad, amp=args.amp,
-        device=args.device, workers=args.workers, eval=not args.no_eval, eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size, eval_view=args.eval_view, ckpt_every=args.ckpt_every,
+        device=args.device, workers=args.workers, on_error=args.on_error, eval=not args.no_eval,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_view=args.eval_view, ckpt_every=args.ckpt_every,
         max_iters=args.max_iters, stop_after=args.stop_after, resume=args.resume, seed=args.seed,
         log_every=args.log_every, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+    rules = train_option_rules()
+    for key, value in config.items():
+        rules[key].check(value, f"--{key.replace('_', '-')}")
+    return config
 
 
 def run_training(config: dict) -> int:
@@ -150,7 +191,11 @@ def run_training(config: dict) -> int:
     except (CacheError, DataError, ValueError, FileNotFoundError) as error:  # refused before training
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
-    results = trainer.train()
+    try:
+        results = trainer.train()
+    except (CacheError, DataError, OSError) as error:   # damaged cache, bad image, full disk: named, one line
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     if trainer.is_main:
         summary = {k: results.get(k) for k in ("status", "method", "iterations", "train_seconds", "final")
                    if k in results}
@@ -164,7 +209,12 @@ def main(argv=None) -> int:
         print("error: give exactly one of --cache (the teacher cache) and --teacher (online teacher checkpoint)",
               file=sys.stderr)
         return 2
-    return run_training(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except ValueError as error:  # a value that does not fit its field, before anything is loaded
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return run_training(config)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ DEMO_SCHEDULE = ["--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--warmup
                  "--milestones", "6", "7", "--short", "160", "--max-size", "256", "--workers", "0"]
 DEMO_VIEWS = "160:256,160:256:flip"
 DEMO_MASKD = ["--maskd-iters", "50", "--maskd-batch-size", "4"]
-# 3 epochs of 75 iterations. The methods' iteration counts (FRS ramp, ICD's detached phase and
-# decoder warmup, MasKD's student-mask warmup) are meant for a 90k-iteration schedule; they are
-# scaled to the same fraction of this one, or ICD would never reach the student.
+# 3 epochs of 75 iterations. The methods' iteration counts (FRS ramp, ICD's detached phase, MasKD's
+# student-mask warmup) are meant for a 90k-iteration schedule; they are scaled to the same fraction
+# of this one, or ICD would never reach the student.
 STUDENT_SETTINGS = {"epochs": 3, "batch_size": 8, "lr": 0.02, "warmup_iters": 50, "milestones": (2.5,),
-                    "workers": 0, "frs.warmup_iters": 1, "icd.detach_student_iters": 3, "icd.warmup_iters": 3,
+                    "workers": 0, "frs.warmup_iters": 1, "icd.detach_student_iters": 3,
                     "maskd.student_mask_warmup": 12}
 VIZ_IMAGES = 2
 

@@ -26,14 +26,19 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor
 
+from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest
 from detectors.outputs import Detector
 from detectors.views import Batch
-from precompute.fields import extract_fields
-from store import Cache, CacheError, Manifest, expand_fields, open_cache
+from precompute.fields import DEFAULT_VLR_RULE, extract_fields
+from precompute.plan import IMAGE_HASHES_ARTIFACT
+from store import Cache, CacheError, Manifest, ManifestMismatch, expand_fields, open_cache
 from store.codecs import to_torch
+from store.schema import LD_VLR_RULE_OPTION
 
 KEY = "__key__"
 NBYTES = "__nbytes__"
@@ -48,6 +53,43 @@ def manifest_id(manifest: Manifest) -> str:
     """sha256 of the manifest's canonical JSON: names exactly which cache a run trained from."""
     text = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def adopt_cache_images(dataset: CocoDetection, cache: Cache, where: str) -> None:
+    """Make ``dataset`` the image set ``cache`` was built from, before its fingerprint is compared.
+
+    Leaves out exactly the images precompute skipped (the declaration's
+    ``dataset.skipped_image_ids``; the reasons are in ``extra.precompute.skipped_images``), refusing
+    with an explanation when this copy of the data leaves out others (e.g. a file missing here);
+    and makes every later ``dataset.load`` check the image's bytes against the cache's hash table
+    (artefact ``image_hashes``, itself checked against the declared digest), so a changed image is an
+    error naming it. A cache written before image hashes were recorded is read with a warning.
+    """
+    declared = cache.manifest["dataset"]
+    reasons = cache.manifest["extra"].get("precompute", {}).get("skipped_images", {})
+    skipped = [int(i) for i in declared.get("skipped_image_ids", [])]
+    dataset.exclude({i: f"skipped by precompute: {reasons.get(str(i), 'no reason recorded')}" for i in skipped})
+    here_only = sorted(set(dataset.excluded) - set(skipped))
+    if here_only:
+        shown = "; ".join(f"image id {i}: {dataset.excluded[i]}" for i in here_only[:3])
+        raise ManifestMismatch(
+            f"{where} was built from {len(here_only)} image(s) that this copy of {dataset.image_dir} leaves out "
+            f"({shown}{' ...' if len(here_only) > 3 else ''}): train on the data the cache was built from, or "
+            f"rebuild the cache")
+    hashes = declared.get("image_hashes")
+    if hashes is None:
+        warnings.warn(f"{where} records no image hashes (written by an older precompute): the training images "
+                      f"are not checked against the ones the teacher saw", stacklevel=2)
+        return
+    algorithm, _, digest = str(hashes).partition(":")
+    if algorithm != IMAGE_HASH:
+        raise CacheError(f"{where}: image hashes are {algorithm!r}; this trainer checks {IMAGE_HASH!r}")
+    table = cache.artifact(IMAGE_HASHES_ARTIFACT)   # its sha256 is checked against the manifest
+    ids, digests = table["image_ids"], table["digests"]
+    if image_hash_digest(ids, digests) != digest:
+        raise CacheError(f"{where}: artefact {IMAGE_HASHES_ARTIFACT!r} does not match the declared "
+                         f"dataset.image_hashes digest (the cache is inconsistent; rebuild it)")
+    dataset.expect_image_hashes({int(i): bytes(d) for i, d in zip(ids.tolist(), digests)})
 
 
 class CachedTeacher:
@@ -129,12 +171,16 @@ class OnlineTeacher:
             the training device.
         fields: field names, groups or prefixes; the returned dicts hold exactly these.
         amp_dtype: autocast dtype of the teacher forward (outputs are float32 either way).
+        options: the field rules a cache would declare (``DistillationMethod.cache_options``, e.g.
+            LD's VLR rule), so that the online fields equal that cache's.
     """
 
-    def __init__(self, model: Detector, fields: Sequence[str], amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Detector, fields: Sequence[str], amp_dtype: torch.dtype | None = None,
+                 options: dict | None = None) -> None:
         self.model = model
         self.fields = field_names(fields)
         self.amp_dtype = amp_dtype
+        self.ld_vlr_rule = (options or {}).get(LD_VLR_RULE_OPTION, DEFAULT_VLR_RULE)
 
     def prefetch(self, image_id: int, view_index: int) -> None:
         return None
@@ -143,7 +189,8 @@ class OnlineTeacher:
               device: torch.device | str) -> list[dict[str, Tensor]]:
         if not self.fields:
             return [{} for _ in batch.image_ids]
-        samples = extract_fields(self.model, batch, self.fields, amp_dtype=self.amp_dtype, output_device=device)
+        samples = extract_fields(self.model, batch, self.fields, amp_dtype=self.amp_dtype, output_device=device,
+                                 ld_vlr_rule=self.ld_vlr_rule)
         wanted = set(self.fields)
         return [{name: value for name, value in sample.items() if name in wanted} for sample in samples]
 

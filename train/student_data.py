@@ -13,13 +13,20 @@ and student see the same pixels), collates the student batch, and asks the teach
 view's fields in compact form (``source.prefetch``: the cache's shard blobs decompressed, still
 quantised). The main process dequantises them on the training device (``source.fetch``).
 
+Bad images follow the dataset's ``on_error``: under ``"skip"`` an image that cannot be read or
+decoded is replaced by the next good one (its own teacher fields are fetched, so teacher and
+student still see the same pixels) and named in ``StudentItem.replaced``; under ``"raise"``, and
+always for an image whose bytes differ from the hash the cache recorded, the item carries the
+one-line error (``StudentItem.error``) that the trainer raises: an exception raised in a loader
+worker would reach the user wrapped in the worker's traceback.
+
 The data position is ``(epoch, step)``: a resumed run rebuilds the epoch's plan from the seed and
 starts its loader at batch ``step``, so it sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,10 +77,14 @@ def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1, drop_
 class StudentItem:
     """What the loader yields: the student batch (CPU) and its teacher payloads (one per image)."""
 
-    batch: Batch
+    batch: Batch | None           # None when ``error`` is set
     teacher: list[Any] | None     # source.prefetch per image (None entries for the online source)
+    replaced: list[str] = field(default_factory=list)   # bad images replaced by the next good one (skip)
+    error: str | None = None      # a bad image under on_error="raise", or a changed image: the message
 
     def pin_memory(self) -> StudentItem:  # DataLoader(pin_memory=True)
+        if self.batch is None:
+            return self
         self.batch.images = self.batch.images.pin_memory()
         if self.teacher is not None:
             self.teacher = [_pin(payload) for payload in self.teacher]
@@ -102,20 +113,22 @@ class StudentBatches(torch.utils.data.Dataset):
         return len(self.plan)
 
     def __getitem__(self, k: int) -> StudentItem:
-        samples = []
-        for image_index, view_index in self.plan[k]:
-            sample = self.dataset.load(image_index, view_index)
-            expected = self.dataset.image_ids[image_index]
-            if sample.image_id != expected:  # the skip policy replaced an undecodable image
-                raise DataError(f"image id {expected} ({self.dataset.image_info(image_index).path}) cannot be "
-                                f"decoded; its cached teacher fields have no image to train on (fix the file)")
-            samples.append(sample)
+        samples, replaced = [], []
+        try:
+            for image_index, view_index in self.plan[k]:
+                sample = self.dataset.load(image_index, view_index)
+                expected = self.dataset.image_ids[image_index]
+                if sample.image_id != expected:  # the skip policy replaced a bad image by the next good one
+                    replaced.append(f"image id {expected} ({self.dataset.image_info(image_index).path})")
+                samples.append(sample)
+        except DataError as error:  # handed to the trainer as one line (see the module docstring)
+            return StudentItem(None, None, error=str(error))
         batch = collate(samples)
         payloads = None
         if self.source is not None:
             payloads = [self.source.prefetch(image_id, view_index)
                         for image_id, view_index in zip(batch.image_ids, batch.view_indices)]
-        return StudentItem(batch, payloads)
+        return StudentItem(batch, payloads, replaced)
 
 
 def make_loader(dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any, workers: int,

@@ -18,6 +18,11 @@ therefore finishes only the missing runs, and adding seeds, methods or grid valu
 only the new ones. A finished run configured differently from what the sweep now asks for is
 refused, never silently reused.
 
+Every --set and --grid value is parsed and checked against its field's type and range before any
+run starts (trainer options: TrainConfig and ``train.__main__.TRAIN_LIMITS``; METHOD.KEY: the
+method's config): an empty, non-numeric or non-finite number, 2.5 for an int, a negative weight,
+an unknown key, or a METHOD.KEY for a method no run trains is an error (exit status 2).
+
 Each run is a child process (``python -m train.sweep --run DIR``), so one crash does not end the
 sweep and memory is returned between runs. Runs go one per GPU (``--jobs``: all visible GPUs by
 default); on a CPU one at a time, or ``--jobs N`` runs side by side with the cores split between
@@ -26,7 +31,6 @@ them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -39,8 +43,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from train.__main__ import parse_assignments, run_training
-from train.methods import parse_method_names
+from train.__main__ import run_training, split_assignments, train_option_rules
+from train.methods import ValueRule, check_overrides, override_rule, parse_method_names
 from train.trainer import RESUME_FREE_KEYS, TrainConfig
 
 SWEEP_FILE = "sweep.json"
@@ -71,21 +75,28 @@ class RunSpec:
         return "partial" if (self.out / "last.pt").is_file() else "new"
 
 
+def setting_rule(key: str) -> ValueRule:
+    """What a --set/--grid key accepts: a trainer option's or a METHOD.KEY's rule. ValueError for a
+    key the sweep owns or does not know, listing the valid keys."""
+    if "." in key:
+        return override_rule(key)
+    if key in SWEEP_OWNED:
+        raise ValueError(f"{key!r} is set by the sweep itself (use its own flag: --methods, --seeds, --cache, "
+                         "--data, --out)")
+    rules = train_option_rules()
+    if key not in rules:
+        raise ValueError(f"unknown setting {key!r}: expected a trainer option ("
+                         + ", ".join(sorted(set(rules) - set(SWEEP_OWNED))) + ") or METHOD.KEY (e.g. frs.feat_weight)")
+    return rules[key]
+
+
 def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{"epochs": 4, "frs.feat_weight": 0.2}`` -> (trainer options, method hyperparameters)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    """``{"epochs": 4, "frs.feat_weight": 0.2}`` -> (trainer options, method hyperparameters), every
+    key and value checked (:func:`setting_rule`)."""
     options, method_keys = {}, {}
     for key, value in settings.items():
-        if "." in key:
-            method_keys[key] = value
-        elif key in SWEEP_OWNED:
-            raise ValueError(f"{key!r} is set by the sweep itself (use its own flag: --methods, --seeds, --cache, "
-                             "--data, --out)")
-        elif key in fields:
-            options[key] = value
-        else:
-            raise ValueError(f"unknown setting {key!r}: expected a trainer option ("
-                             + ", ".join(sorted(fields - set(SWEEP_OWNED))) + ") or METHOD.KEY (e.g. frs.feat_weight)")
+        setting_rule(key).check(value, key)
+        (method_keys if "." in key else options)[key] = value
     return options, method_keys
 
 
@@ -103,17 +114,33 @@ def _text(value: Any) -> str:
     return "-".join(_text(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def check_settings(methods: list[str], settings: dict[str, Any], grid: dict[str, list]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks the methods, every --set and --grid key and value, and that each METHOD.KEY applies to
+    some run; returns the settings split into (trainer options, method hyperparameters)."""
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or len(values) < 1:
+            raise ValueError(f"--grid {key}: expected one or more comma-separated values")
+        if len(set(map(_text, values))) != len(values):
+            raise ValueError(f"--grid {key}: the values {list(values)} repeat")
+        for value in values:  # the same key and value checks as --set
+            split_settings({key: value})
+    options, method_keys = split_settings(settings)
+    if not methods:
+        raise ValueError("no methods to sweep")
+    swept = {name for method in methods for name in parse_method_names(method)}
+    idle = [key for key in [*method_keys, *grid] if "." in key and key.split(".", 1)[0] not in swept]
+    if idle:
+        raise ValueError(f"{idle} would apply to no run: none of the methods {methods} includes "
+                         + ", ".join(sorted({key.split('.', 1)[0] for key in idle})))
+    return options, method_keys
+
+
 def plan_runs(out: str | Path, methods: list[str], seeds: list[int], data: str, cache: str, student: str,
               settings: dict[str, Any] | None = None, grid: dict[str, list] | None = None) -> list[RunSpec]:
     """Every (method, grid point, seed) run, with its TrainConfig (validated now, before any run starts)."""
     settings, grid = dict(settings or {}), dict(grid or {})
-    for key, values in grid.items():
-        if not isinstance(values, (list, tuple)) or len(values) < 1:
-            raise ValueError(f"--grid {key}: expected one or more comma-separated values")
-    options, method_keys = split_settings(settings)
-    split_settings({key: values[0] for key, values in grid.items()})  # the same key check for grid axes
-    if not methods:
-        raise ValueError("no methods to sweep")
+    options, method_keys = check_settings(methods, settings, grid)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {seeds} repeat")
     runs, names = [], set()
@@ -124,6 +151,7 @@ def plan_runs(out: str | Path, methods: list[str], seeds: list[int], data: str, 
             point = dict(zip(axes, values))
             run_options = {**options, **{k: v for k, v in point.items() if "." not in k}}
             overrides = {k: v for k, v in {**method_keys, **point}.items() if "." in k and applies(k, method)}
+            check_overrides(method, overrides)
             for seed in seeds:
                 name = run_name(method, point, seed)
                 if name in names:
@@ -271,13 +299,13 @@ def sweep(out: str | Path, methods: list[str], seeds: list[int], data: str, cach
     from train.sources import manifest_id
 
     out = Path(out)
+    runs = plan_runs(out, methods, seeds, data, cache, student, settings, grid)  # checks every setting first
     manifest = load_manifest(str(cache))
     if manifest is None:
         raise FileNotFoundError(f"{cache} is not a teacher cache (no manifest.json); make one with python -m "
                                 "precompute (make cache)")
     if not manifest["complete"]:
         raise ValueError(f"{cache} is an unfinished cache: rerun the precompute command that wrote it (it resumes)")
-    runs = plan_runs(out, methods, seeds, data, cache, student, settings, grid)
     cache_id = manifest_id(manifest)
     previous = out / SWEEP_FILE
     if previous.is_file():
@@ -299,24 +327,57 @@ def sweep(out: str | Path, methods: list[str], seeds: list[int], data: str, cach
     return result
 
 
+def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["epochs=6", "frs.feat_weight=0.2"]`` -> ``{"epochs": 6, "frs.feat_weight": 0.2}``, each value
+    parsed by its key's rule; ValueError (one line, naming the key and value) otherwise."""
+    settings = {}
+    for key, text in split_assignments(items, flag).items():
+        settings[key] = _rule_for(key, text, flag).parse(text, key, flag)
+    return settings
+
+
 def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["frs.feat_weight=0.1,0.2"]`` -> ``{"frs.feat_weight": [0.1, 0.2]}``."""
+    """``["frs.feat_weight=0.1,0.2", "milestones=(4,5),(6,7)"]`` -> ``{"frs.feat_weight": [0.1, 0.2],
+    "milestones": [(4, 5), (6, 7)]}``: values split at the commas outside brackets, each parsed by
+    the key's rule."""
     grid = {}
-    for key, value in parse_assignments(items, "--grid").items():
-        grid[key] = list(value) if isinstance(value, tuple) else [value]
+    for key, text in split_assignments(items, "--grid").items():
+        rule = _rule_for(key, text, "--grid")
+        grid[key] = [rule.parse(value, key, "--grid") for value in split_outside_brackets(text)]
     return grid
 
 
+def _rule_for(key: str, text: str, flag: str) -> ValueRule:
+    try:
+        return setting_rule(key)
+    except ValueError as error:
+        raise ValueError(f"{flag} {key}={text!r}: {error}") from None
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    """``"(4,5),(6,7)"`` -> ``["(4,5)", "(6,7)"]``; ``"0.1,0.2"`` -> ``["0.1", "0.2"]``; ``""`` -> ``[""]``."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"3"`` -> [0, 1, 2]; ``"0,5,7"`` -> [0, 5, 7]."""
+    """``"3"`` -> [0, 1, 2]; ``"0,5,7"`` -> [0, 5, 7]; ValueError otherwise."""
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+            if seeds and min(seeds) >= 0:
+                return seeds
+            raise ValueError
         count = int(text)
     except ValueError:
-        raise SystemExit(f"--seeds {text!r}: a count (3 means seeds 0 1 2) or a list (0,5,7)") from None
+        raise ValueError(f"--seeds {text!r}: a count (3 means seeds 0 1 2) or a list of seeds >= 0 (0,5,7)") from None
     if count < 1:
-        raise SystemExit("--seeds must be at least 1")
+        raise ValueError(f"--seeds {text!r}: the count must be at least 1")
     return list(range(count))
 
 
@@ -350,10 +411,17 @@ def main(argv=None) -> int:
     if not args.cache or not args.data:
         print("error: --cache and --data are required", file=sys.stderr)
         return 2
+    try:  # every value checked before anything is read or run
+        seeds, settings, grid = parse_seeds(args.seeds), parse_settings(args.settings), parse_grid(args.grid)
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: expected an int >= 1")
+        plan_runs(args.out, args.methods, seeds, args.data, args.cache, args.student, settings, grid)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
-        result = sweep(args.out, args.methods, parse_seeds(args.seeds), args.data, args.cache, args.student,
-                       settings=parse_assignments(args.settings, "--set"), grid=parse_grid(args.grid),
-                       jobs=args.jobs, report=not args.no_report, progress=not args.no_progress)
+        result = sweep(args.out, args.methods, seeds, args.data, args.cache, args.student, settings=settings,
+                       grid=grid, jobs=args.jobs, report=not args.no_report, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detectors import build_detector, save_checkpoint
-from detectors.data import CocoDetection
+from detectors.data import CocoDetection, DataError
 from detectors.outputs import Detector, DetectorOutput
 from detectors.views import Batch, ViewSpec
 from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT
@@ -62,7 +62,7 @@ from train.evaluate import evaluate_detector
 from train.methods import (DatasetStats, DistillationMethod, ParamGroupSpec, build_method, parse_method_names,
                            schedule_warnings)
 from train.schedule import ScheduleConfig, build_scheduler, build_sgd
-from train.sources import CachedTeacher, OnlineTeacher, field_names, manifest_id
+from train.sources import CachedTeacher, OnlineTeacher, adopt_cache_images, field_names, manifest_id
 from train.student_data import epoch_plan, make_loader, steps_per_epoch
 from train.teacher import seed_everything
 from train.teacher_batch import collate_teacher
@@ -86,6 +86,7 @@ class TrainConfig:
     #                                            online: the views to train on (default "default")
     split: str = "train2017"
     val_split: str = "val2017"
+    on_error: str = "skip"                     # a bad training image: skip (replaced, counted) | raise
     overrides: dict[str, Any] = field(default_factory=dict)        # method hyperparameters
     student_config: dict[str, Any] = field(default_factory=dict)   # DetectorConfig overrides
     inherit: bool = False                      # student neck + head from the teacher's weights
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
         if self.amp not in ("auto", *AMP_DTYPES):
             raise ValueError(f"amp must be one of auto, {', '.join(AMP_DTYPES)}; got {self.amp!r}")
         for name in ("epochs", "batch_size", "log_every"):
@@ -148,8 +151,8 @@ class TrainConfig:
 
 
 # Options that may change between a run and its resumption: they do not change the weights' trajectory.
-RESUME_FREE_KEYS = ("out", "workers", "eval", "eval_every", "eval_batch_size", "ckpt_every", "stop_after", "resume",
-                    "log_every", "tensorboard", "progress", "device")
+RESUME_FREE_KEYS = ("out", "on_error", "workers", "eval", "eval_every", "eval_batch_size", "ckpt_every",
+                    "stop_after", "resume", "log_every", "tensorboard", "progress", "device")
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -276,10 +279,11 @@ class StudentTrainer:
 
         # --- data, the teacher source and its manifest (refusals: dataset, views)
         self.views, self.manifest_id, cache = self._views_and_cache()
-        self.train_set = CocoDetection(c.data, c.split, views=self.views, view_policy="all")
+        self.train_set = CocoDetection(c.data, c.split, views=self.views, view_policy="all", on_error=c.on_error)
         self.num_classes = self.train_set.num_classes
         teacher_model = None
         if cache is not None:
+            adopt_cache_images(self.train_set, cache, where=c.cache)  # the cache's skipped images and image hashes
             expect = dict(dataset=self.train_set.fingerprint(), views=[v.to_dict() for v in self.views])
             cache.manifest.check(expect, where=c.cache)
             self.teacher_config = cache.manifest["teacher"].get("config")
@@ -306,9 +310,11 @@ class StudentTrainer:
         self.fields = field_names(self.method.fields)  # the only groups the trainer reads
         where = c.cache if cache is not None else c.teacher
         if cache is not None:
+            self.method.check_cache_options(cache.manifest["options"], where=c.cache)  # e.g. LD's VLR rule
             self.source = CachedTeacher(c.cache, self.fields, cache=cache)  # refuses a cache lacking a field
         else:
-            self.source = OnlineTeacher(teacher_model, self.fields, amp_dtype=self.amp_dtype)
+            self.source = OnlineTeacher(teacher_model, self.fields, amp_dtype=self.amp_dtype,
+                                        options=self.method.cache_options)
         check_pairing(self.fields, self.student, self.teacher_config, self.num_classes, where)
         if c.inherit:
             state = (self.source.artifact(INHERIT_ARTIFACT, "--inherit reads the teacher's neck and head from it")
@@ -350,6 +356,7 @@ class StudentTrainer:
         self.history: list[dict] = []
         self.step_times: list[float] = []          # wall seconds per iteration in this invocation
         self.last_values: dict[str, float] = {}
+        self.images_replaced: list[str] = []      # bad images the skip policy replaced in this invocation
         self.resumed_from: int | None = None
         if c.resume and (self.out / "last.pt").is_file():
             self.load(self.out / "last.pt")
@@ -492,6 +499,10 @@ class StudentTrainer:
                                      pin_memory=self.device.type == "cuda")
                 tick = time.perf_counter()
                 for item in loader:
+                    if item.error is not None:  # a bad image under on_error="raise", or a changed image
+                        raise DataError(item.error)
+                    if item.replaced:
+                        self.images_replaced += item.replaced
                     waited = time.perf_counter() - tick
                     values = self.run_step(item.batch, item.teacher)
                     self.iteration += 1
@@ -537,8 +548,8 @@ class StudentTrainer:
         results = self._results(final)
         if self.is_main:
             self.save(self.out / "last.pt")
-            save_checkpoint(self.out / "student.pt", self.student, method=c.method, iteration=self.iteration,
-                            metrics=final, label_to_cat_id=self.train_set.label_to_cat_id)
+            _save_checkpoint(self.out / "student.pt", self.student, method=c.method, iteration=self.iteration,
+                             metrics=final, label_to_cat_id=self.train_set.label_to_cat_id)
             (self.out / "results.json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
         if self.distributed:
             torch.distributed.barrier()
@@ -592,6 +603,7 @@ class StudentTrainer:
             "cache_bytes_read": int(bytes_read.item()),
             "final": final, "best_AP": self.best_ap if self.history else None, "history": self.history,
             "last_losses": self.last_values, "config": c.to_dict(),
+            "images_replaced": sorted(set(self.images_replaced)),
             "schedule_warnings": self.schedule_warnings, "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
         }
 
@@ -619,7 +631,7 @@ class StudentTrainer:
             return
         state = self.state()
         state["train_seconds"] += self._session_seconds()
-        save_checkpoint(path, self.student, train_state=state)
+        _save_checkpoint(path, self.student, train_state=state)
 
     def load(self, path: Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -649,6 +661,23 @@ class StudentTrainer:
         self.bytes_read_before = state.get("cache_bytes_read", 0)
         _set_rng_state(state["rng"])
         self.resumed_from = self.iteration
+
+
+def _save_checkpoint(path: Path, model: Detector, **extra: Any) -> None:
+    """``save_checkpoint``, whose failure (e.g. a full disk) names the path and leaves no temporary file."""
+    temporary = Path(path).with_name(Path(path).name + ".tmp")   # save_checkpoint's temporary name
+    try:
+        save_checkpoint(path, model, **extra)
+    except (OSError, RuntimeError) as error:   # torch.save reports a failed write as a RuntimeError
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
+        message = f"cannot save the checkpoint {path}: {reason} (the previous {Path(path).name}, if any, is intact)"
+        if isinstance(error, OSError):
+            raise OSError(error.errno, message) from None
+        raise RuntimeError(message) from None
 
 
 def _finite(value):

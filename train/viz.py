@@ -52,7 +52,7 @@ from store import (LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, Cache, CacheErr
 from train.methods import build_method, parse_method_names, split_overrides
 from train.methods.frs import richness_score
 from train.methods.icd import ICD, DatasetStats, sample_queries
-from train.sources import manifest_id
+from train.sources import adopt_cache_images, manifest_id
 from train.teacher_batch import collate_teacher
 
 PICTURES = ("frs", "maskd", "ld", "icd", "detections")
@@ -595,6 +595,7 @@ def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "
         raise ValueError(f"--view {view}: the cache has {len(views)} views (0..{len(views) - 1}): "
                          + ", ".join(f"{i}: {v.key()}" for i, v in enumerate(views)))
     dataset = CocoDetection(data, split, views=views, view_policy="all")
+    adopt_cache_images(dataset, opened, where=str(cache))
     try:
         opened.manifest.check(dict(dataset=dataset.fingerprint()), where=str(cache))
     except ManifestMismatch as error:

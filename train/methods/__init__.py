@@ -10,7 +10,8 @@ are added side by side (term names are unique per method) and their fields and p
 are joined. Overrides are config keys, either plain (``"feat_weight"``) when exactly one of the
 combined methods has that key, or qualified (``"frs.feat_weight"``); unknown keys are rejected
 with the known ones listed. Defaults are the official values for the detector family (``retina``
-or ``gfl``), see each method's ``Config``.
+or ``gfl``), see each method's ``Config``. Values must fit their field's type and range
+(``base.config_rules``); command-line text is parsed by the same rules (:func:`parse_overrides`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
-from train.methods.base import (FAMILIES, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,
-                                config_keys)
+from train.methods.base import (FAMILIES, METHOD_LIMITS, BuildContext, DistillationMethod, MethodConfig,
+                                ParamGroupSpec, SettingError, ValueRule, config_keys, config_rules)
 from train.methods.defeat import DeFeat
 from train.methods.frs import FRS
 from train.methods.icd import ICD, DatasetStats
@@ -35,8 +36,9 @@ METHODS: dict[str, type[DistillationMethod]] = {
 }
 
 __all__ = ["METHODS", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat", "DistillationMethod", "FRS", "ICD",
-           "LD", "MasKD", "MethodConfig", "NoDistillation", "ParamGroupSpec", "build_method", "list_methods",
-           "parse_method_names"]
+           "LD", "MasKD", "MethodConfig", "NoDistillation", "ParamGroupSpec", "SettingError", "ValueRule",
+           "build_method", "check_overrides", "list_methods", "override_rule", "parse_method_names",
+           "parse_overrides"]
 
 
 def list_methods() -> list[str]:
@@ -146,6 +148,56 @@ def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, di
     return per_method
 
 
+def override_rule(key: str) -> ValueRule:
+    """The rule of a qualified method hyperparameter ``"frs.feat_weight"``; ValueError naming the valid keys."""
+    name, _, plain = key.partition(".")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {key!r}; known methods: {list(METHODS)}")
+    rules = config_rules(METHODS[name].Config, METHOD_LIMITS)
+    if plain not in rules:
+        raise ValueError(f"unknown {name} hyperparameter {key!r}; valid keys: {[f'{name}.{k}' for k in rules]}")
+    return rules[plain]
+
+
+def parse_overrides(spec: str, texts: dict[str, str], flag: str = "--set") -> dict[str, Any]:
+    """Command-line overrides of a (combined) method, parsed: ``{"frs.feat_weight": "0.2"}`` ->
+    ``{"frs.feat_weight": 0.2}`` (keys as given, plain or qualified).
+
+    Every value is parsed and checked by its field's :class:`ValueRule`, and each part's config is
+    built once so that its own checks run too. Raises ValueError, one line, naming the flag, key and
+    value (:class:`SettingError`), or listing the known keys for an unknown or ambiguous one.
+    """
+    names = parse_method_names(spec)
+    split_overrides(names, texts)  # every unknown and ambiguous key at once, with the known keys
+    values = {}
+    for key, text in texts.items():
+        [(name, plain)] = [(name, plain) for name, part in split_overrides(names, {key: text}).items()
+                           for plain in part]
+        values[key] = override_rule(f"{name}.{plain}").parse(text, key, flag)
+    try:
+        check_overrides(spec, values)
+    except SettingError as error:
+        raise SettingError(f"{flag} {error}") from None
+    return values
+
+
+def check_overrides(spec: str, overrides: dict[str, Any]) -> None:
+    """Builds each part's config with its ``overrides`` (official defaults of the first family it
+    supports), so that the values' rules and the config's own checks (LD's ``vlr_rule`` choices,
+    ...) run before any work; raises ValueError, one line."""
+    names = parse_method_names(spec)
+    for name, part in split_overrides(names, overrides).items():
+        config_cls = METHODS[name].Config
+        if part:
+            try:
+                config_cls.for_family(next(iter(config_cls.FAMILY_DEFAULTS)), **part)
+            except SettingError:
+                raise
+            except (TypeError, ValueError) as error:
+                given = " ".join(f"{name}.{key}={value!r}" for key, value in part.items())
+                raise SettingError(f"{given}: {error}") from None
+
+
 class CombinedMethod(DistillationMethod):
     """Several methods side by side: their terms, fields and parameter groups joined."""
 
@@ -160,6 +212,14 @@ class CombinedMethod(DistillationMethod):
         for part in self.parts.values():
             out += [f for f in part.fields if f not in out]
         return tuple(out)
+
+    @property
+    def cache_options(self) -> dict:
+        return {key: value for part in self.parts.values() for key, value in part.cache_options.items()}
+
+    def check_cache_options(self, options: dict, where: str) -> None:
+        for part in self.parts.values():
+            part.check_cache_options(options, where)
 
     def param_groups(self) -> list[ParamGroupSpec]:
         return [group for part in self.parts.values() for group in part.param_groups()]

@@ -7,7 +7,8 @@ A method is an ``nn.Module`` with
   ``FIELDS`` to what the configured terms actually need (a term with weight 0 reads nothing);
 - ``Config``: a frozen dataclass of hyperparameters whose defaults are the official values for
   RetinaNet; ``Config.for_family(family, **overrides)`` applies the per-family official values
-  (``FAMILY_DEFAULTS``) and then the overrides, rejecting unknown keys;
+  (``FAMILY_DEFAULTS``) and then the overrides, rejecting unknown keys and values outside a
+  field's type and range (:func:`config_rules`; ``--set`` text is parsed by the same rules);
 - learnable parts (adapters, decoders) as submodules, and ``param_groups()`` saying which
   optimiser trains them (:class:`ParamGroupSpec`);
 - ``forward(student, teacher, targets, iteration) -> dict[str, Tensor]`` of named, already
@@ -18,7 +19,13 @@ each level), never over batch padding.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -56,10 +63,188 @@ class MethodConfig:
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown {cls.__qualname__} keys {unknown}; known keys: {known}")
+        rules = config_rules(cls, METHOD_LIMITS)
+        overrides = {key: rules[key].check(value, key) for key, value in overrides.items()}
         return cls(**{**cls.FAMILY_DEFAULTS[family], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- config values
+class SettingError(ValueError):
+    """A config value that does not fit its field; the message is one line naming the key and value."""
+
+
+class _Problem(Exception):
+    """What is wrong with a value (internal to ValueRule; surfaced as a SettingError)."""
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """What one config field accepts, as ``KEY=VALUE`` text or as a value: type, range, choices.
+
+    ``kind``: ``bool`` (true, false, 1, 0), ``int`` (integral text only), ``float`` (integral text
+    gives an int, as a Python literal would), ``str``, ``tuple`` (of floats: ``(4,5)``, ``4,5``) or
+    ``dict`` (a Python dict literal). Numbers, and a tuple's items, must be finite, ``>= minimum``
+    (``> minimum`` when ``exclusive``) and ``<= maximum``. ``optional`` also accepts ``none`` (the
+    field's automatic default). An empty value is always refused.
+    """
+
+    kind: type
+    minimum: float | None = None
+    exclusive: bool = False
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def describe(self) -> str:
+        """``"a float >= 0"``, ``"an int >= 1"``, ``"one of sgd, adamw"``, ..."""
+        if self.kind is bool:
+            text = "a bool (true, false, 1 or 0)"
+        elif self.kind is str:
+            text = f"one of {', '.join(self.choices)}" if self.choices else "a non-empty string"
+        elif self.kind is dict:
+            text = "a dict literal such as {'norm': 'bn'}"
+        else:
+            text = {int: "an int", float: "a float", tuple: "a tuple of floats"}[self.kind]
+            bounds = []
+            if self.minimum is not None:
+                bounds.append(f"{'>' if self.exclusive else '>='} {self.minimum:g}")
+            if self.maximum is not None:
+                bounds.append(f"<= {self.maximum:g}")
+            if bounds:
+                text += (" each " if self.kind is tuple else " ") + " and ".join(bounds)
+        return text + (" or none" if self.optional else "")
+
+    def parse(self, text: str, key: str, flag: str = "--set") -> Any:
+        """The value of ``KEY=text``; raises :class:`SettingError`: ``flag key='text': problem; expected ...``."""
+        try:
+            return self._check(self._parse(text.strip()))
+        except _Problem as problem:
+            raise SettingError(f"{flag} {key}={text!r}: {problem}; expected {self.describe()}") from None
+
+    def check(self, value: Any, key: str) -> Any:
+        """``value`` unchanged when it fits; raises :class:`SettingError`: ``key=value: problem; expected ...``."""
+        try:
+            return self._check(value)
+        except _Problem as problem:
+            raise SettingError(f"{key}={value!r}: {problem}; expected {self.describe()}") from None
+
+    def _parse(self, text: str) -> Any:
+        if not text:
+            raise _Problem("empty value")
+        if self.optional and text.lower() in ("none", "null"):
+            return None
+        if self.kind is bool:
+            value = {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+            if value is None:
+                raise _Problem("not a bool")
+            return value
+        if self.kind in (int, float):
+            return _parse_number(text, self.kind)
+        if self.kind is tuple:
+            inner = text[1:-1] if text[0] + text[-1] in ("()", "[]") else text
+            items = [item.strip() for item in inner.split(",")]
+            if len(items) > 1 and not items[-1]:  # "(4,)"
+                items.pop()
+            if items == [""]:
+                return ()
+            if not all(items):
+                raise _Problem("an empty item")
+            return tuple(_parse_number(item, float) for item in items)
+        if self.kind is dict:
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise _Problem("not a dict literal") from None
+        return text  # str
+
+    def _check(self, value: Any) -> Any:
+        if value is None:
+            if not self.optional:
+                raise _Problem("no value")
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                raise _Problem("not a bool")
+        elif self.kind in (int, float):
+            self._check_number(value, self.kind)
+        elif self.kind is tuple:
+            if not isinstance(value, (tuple, list)):
+                raise _Problem("not a tuple")
+            for item in value:
+                self._check_number(item, float)
+        elif self.kind is dict:
+            if not isinstance(value, dict):
+                raise _Problem("not a dict")
+        elif not isinstance(value, str):
+            raise _Problem("not a string")
+        elif not value:
+            raise _Problem("empty value")
+        elif self.choices and value not in self.choices:
+            raise _Problem("not a choice")
+        return value
+
+    def _check_number(self, value: Any, kind: type) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Problem("not a number")
+        if kind is int and not isinstance(value, int):
+            raise _Problem("not an int")
+        if not math.isfinite(value):
+            raise _Problem("not finite")
+        below = self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum)
+        if below or (self.maximum is not None and value > self.maximum):
+            raise _Problem("out of range")
+
+
+_INTEGRAL = re.compile(r"[+-]?[0-9]+")
+
+
+def _parse_number(text: str, kind: type) -> int | float:
+    """An int for integral text ("2"); for a float field, a float for other numeric text ("2.5", "1e-4")."""
+    if _INTEGRAL.fullmatch(text):
+        return int(text)
+    if kind is int:
+        raise _Problem("not an int")
+    try:
+        return float(text)
+    except ValueError:
+        raise _Problem("not a number") from None
+
+
+def config_rules(config_cls: type, limits: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, ValueRule]:
+    """A :class:`ValueRule` per field of the dataclass ``config_cls``, its kind from the type hints.
+
+    Ranges and choices come from ``limits[name]`` (ValueRule keyword arguments); a number without
+    an entry must be >= 0 (every count, weight, ratio and rate here is).
+    """
+    hints = typing.get_type_hints(config_cls)
+    limits = limits or {}
+    rules = {}
+    for f in fields(config_cls):
+        hint, optional = hints[f.name], False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+        kind = typing.get_origin(hint) or hint
+        if kind not in (bool, int, float, str, tuple, dict):
+            raise TypeError(f"{config_cls.__qualname__}.{f.name}: no command-line rule for the type {hint}")
+        extra = dict(limits.get(f.name, {}))
+        if kind in (int, float, tuple):
+            extra.setdefault("minimum", 0)
+        rules[f.name] = ValueRule(kind, optional=optional, **extra)
+    return rules
+
+
+# The range of the methods' hyperparameters by field name (a name means the same in every method);
+# a number not listed is >= 0 (weights, iteration counts, ratios, weight decay).
+_POSITIVE = {"minimum": 0, "exclusive": True}
+METHOD_LIMITS: dict[str, dict[str, Any]] = {
+    "temperature": _POSITIVE, "ld_temperature": _POSITIVE, "vlr_temperature": _POSITIVE,
+    "kd_temperature": _POSITIVE, "head_temperature": _POSITIVE, "lr": _POSITIVE, "max_grad_norm": _POSITIVE,
+    "num_heads": {"minimum": 1}, "ffn_ratio": {"minimum": 1}, "max_queries": {"minimum": 1},
+    "images_per_group": {"minimum": 1},
+}
 
 
 @dataclass
@@ -131,6 +316,19 @@ class DistillationMethod(nn.Module):
         """The teacher fields this configured instance reads."""
         return self.FIELDS
 
+    @property
+    def cache_options(self) -> dict[str, Any]:
+        """The field rules (a cache manifest's ``options``) this configured instance needs the
+        teacher fields to have been computed with, e.g. LD's VLR rule; {} when any will do."""
+        return {}
+
+    def check_cache_options(self, options: dict[str, Any], where: str) -> None:
+        """Refuses (ValueError) a cache whose manifest ``options`` differ from :attr:`cache_options`."""
+        for key, wanted in self.cache_options.items():
+            if options.get(key) != wanted:
+                raise ValueError(f"{where} was written with {key}={options.get(key)!r}, but {self.NAME} is "
+                                 f"configured for {wanted!r}")
+
     def param_groups(self) -> list[ParamGroupSpec]:
         """By default every learnable part trains with the student's optimiser."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -142,6 +340,20 @@ class DistillationMethod(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+# The official runs compute every loss per GPU on 2 images, and DDP averages the gradients: a method
+# normalises over each group of 2 consecutive images and averages the groups (METHODS.md, "Batch
+# semantics"), so 1 device x 16 images, 8 x 2 and DDP here train the same.
+IMAGES_PER_GPU = 2
+
+
+def sum_per_gpu_batch(per_image: Tensor) -> Tensor:
+    """(N, ...) -> (ceil(N / 2), ...): sums over the official per-GPU batches of 2 consecutive images."""
+    num_images = per_image.shape[0]
+    group = torch.arange(num_images, device=per_image.device) // IMAGES_PER_GPU  # (N,)
+    out = per_image.new_zeros((-(-num_images // IMAGES_PER_GPU), *per_image.shape[1:]))
+    return out.index_add(0, group, per_image)
+
+
 def linear_ramp(iteration: int, ramp_iters: int) -> float:
     """0 at iteration 0, rising linearly to 1 at ``ramp_iters`` (and 1 after)."""
     if ramp_iters <= 0 or iteration >= ramp_iters:

@@ -31,8 +31,26 @@ locations, the binary KL of the sigmoid class scores at temperature T summed ove
 and likewise ``defeat_head_bg``. Binary rather than softmax KL because a sigmoid head has no
 background class: a softmax over K classes would throw away "how much background" a location is.
 
-Difference from the official code: the background mask is restricted to each image's valid
-region (the official 1 − M also covers batch padding).
+Batch semantics: the official runs put 2 images on each GPU; the normalisers max(1, 2·Σ M_c)
+and max(1, 2·Σ B_c) (and the head term's anchor counts) are sums over those 2 images, and DDP
+averages the GPUs. So a batch of B images is split into groups of 2 consecutive images (the last
+group of an odd B holds 1 image), every term is computed per group as above and the terms are
+the mean over the groups: 1 device × 16 images trains like 8 GPUs × 2.
+``tests/test_reference_defeat.py`` checks this against a plain-torch transcription of
+``batch_processor_kd`` (``neck-adapt,neck-decouple,pixel-wise``) and ``get_gt_mask`` /
+``_map_roi_levels`` at 2 and 8 images, with and without padding.
+
+Remaining differences from the official code:
+
+- The background mask is restricted to each image's valid region (the official 1 − M also
+  covers batch padding, where the teacher's features are real values of the zero-padded image
+  and the normaliser counts those cells). For a pair of equal sizes there is no padding; for a
+  portrait 1333×800 image paired with a landscape one, 41 % of the pair's map is padding, so the
+  official L_bg normaliser is up to 1/(1 − 0.41) = 1.7× ours and its numerator holds the
+  padding's errors. Not reproducible from the cache, which holds only each image's own region.
+- GT cells are clipped to the image's valid region rather than to the batch map (identical for
+  boxes inside the image).
+- The head term is our one-stage design (see above), not the author's.
 """
 from __future__ import annotations
 
@@ -43,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
-from train.methods.base import BuildContext, DistillationMethod, MethodConfig, check_same_shape, require
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require,
+                                sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 # FPN's RoI-to-level rule (as mmdetection's ``_map_roi_levels``): canonical size 56 -> level 0.
@@ -93,13 +112,13 @@ class DeFeat(DistillationMethod):
         for level, (valid, fg) in enumerate(zip(teacher.valid, gt_masks)):
             adapted = self.adapters[level](student.features[level])  # (N, C_t, H, W)
             check_same_shape(adapted, teacher_fpn[level], f"adapted features of level {level}")
-            channels = adapted.shape[1]
             squared_error = (adapted - teacher_fpn[level]) ** 2  # (N, C, H, W)
             bg = valid & ~fg  # (N, 1, H, W)
-            fg_loss = fg_loss + (squared_error * fg).sum() / max(1.0, 2.0 * channels * float(fg.sum()))
-            bg_loss = bg_loss + (squared_error * bg).sum() / max(1.0, 2.0 * channels * float(bg.sum()))
-        terms = {"defeat_fg": config.fg_weight / num_levels * fg_loss,
-                 "defeat_bg": config.bg_weight / num_levels * bg_loss}
+            fg_loss = fg_loss + decoupled_term(squared_error, fg)  # (G,)
+            bg_loss = bg_loss + decoupled_term(squared_error, bg)
+        # Mean over the per-GPU batches.
+        terms = {"defeat_fg": config.fg_weight / num_levels * fg_loss.mean(),
+                 "defeat_bg": config.bg_weight / num_levels * bg_loss.mean()}
         if config.head_fg_weight or config.head_bg_weight:
             teacher_cls = require(teacher.cls, "head.cls", "DeFeat (head term)")
             fg_kl, bg_kl, fg_count, bg_count = 0.0, 0.0, 0, 0
@@ -111,14 +130,25 @@ class DeFeat(DistillationMethod):
                 kl = binary_kl_with_temperature(s_logits, t_logits, temperature)  # (N, A*K, H, W)
                 kl = kl.sum(dim=1, keepdim=True)  # (N, 1, H, W): Σ over anchors and classes
                 bg = valid & ~fg
-                fg_kl, bg_kl = fg_kl + (kl * fg).sum(), bg_kl + (kl * bg).sum()
-                fg_count += int(fg.sum()) * num_anchors
-                bg_count += int(bg.sum()) * num_anchors
+                fg_kl = fg_kl + sum_per_gpu_batch((kl * fg).sum(dim=(1, 2, 3)))  # (G,)
+                bg_kl = bg_kl + sum_per_gpu_batch((kl * bg).sum(dim=(1, 2, 3)))
+                fg_count = fg_count + sum_per_gpu_batch(fg.sum(dim=(1, 2, 3))) * num_anchors  # (G,) long
+                bg_count = bg_count + sum_per_gpu_batch(bg.sum(dim=(1, 2, 3))) * num_anchors
+            scale = temperature ** 2
             if config.head_fg_weight:
-                terms["defeat_head_fg"] = config.head_fg_weight * temperature ** 2 * fg_kl / max(1, fg_count)
+                per_gpu = fg_kl / fg_count.clamp(min=1)  # (G,)
+                terms["defeat_head_fg"] = config.head_fg_weight * scale * per_gpu.mean()
             if config.head_bg_weight:
-                terms["defeat_head_bg"] = config.head_bg_weight * temperature ** 2 * bg_kl / max(1, bg_count)
+                per_gpu = bg_kl / bg_count.clamp(min=1)
+                terms["defeat_head_bg"] = config.head_bg_weight * scale * per_gpu.mean()
         return terms
+
+
+def decoupled_term(squared_error: Tensor, mask: Tensor) -> Tensor:
+    """Σ M·err / max(1, 2·Σ M_c) per official per-GPU batch: err (N, C, H, W), M (N, 1, H, W) bool -> (G,)."""
+    error = sum_per_gpu_batch((squared_error * mask).sum(dim=(1, 2, 3)))  # (G,)
+    cells = sum_per_gpu_batch(mask.sum(dim=(1, 2, 3)).to(error.dtype))  # (G,) cells of M
+    return error / (2.0 * squared_error.shape[1] * cells).clamp(min=1.0)  # Σ M_c = C · cells
 
 
 def binary_kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -7,7 +7,7 @@ Official code: https://github.com/duzhixing/FRS @decd60c (``detectors/distill_fr
 Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's s:
 
     S    = max over the A*K channels of σ(t)                      (N, 1, H, W), no gradient
-    feat = Σ_{n,c,h,w} S·(F_t − Adapt_l(F_s))² / Σ_{n,h,w} S
+    feat = Σ_{n,c,h,w} S·(F_t − Adapt_l(F_s))² / Σ_{n,h,w} S      (n over one per-GPU batch, below)
     cls  = Σ_{n,ak,h,w} S·BCE(σ(s), σ(t)) / Σ_{n,h,w} S          (element-wise over anchors and classes)
 
     frs_feat = w_f · ramp · Σ_l feat_l,   frs_cls = w_c · ramp · Σ_l cls_l,
@@ -17,21 +17,37 @@ Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's 
 official ``ADAP`` neck), trained with the student. The richness mask is dense: it keeps rich
 features outside GT boxes and drops background-like ones inside.
 
-Differences from the official code: sums run only over each image's valid region (the official
-code also counts batch padding, where the teacher's logits are real values); BCE is computed from
-logits (``binary_cross_entropy_with_logits``), which equals the official ``F.binary_cross_entropy``
-on sigmoids except where that one clamps log(0) at −100.
+Batch semantics: the official runs put 2 images on each GPU and divide by the Σ S of those 2
+images; DDP then averages the GPUs. So a batch of B images is split into groups of 2 consecutive
+images (the last group of an odd B holds 1 image), ``feat`` and ``cls`` are computed per group as
+above (Σ over the group / Σ S of the group) and the terms are the mean over the groups: 1 device ×
+16 images trains like 8 GPUs × 2. ``tests/test_reference_frs.py`` checks this against a plain-torch
+transcription of ``Distilling_FRS_Single.forward_train`` at 2 and 8 images, with and without padding.
+
+Remaining differences from the official code:
+
+- Sums run only over each image's valid region; the official code also counts batch padding
+  (the smaller image of a pair is padded to the larger), where the teacher's logits are real
+  values of the zero-padded image, so S > 0 there. Its size is the teacher's richness in the
+  padding times the padded area: 0 for a pair of equal sizes, up to 41 % of the pair's map for a
+  portrait image (1333×800) paired with a landscape one (800×1333). It cannot be reproduced from
+  the cache, which holds only each image's own region; the reference test checks the rest of the
+  computation with the official code given a teacher whose richness is 0 on the padding.
+- BCE is computed from logits (``binary_cross_entropy_with_logits``), which equals the official
+  ``F.binary_cross_entropy`` on sigmoids (within 1e-6 relative in the reference test) except where
+  that one clamps log(0) at −100 (|logit| > ~17 in float32).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
-                                require)
+                                require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 
@@ -39,6 +55,8 @@ def richness_score(cls_logits: Tensor) -> Tensor:
     """FRS's richness mask S of one level: class logits (N, A*K, H, W) -> max over the A*K channels
     of σ(logits), (N, 1, H, W). Used by :meth:`FRS.forward` and by the pictures in ``train.viz``."""
     return cls_logits.sigmoid().amax(dim=1, keepdim=True)
+
+
 
 
 @dataclass(frozen=True)
@@ -82,18 +100,20 @@ class FRS(DistillationMethod):
             t_logits, s_logits = teacher_cls[level], student.cls_logits[level]  # (N, A*K, H, W)
             check_same_shape(s_logits, t_logits, f"class logits of level {level}")
             richness = richness_score(t_logits) * valid  # (N, 1, H, W), zero outside valid
-            richness_sum = richness.sum().clamp(min=1e-12)
+            richness_sum = sum_per_gpu_batch(richness.sum(dim=(1, 2, 3))).clamp(min=1e-12)  # (G,)
             if config.feat_weight:
                 adapted = self.adapters[level](student.features[level])  # (N, C_t, H, W)
                 check_same_shape(adapted, teacher_fpn[level], f"adapted features of level {level}")
-                feat_loss = feat_loss + ((teacher_fpn[level] - adapted) ** 2 * richness).sum() / richness_sum
+                per_image = ((teacher_fpn[level] - adapted) ** 2 * richness).sum(dim=(1, 2, 3))  # (N,)
+                feat_loss = feat_loss + sum_per_gpu_batch(per_image) / richness_sum  # (G,)
             if config.cls_weight:
                 bce = F.binary_cross_entropy_with_logits(s_logits, t_logits.sigmoid(), reduction="none")
-                cls_loss = cls_loss + (bce * richness).sum() / richness_sum
+                per_image = (bce * richness).sum(dim=(1, 2, 3))  # (N,)
+                cls_loss = cls_loss + sum_per_gpu_batch(per_image) / richness_sum  # (G,)
         ramp = linear_ramp(iteration, config.warmup_iters)
         terms = {}
         if config.feat_weight:
-            terms["frs_feat"] = config.feat_weight * ramp * feat_loss
+            terms["frs_feat"] = config.feat_weight * ramp * feat_loss.mean()  # mean over the per-GPU batches
         if config.cls_weight:
-            terms["frs_cls"] = config.cls_weight * ramp * cls_loss
+            terms["frs_cls"] = config.cls_weight * ramp * cls_loss.mean()
         return terms

@@ -20,8 +20,13 @@ masked out of every attention):
    image) from N(mean, std) of that class clipped to mean ± 2 std and to [0.002, 0.7], fake
    centres uniformly in [0.03, 0.97]. Every box's centre is jittered by U(±0.3)·(w, h).
    Descriptor = one-hot class ⊕ sine embedding of the jittered centre (2 × 128) ⊕ scale one-hot
-   (5 bins of floor(log2(side in pixels)) − 5, clipped to [0, 4], for w and for h) → 3-layer MLP → C.
+   (5 bins of floor(1.44·ln(side in pixels) − 5), clipped to [0, 4], for w and for h; the side is
+   the relative side times the size of the *last* image of the image's per-GPU pair, as the
+   official code does) → 3-layer MLP → C.
 2. Decoder (1 layer, 8 heads of C/8): key = F_t + Linear(sine position embedding), value = F_t;
+   keys are the cells detectron2's ``mask_out_padding`` leaves unmasked: ceil(h / s) × ceil(w / s)
+   with s = (H_pad/H_l + W_pad/W_l)/2 on the image's per-GPU pair's padded batch (H_pad, W_pad);
+   the position embedding is normalised by that region's size;
    attention logits A = q·k/√(C/8); then residual + LayerNorm, FFN C → 4C → C, residual + LayerNorm.
 3. Auxiliary loss (trains the teacher side only): an MLP C → C → C → 5 on each decoded query:
    ``icd_aux_cls`` = BCE(logit, real?) averaged over all queries; ``icd_aux_box`` = Σ_4 |σ(pred) −
@@ -36,15 +41,62 @@ masked out of every attention):
    For the first 1000 iterations F_s is detached (only W_v^s and the teacher side learn).
 
 All of ICD's parameters (teacher side and W_v^s) train with their own optimiser
-(:meth:`ICD.param_groups`): AdamW lr 1e-4, weight decay 1e-4, linear warmup (1000 iterations,
-from 0.001·lr; the warmup length is our choice, detectron2's default) then cosine, gradient norm
-clipped at 0.01. The official runs also initialise the student's FPN and head from the teacher
+(:meth:`ICD.param_groups`), as the official ``build_tea_optimizer`` (``utils/build.py``) and
+``do_train`` (``train_distill.py``) set it: AdamW (torch defaults betas, eps) lr 1e-4, weight
+decay 1e-4 on every parameter, ``WarmupCosineLR`` to 0 over the run with WARMUP_FACTOR = 1.0 over
+10 iterations, i.e. no warmup (``warmup_iters`` > 0 adds a linear warmup from 0.001·lr, this
+module's former default), gradient norm of all of them clipped at 0.01 (``clip_grad_norm_``,
+"full_model"). The official runs also initialise the student's FPN and head from the teacher
 ("inherit"); that is the trainer's business.
 
-Choices where the official code gives no single answer: the model width C is the teacher's FPN
-width (the official 256); the scale bins use log2 exactly (the official multiplies ln by 1.44);
-each image's scale bins use its own size (the official PyTorch code reuses the last image's);
-dropout is 0.
+Batch semantics: the official runs are detectron2's 16 images on 8 GPUs, 2 per GPU, and DDP
+averages the GPUs. ``icd_distill`` is a mean over images (and heads and channels) already;
+``icd_aux_cls`` and ``icd_aux_box`` divide by the queries (real queries) of the GPU's 2 images;
+the key region and the scale bins also depend on the pair (above). So a batch of B images is
+split into groups of 2 consecutive images (the last group of an odd B holds 1 image, which then
+weighs as much as a pair), each term is computed per group and the terms are the mean over the
+groups: 1 device × 16 images trains like 8 GPUs × 2. ``tests/test_reference_icd.py`` checks this
+module against a float64 transcription of the official code (query construction from the same
+random draws, attention logits, the three terms and all gradients, at 2 and 8 images, with and
+without padding): measured differences ≤ 1.3e-7 relative on the terms and ≤ 1.4e-6 of the largest
+entry on the gradients (this module runs in float32).
+
+Official quirks reproduced by default, each with the corrected behaviour as an option:
+
+- ``scale_bins="official"``: floor(1.44·ln(side) − 5); ``"log2"``: floor(log2(side)) − 5.
+  1.44 < log2(e) = 1.4427 moves the bin edges 64/128/256/512 px to 64.5/129.2/258.7/518.0 px;
+  a side in [64, 64.5), [128, 129.2), [256, 258.7) or [512, 518.0) px gets the lower bin
+  (measured: 0.84 % of sides drawn log-uniformly in [8, 800] px).
+- ``scale_image="pair_last"``: the side in pixels is the relative side times the last image of
+  the per-GPU pair (the official loop reuses the last image's (H, W)); ``"own"``: each image's.
+  Changes bins of the first image of a pair whose size differs from its mate's (measured on
+  20 000 random pairs as below, box sides log-uniform in [8, 800] px: 19 % of the first image's
+  sides, 35 % of its boxes, 9.7 % of all sides).
+- ``key_region="official"``: ``mask_out_padding``'s region (above); ``"canonical"``: each
+  image's 32-padded region (``teacher.valid``). The official region is up to 3 rows/columns
+  smaller on P3 and 1 on P4 (it stops at ceil(h/stride) instead of the 32-padded size); on P6/P7
+  its stride h_pad/H_l can be below 64/128, so it can be one row/column larger than the cached
+  region, which we cannot reproduce (the cache holds no teacher features there): those keys are
+  left out. Measured on 20 000 random pairs (shorter side 640–800 step 32, aspect ratio U(0.5, 2),
+  longer side ≤ 1333): the official region drops 1.4 % of the cached P3 keys and 0.8 % of P4
+  (1.2 % of all keys); 43 % of images have official P6/P7 keys beyond the cached region, 2.5 %
+  of P6 and 5.5 % of P7 keys (0.05 % of all keys), which are left out here.
+
+Remaining differences from the official code: the model width C is the teacher's FPN width (the
+official 256); dropout is 0 (the official DROPOUT = 0.0); box geometry is float32 (the official
+samples boxes in float64 and casts to float32; < 1e-6 relative); fake boxes come from torch's
+generator, not numpy's (same distributions).
+
+Not reproduced (the official fake classes): for COCO-80 the official ``InstanceEncoder`` reads
+``configs/coco_obj.json`` in *string*-sorted key order ("0", "1", "10", "11", …, "2", "20", …)
+and uses the index as the label, so a fake query labelled i gets the frequency and box size of
+class int(sorted_keys[i]): 78 of 80 labels are permuted, 70 % of fake queries carry a label whose
+frequency and size belong to another class, and the fake labels' distribution is 0.32 (total
+variation) from the class frequencies (label 2, "car": 0.2 % instead of 4.8 %). Here labels,
+frequencies and sizes agree (``DatasetStats.from_dataset``). For any other number of classes the
+official code ignores the dataset: uniform classes, sizes N(0.2, 0.2) (``DatasetStats.uniform``);
+the trainer uses ``from_dataset`` for every dataset. Padded query slots (beyond an image's
+queries) are zero descriptors here, one-hot(0) ⊕ sine(0) in the official code; they reach no loss.
 """
 from __future__ import annotations
 
@@ -56,8 +108,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
-from train.methods.base import BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec, require
+from detectors.outputs import STRIDES, DetectorOutput, valid_level_sizes
+from detectors.views import padded_size
+from train.methods.base import (IMAGES_PER_GPU, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,
+                                require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 if TYPE_CHECKING:
@@ -69,6 +123,38 @@ SCALE_BIN_OFFSET = 5           # bin = floor(log2(side px)) − 5: < 64 px -> 0,
 FAKE_CENTER_RANGE = (0.03, 0.97)
 FAKE_SIZE_RANGE = (2e-3, 0.7)
 SINE_TEMPERATURE = 10000.0
+OFFICIAL_LOG2 = 1.44           # the official scale bins: ln(side) * 1.44 for log2(side)
+SCALE_BIN_RULES = ("official", "log2")
+SCALE_IMAGE_RULES = ("pair_last", "own")
+KEY_REGION_RULES = ("official", "canonical")
+
+
+def pair_last_sizes(image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each image's size replaced by the last image's of its per-GPU pair (the official scale bins)."""
+    return [tuple(image_sizes[min(len(image_sizes), (i // IMAGES_PER_GPU + 1) * IMAGES_PER_GPU) - 1])
+            for i in range(len(image_sizes))]
+
+
+def official_key_sizes(image_sizes: list[tuple[int, int]], strides: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+    """Per image, per level: the (rows, cols) detectron2's ``mask_out_padding`` leaves unmasked.
+
+    The image's per-GPU pair is padded to (H_pad, W_pad), the largest 32-padded size of the pair;
+    its level maps (H_l, W_l) follow :func:`valid_level_sizes`; with s = (H_pad/H_l + W_pad/W_l)/2
+    the region is ceil(h / s) × ceil(w / s), clipped to the pair's map.
+    """
+    out = []
+    for start in range(0, len(image_sizes), IMAGES_PER_GPU):
+        pair = image_sizes[start:start + IMAGES_PER_GPU]
+        batch_h = max(padded_size(tuple(size))[0] for size in pair)
+        batch_w = max(padded_size(tuple(size))[1] for size in pair)
+        maps = valid_level_sizes((batch_h, batch_w), strides)
+        for h, w in pair:
+            sizes = []
+            for map_h, map_w in maps:
+                stride = (batch_h / map_h + batch_w / map_w) / 2
+                sizes.append((min(math.ceil(h / stride), map_h), min(math.ceil(w / stride), map_w)))
+            out.append(sizes)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- dataset stats
@@ -181,13 +267,23 @@ def sample_queries(targets: list[dict[str, Tensor]], image_sizes: list[tuple[int
     return queries
 
 
-def query_descriptors(queries: InstanceQueries, num_classes: int) -> Tensor:
-    """(N, Q, K + 2·128 + 10): one-hot class ⊕ sine(centre x) ⊕ sine(centre y) ⊕ scale one-hots (w, h)."""
+def query_descriptors(queries: InstanceQueries, num_classes: int, scale_bins: str = "log2",
+                      scale_sizes: list[tuple[int, int]] | None = None) -> Tensor:
+    """(N, Q, K + 2·128 + 10): one-hot class ⊕ sine(centre x) ⊕ sine(centre y) ⊕ scale one-hots (w, h).
+
+    ``scale_bins``: "official" floor(1.44·ln(side px) − 5) or "log2" floor(log2(side px)) − 5;
+    ``scale_sizes``: the (h, w) per image that turns relative sides into pixels (default each
+    image's own, ``queries.image_sizes``).
+    """
     one_hot = F.one_hot(queries.labels, num_classes).float()  # (N, Q, K)
     position = point_sine_embedding(queries.centers, QUERY_POS_FEATS)  # (N, Q, 256)
     sizes_px = (queries.boxes[..., 2:] - queries.boxes[..., :2]) * torch.tensor(
-        [[[w, h]] for h, w in queries.image_sizes], dtype=torch.float32, device=queries.boxes.device)  # (N, Q, 2)
-    bins = (torch.floor(torch.log2(sizes_px.clamp(min=1e-6))) - SCALE_BIN_OFFSET).clamp(0, SCALE_BINS - 1).long()
+        [[[w, h]] for h, w in (scale_sizes or queries.image_sizes)], dtype=torch.float32,
+        device=queries.boxes.device)  # (N, Q, 2)
+    if scale_bins == "official":
+        bins = (sizes_px.log() * OFFICIAL_LOG2 - SCALE_BIN_OFFSET).clamp(0, SCALE_BINS - 1).long()
+    else:
+        bins = (torch.floor(torch.log2(sizes_px.clamp(min=1e-6))) - SCALE_BIN_OFFSET).clamp(0, SCALE_BINS - 1).long()
     scale = F.one_hot(bins, SCALE_BINS).float().flatten(2)  # (N, Q, 10)
     return torch.cat([one_hot, position, scale], dim=2) * queries.is_query[..., None]
 
@@ -309,7 +405,16 @@ class ICDConfig(MethodConfig):
     lr: float = 1e-4                    # ICD's own AdamW
     weight_decay: float = 1e-4
     max_grad_norm: float = 0.01
-    warmup_iters: int = 1000
+    warmup_iters: int = 0               # official: WARMUP_FACTOR 1.0 (no warmup); 1000 = the former default
+    scale_bins: str = "official"        # "official" floor(1.44·ln(side) − 5) | "log2"
+    scale_image: str = "pair_last"      # "pair_last" (official) | "own": whose (h, w) turns sides into pixels
+    key_region: str = "official"        # "official" mask_out_padding | "canonical" (teacher.valid)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("scale_bins", SCALE_BIN_RULES), ("scale_image", SCALE_IMAGE_RULES),
+                             ("key_region", KEY_REGION_RULES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ICD {key}={getattr(self, key)!r}; expected one of {allowed}")
 
 
 class ICD(DistillationMethod):
@@ -361,17 +466,33 @@ class ICD(DistillationMethod):
             positions of all levels (P3..P7 concatenated, each level's batch map flattened in (h, w)
             order), −inf outside each image's valid region; projected teacher values (N, S, heads, C/heads).
         """
+        config = self.config
         teacher_fpn = require(teacher.fpn, "fpn", "ICD")
         device = teacher_fpn[0].device
+        key_sizes = self.key_sizes(teacher, queries.image_sizes)  # per image, per level (rows, cols)
+        # Keys: that region, and never beyond the cached one (the cache holds no features there).
+        key_valid = []
+        for level, valid in enumerate(teacher.valid):
+            region = torch.zeros_like(valid)  # (N, 1, H, W)
+            for image, sizes in enumerate(key_sizes):
+                region[image, :, :sizes[level][0], :sizes[level][1]] = True
+            key_valid.append(region & valid)
         # Sequences over all positions of all levels: (N, S, C) and the padding mask (N, S).
         teacher_seq = torch.cat([f.flatten(2).transpose(1, 2) for f in teacher_fpn], dim=1)
-        key_padding = torch.cat([(~valid).flatten(1) for valid in teacher.valid], dim=1)
+        key_padding = torch.cat([(~valid).flatten(1) for valid in key_valid], dim=1)
         positions = torch.cat([
-            grid_sine_embedding([sizes[level] for sizes in teacher.valid_sizes], tuple(f.shape[-2:]), f.shape[1],
+            grid_sine_embedding([sizes[level] for sizes in key_sizes], tuple(f.shape[-2:]), f.shape[1],
                                 device).flatten(2).transpose(1, 2)
             for level, f in enumerate(teacher_fpn)], dim=1)
-        descriptors = query_descriptors(queries, self.num_classes)
+        scale_sizes = pair_last_sizes(queries.image_sizes) if config.scale_image == "pair_last" else None
+        descriptors = query_descriptors(queries, self.num_classes, config.scale_bins, scale_sizes)
         return self.decoder(self.query_encoder(descriptors), teacher_seq, positions, key_padding)
+
+    def key_sizes(self, teacher: TeacherBatch, image_sizes: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Per image, per level: the (rows, cols) of keys (``config.key_region``, see the docstring)."""
+        if self.config.key_region == "canonical":
+            return teacher.valid_sizes
+        return official_key_sizes(image_sizes, STRIDES[:len(teacher.valid)])
 
     def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
                 iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
@@ -389,12 +510,15 @@ class ICD(DistillationMethod):
             teacher, InstanceQueries(labels, boxes, centers, is_real, is_query, queries.image_sizes))
         prediction = self.aux_head(decoded)  # (N, Q, 5)
         is_query_f, is_real_f = is_query.float(), is_real.float()
-        bce = F.binary_cross_entropy_with_logits(prediction[..., 0], is_real_f, reduction="none")
-        aux_cls = (bce * is_query_f).sum() / is_query_f.sum().clamp(min=1e-6)
+        bce = F.binary_cross_entropy_with_logits(prediction[..., 0], is_real_f, reduction="none")  # (N, Q)
+        # Per official per-GPU batch (G,): Σ over its queries / its number of queries.
+        aux_cls = sum_per_gpu_batch((bce * is_query_f).sum(dim=1)) / \
+            sum_per_gpu_batch(is_query_f.sum(dim=1)).clamp(min=1e-6)
         edges = torch.cat([centers - boxes[..., :2], boxes[..., 2:] - centers], dim=2)  # (N, Q, 4) l, t, r, b
         box_sizes = (boxes[..., 2:] - boxes[..., :2]).repeat(1, 1, 2).clamp(min=1e-7)  # (N, Q, 4) w, h, w, h
         box_error = ((prediction[..., 1:].sigmoid() - edges).abs() / box_sizes).sum(dim=2)  # (N, Q)
-        aux_box = (box_error * is_real_f).sum() / is_real_f.sum().clamp(min=1e-6)
+        aux_box = sum_per_gpu_batch((box_error * is_real_f).sum(dim=1)) / \
+            sum_per_gpu_batch(is_real_f.sum(dim=1)).clamp(min=1e-6)  # (G,)
 
         # Distillation: the student's values where the teacher's real-instance attention looks.
         with torch.no_grad():
@@ -414,8 +538,10 @@ class ICD(DistillationMethod):
         student_v = F.layer_norm(self.student_value(student_seq).view(n, seq, -1, head_dim), (head_dim,))
         squared_error = (student_v - teacher_v) ** 2  # (N, S, h, d)
         masked = torch.einsum("nhs,nshd->nhd", mask, squared_error)  # (N, h, d)
-        distill = (masked / mask.sum(dim=-1).clamp(min=1e-6)[..., None]).mean()
+        per_image = (masked / mask.sum(dim=-1).clamp(min=1e-6)[..., None]).mean(dim=(1, 2))  # (N,)
+        distill = sum_per_gpu_batch(per_image) / sum_per_gpu_batch(torch.ones_like(per_image))  # (G,)
 
-        return {"icd_distill": config.distill_weight * distill,
-                "icd_aux_cls": config.aux_cls_weight * aux_cls,
-                "icd_aux_box": config.aux_box_weight * aux_box}
+        # Mean over the per-GPU batches.
+        return {"icd_distill": config.distill_weight * distill.mean(),
+                "icd_aux_cls": config.aux_cls_weight * aux_cls.mean(),
+                "icd_aux_box": config.aux_box_weight * aux_box.mean()}

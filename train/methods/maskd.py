@@ -25,9 +25,29 @@ masks after 5000 iterations, no head term (our choice; L1 on GFL's distribution 
 something the authors tried). The official runs also initialise the student's neck and head from
 the teacher ("inherit"); that is the trainer's business.
 
-Differences from the official code: the sums over h, w run over each image's valid region only,
-and p is computed per image on its valid crop of F_t (the official prob head pools over the
-padded batch map, which makes p depend on batch-mates). Tokens module: any object with
+Batch semantics: the official runs put 2 images on each GPU and DDP averages the GPUs. The
+feature term is already a mean over images (``MasKDLoss.forward``: per image and token, Σ_hw /
+Σ_hw M_t, then ``loss.mean()`` over the images), so grouping changes nothing for an even B. The
+head term is mmdet's ``L1Loss`` (mean over all elements of the 2 images' maps); per image it is
+Σ |box_s − box_t| / (valid cells · box channels) summed over the 2 images. So a batch of B images
+is split into groups of 2 consecutive images (the last group of an odd B holds 1 image, which
+then weighs as much as a pair, for both terms), each term is computed per group and the terms
+are the mean over the groups: 1 device × 16 images trains like 8 GPUs × 2.
+``tests/test_reference_maskd.py`` checks this against a plain-torch transcription of
+``MasKDLoss.forward`` / ``MaskModule`` and mmdet's ``L1Loss`` at 2 and 8 images, with and
+without padding.
+
+Remaining differences from the official code (both only where a batch has padding: a pair of
+equal sizes has none; a portrait 1333×800 image paired with a landscape one is 41 % padding):
+
+- The sums over h, w (and the head term's mean) run over each image's valid region only; the
+  official ones also cover batch padding, where the teacher's features and box outputs are real
+  values of the zero-padded image. Not reproducible from the cache, which holds only each
+  image's own region.
+- p is computed per image on its valid crop of F_t (the official prob head pools over the padded
+  batch map, which makes p depend on batch-mates).
+
+Tokens module: any object with
 ``masks(features, level) -> (N, T, H, W)`` and ``weights(features, level) -> (N, T)``
 (:class:`precompute.maskd_tokens.ReceptiveTokens`, rebuilt with ``load_receptive_tokens``).
 """
@@ -40,8 +60,11 @@ import torch
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
-from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require)
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require,
+                                sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
+
+
 
 
 class ReceptiveTokensLike(Protocol):
@@ -119,15 +142,18 @@ class MasKD(DistillationMethod):
             masked_error = torch.einsum("nthw,nchw->ntc", masks ** 2, squared_error)  # (N, T, C)
             mask_area = masks.sum(dim=(2, 3)).clamp(min=1e-12)  # (N, T)
             per_token = (masked_error / mask_area[:, :, None]).mean(dim=2)  # (N, T): mean over channels
-            feat_loss = feat_loss + (per_token * weights).sum(dim=1).mean()
-        terms = {"maskd_feat": config.loss_weight * feat_loss}
+            per_image = (per_token * weights).sum(dim=1)  # (N,)
+            images_per_gpu = sum_per_gpu_batch(torch.ones_like(per_image))  # (G,) 2, or 1 for an odd B's last
+            feat_loss = feat_loss + sum_per_gpu_batch(per_image) / images_per_gpu  # (G,): mean over its images
+        terms = {"maskd_feat": config.loss_weight * feat_loss.mean()}  # mean over the per-GPU batches
         if config.head_weight:
             teacher_box = require(teacher.box, "head.box", "MasKD (head term)")
             head_loss = 0.0
             for level, valid in enumerate(teacher.valid):
                 s_box, t_box = student.box_outputs[level], teacher_box[level]  # (N, A*B, H, W)
                 check_same_shape(s_box, t_box, f"box outputs of level {level}")
-                count = valid.sum().clamp(min=1) * s_box.shape[1]
-                head_loss = head_loss + ((s_box - t_box).abs() * valid).sum() / count
-            terms["maskd_head"] = config.head_weight * head_loss
+                error = sum_per_gpu_batch(((s_box - t_box).abs() * valid).sum(dim=(1, 2, 3)))  # (G,)
+                count = sum_per_gpu_batch(valid.sum(dim=(1, 2, 3))).clamp(min=1) * s_box.shape[1]  # (G,)
+                head_loss = head_loss + error / count  # (G,): L1Loss's mean over one per-GPU batch
+            terms["maskd_head"] = config.head_weight * head_loss.mean()
         return terms

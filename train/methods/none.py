@@ -1,4 +1,7 @@
-"""No distillation: the baseline student. Reads no teacher field, adds no loss term."""
+"""No distillation: the baseline student. Reads no teacher field, adds no loss term.
+
+Batch semantics (see the other methods): no term, so nothing to group per official GPU batch.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
