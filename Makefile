@@ -19,6 +19,8 @@ help:
 	@echo "make cache [TEACHER=r101 DATA=DIR CKPT=FILE CACHE=DIR FORMAT=zarr|wds VIEWS=.. FIELDS=..]  teacher outputs -> cache (python -m precompute --help)"
 	@echo "make sweep [METHODS='none frs icd maskd ld defeat' SEEDS=2 CACHE=DIR DATA=DIR STUDENT=gfl-nano OUT=DIR EXTRA='epochs=12 lr=0.02' GRID='frs.feat_weight=0.1,0.2' JOBS=n]  many students from one cache, resumable (python -m train.sweep --help)"
 	@echo "make report [SWEEP=DIR]          results.csv, results.md and figures of a sweep (python -m train.report --help)"
+	@echo "make recipes [RECIPE=NAME]         the named recipes of the published runs and the AP each should reach (python -m train.recipes)"
+	@echo "make cache|train|sweep RECIPE=NAME DATA=DIR [CKPT=FILE CACHE=DIR OUT=DIR ...]  a recipe's cache, student, sweep; given variables override it"
 	@echo "make viz [DATA=DIR CACHE=DIR STUDENT_CKPT=FILE IMAGES='1 2' OUT=DIR]  what the methods see, as PNGs (python -m train.viz --help)"
 	@echo "make train [METHOD=frs STUDENT=r50 CACHE=DIR OUT=DIR DATA=DIR EPOCHS=.. TEACHER_CKPT=FILE EXTRA='--set frs.feat_weight=0.2']  student from the cache, or online from TEACHER_CKPT (python -m train --help)"
 
@@ -55,18 +57,31 @@ DEMO_MASKD_ITERS ?= 100
 DEMO_MASKD_BATCH ?= 4
 .PHONY: cache
 cache: $(STAMP)
+ifdef RECIPE
+	$(PY) -m precompute --recipe $(RECIPE) $(if $(CKPT),--ckpt $(CKPT)) --data $(or $(DATA),$(error make cache RECIPE=$(RECIPE): give DATA=the COCO root)) \
+		--cache $(or $(CACHE),$(RUNS)/cache/$(RECIPE)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(FORMAT),--format $(FORMAT)) \
+		$(if $(VIEWS),--views $(VIEWS)) $(if $(FIELDS),--fields $(FIELDS)) $(if $(MASKD_ITERS),--maskd-iters $(MASKD_ITERS)) $(EXTRA)
+else
 	$(PY) -m precompute --teacher $(or $(TEACHER),auto) --ckpt $(or $(CKPT),$(RUNS)/demo/teacher/best.pt) \
 		--data $(or $(DATA),$(DEMO_DATA)) --cache $(or $(CACHE),$(RUNS)/demo/cache) --format $(or $(FORMAT),zarr) \
 		--views $(or $(VIEWS),$(if $(DATA),default,$(DEMO_VIEWS))) --fields $(or $(FIELDS),all) \
 		$(if $(MASKD_ITERS),--maskd-iters $(MASKD_ITERS),$(if $(DATA),,--maskd-iters $(DEMO_MASKD_ITERS))) \
 		$(if $(DATA),,--maskd-batch-size $(DEMO_MASKD_BATCH)) $(EXTRA)
+endif
 
 # Student training. With no DATA/CACHE: the demo set and its cache (make cache); TEACHER_CKPT: online teacher.
 .PHONY: train
 train: $(STAMP)
+ifdef RECIPE
+	$(PY) -m train --recipe $(RECIPE) --data $(or $(DATA),$(error make train RECIPE=$(RECIPE): give DATA=the COCO root)) \
+		$(if $(TEACHER_CKPT),--teacher $(TEACHER_CKPT),--cache $(or $(CACHE),$(RUNS)/cache/$(RECIPE))) \
+		--out $(or $(OUT),$(RUNS)/train/$(RECIPE)) $(if $(METHOD),--method $(METHOD)) $(if $(STUDENT),--student $(STUDENT)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(EXTRA)
+else
 	$(PY) -m train --method $(or $(METHOD),none) --student $(or $(STUDENT),$(DEMO_STUDENT)) \
 		--data $(or $(DATA),$(DEMO_DATA)) $(if $(TEACHER_CKPT),--teacher $(TEACHER_CKPT),--cache $(or $(CACHE),$(RUNS)/demo/cache)) \
 		--out $(or $(OUT),$(RUNS)/train/$(or $(METHOD),none)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(EXTRA)
+endif
 
 # Sweeps: every METHODS x SEEDS (x GRID) student from one cache; EXTRA/GRID take KEY=VALUE words (trainer
 # options such as epochs=12, or METHOD.KEY hyperparameters), each checked against its key's type and range
@@ -75,10 +90,23 @@ train: $(STAMP)
 DEMO_METHODS ?= none frs icd maskd ld defeat
 .PHONY: sweep report viz
 sweep: $(STAMP)
+ifdef RECIPE
+	$(PY) -m train.sweep --recipe $(RECIPE) --cache $(or $(CACHE),$(RUNS)/cache/$(RECIPE)) \
+		--data $(or $(DATA),$(error make sweep RECIPE=$(RECIPE): give DATA=the COCO root)) \
+		$(if $(STUDENT),--student $(STUDENT)) $(if $(METHODS),--methods $(METHODS)) --seeds $(or $(SEEDS),1) \
+		--out $(or $(OUT),$(RUNS)/sweep/$(RECIPE)) $(foreach kv,$(EXTRA),--set '$(kv)') $(foreach kv,$(GRID),--grid '$(kv)') \
+		$(if $(JOBS),--jobs $(JOBS))
+else
 	$(PY) -m train.sweep --cache $(or $(CACHE),$(RUNS)/demo/cache) --data $(or $(DATA),$(DEMO_DATA)) \
 		--student $(or $(STUDENT),$(DEMO_STUDENT)) --methods $(or $(METHODS),$(DEMO_METHODS)) --seeds $(or $(SEEDS),1) \
 		--out $(or $(OUT),$(RUNS)/sweep) $(foreach kv,$(EXTRA),--set '$(kv)') $(foreach kv,$(GRID),--grid '$(kv)') \
 		$(if $(JOBS),--jobs $(JOBS))
+endif
+
+# Named recipes of the published runs (train/recipes.py): RECIPE=NAME describes one in full.
+.PHONY: recipes
+recipes: $(STAMP)
+	$(PY) -m train.recipes $(RECIPE)
 
 report: $(STAMP)
 	$(PY) -m train.report $(or $(SWEEP),$(RUNS)/sweep)

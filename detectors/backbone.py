@@ -140,11 +140,22 @@ class ResNetFPN(BackboneWithFPN):
             out_channels=fpn_channels,
             extra_blocks=LastLevelP6P7(p6_in_channels, fpn_channels, p6_from, relu_before_p7),
         )
+        self.stage_channels = tuple(stage_channels)  # C3, C4, C5 widths (forward_with_stages)
         trainable = list(_STAGES_FROM_TOP[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
         self.frozen_modules = [name for name, _ in self.body.named_children()
                                if name not in trainable and name not in ("relu", "maxpool")]
         for name in self.frozen_modules:
             getattr(self.body, name).requires_grad_(False)
+
+    def forward_with_stages(self, images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(pyramid, stages): the P3..P7 maps of ``forward`` and the ResNet stage outputs they come from.
+
+        ``stages`` is an OrderedDict ``c3, c4, c5`` (layer2..layer4, strides 8, 16, 32), each
+        (N, C_l, H_l, W_l) with the (H_l, W_l) of P3, P4, P5. One pass: the same maps ``forward``
+        feeds the FPN, returned instead of dropped (DeFeat's backbone terms distil them).
+        """
+        stages = self.body(images)  # OrderedDict c3, c4, c5
+        return self.fpn(stages), stages
 
     def train(self, mode: bool = True) -> "ResNetFPN":
         super().train(mode)
@@ -170,16 +181,28 @@ def build_resnet_fpn(depth: int | None = 50, blocks: tuple[int, ...] | None = No
         body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
         if weights is not None:
             body.load_state_dict(_load_resnet_weights(weights))
-        expansion = 1 if depth in (18, 34) else 4
-        stage_channels = (128 * expansion, 256 * expansion, 512 * expansion)
     else:
         if blocks is None or widths is None:
             raise ValueError("a custom backbone needs both blocks and widths (or give a torchvision depth)")
         if weights is not None:
             raise ValueError("backbone weights can only be loaded into a torchvision depth (18/34/50/101)")
         body = SmallResNet(tuple(blocks), tuple(widths), norm_layer)
-        stage_channels = tuple(widths[1:])
+    stage_channels = resnet_stage_channels(depth, widths)
     return ResNetFPN(body, stage_channels, fpn_channels, p6_from, relu_before_p7, trainable_layers)
+
+
+def resnet_stage_channels(depth: int | None, widths: tuple[int, ...] | None = None) -> tuple[int, int, int]:
+    """Widths of C3, C4, C5 for a torchvision ``depth`` or a custom ``widths`` (its last three).
+
+    The teacher's and student's values size DeFeat's backbone adapters; a detector config (or a
+    cache manifest's ``teacher.config``) gives ``depth`` and ``widths``.
+    """
+    if depth is not None:
+        expansion = 1 if depth in (18, 34) else 4
+        return (128 * expansion, 256 * expansion, 512 * expansion)
+    if widths is None or len(widths) != 4:
+        raise ValueError(f"a custom backbone needs 4 stage widths, got {widths}")
+    return tuple(int(w) for w in widths[1:])
 
 
 def _load_resnet_weights(weights: str) -> dict[str, Tensor]:

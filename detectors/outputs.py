@@ -3,7 +3,8 @@
 A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 32) and the valid
 ``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7, plus the anchors
 of the batch's grid. With targets it also returns each image's anchor assignment and the named
-loss terms. Distillation code reads these fields directly.
+loss terms. Distillation code reads these fields directly. ``return_backbone=True`` adds the
+ResNet stage maps C3..C5 the FPN is built on (``backbone_features``), from the same pass.
 
 Canonical padding: an image's own padded size is its size rounded up to 32
 (:func:`detectors.views.padded_size`). On each level, :func:`valid_level_sizes` gives the
@@ -54,6 +55,9 @@ class DetectorOutput:
     # GFL adds "atss_threshold" (n_gt,) float, the ATSS IoU threshold of each GT.
     assignment: list[dict[str, Tensor]] | None = None
     losses: dict[str, Tensor] | None = None  # named, already weighted terms: total = sum(values)
+    # Per stage C3, C4, C5 (N, C_l, H_l, W_l): the backbone maps the FPN is built on, with the
+    # (H_l, W_l) of P3, P4, P5; only when asked for (``forward(..., return_backbone=True)``).
+    backbone_features: list[Tensor] | None = None
 
 
 def valid_level_sizes(image_size_hw: tuple[int, int], strides: tuple[int, ...] = STRIDES,
@@ -109,18 +113,33 @@ class Detector(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
-                targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+                targets: list[dict[str, Tensor]] | None = None, return_backbone: bool = False) -> DetectorOutput:
         """Runs the detector on a padded batch; computes assignment and losses only with ``targets``.
 
         Args:
             images: (N, 3, H, W) normalised, zero-padded, H and W multiples of 32.
             image_sizes: valid (h, w) of each image in pixels.
             targets: per image ``boxes`` (n, 4) xyxy pixels and ``labels`` (n,) long in [0, K).
+            return_backbone: also return the ResNet stage maps C3..C5 in ``backbone_features``
+                (the same pass; without it nothing is kept or computed beyond the usual outputs).
         """
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         self._check_inputs(images, image_sizes, targets)
-        features = list(self.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
-        return self.forward_features(features, image_sizes, targets)
+        features, stages = self.extract_features(images, return_backbone)
+        out = self.forward_features(features, image_sizes, targets)
+        out.backbone_features = stages
+        return out
+
+    def extract_features(self, images: Tensor, return_backbone: bool = False) -> tuple[list[Tensor],
+                                                                                     list[Tensor] | None]:
+        """(P3..P7 maps, C3..C5 stage maps or None): backbone and neck on a padded batch, no head."""
+        if not return_backbone:
+            return list(self.backbone(images).values()), None  # P3..P7, each (N, C, H_l, W_l)
+        if not hasattr(self.backbone, "forward_with_stages"):
+            raise ValueError(f"{type(self.backbone).__name__} does not expose its stage maps (forward_with_stages); "
+                             f"backbone features need a detectors.backbone.ResNetFPN")
+        pyramid, stages = self.backbone.forward_with_stages(images)
+        return list(pyramid.values()), list(stages.values())  # C3..C5, each (N, C_l, H_l, W_l)
 
     def forward_features(self, features: list[Tensor], image_sizes: list[tuple[int, int]],
                          targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:

@@ -10,6 +10,8 @@ import sys
 # 2-core machine). Set before numpy is imported; an explicit setting is kept.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from train.recipes import RECIPE_HELP, explicit_dests, get_recipe, print_if_listing  # noqa: E402 (after the env)
+
 DESCRIPTION = """\
 Run a frozen teacher detector ONCE over every (image, view) of a COCO-layout split and write its
 outputs to a compressed teacher cache (see `python -m store --help`), so that student runs
@@ -20,9 +22,11 @@ What is cached per view (--fields; store field vocabulary, store/schema.py):
   head      dense class logits and box outputs per level  FRS (head.cls), MasKD (head.box)
   region    LD's ATSS-positive and VLR rows: class logits and box distributions there
   meta      image id, view index, sizes, level sizes (always); GT boxes with regions
+  backbone  backbone stages C3-C5 (CB_l, H_l, W_l)         DeFeat's COCO recipe (opt-in)
   image     the source image file bytes (opt-in; for a self-contained WebDataset stream)
   all       fpn, head, region, meta + the MasKD tokens
-Method names select what a method reads: frs, icd, maskd, ld, defeat (e.g. --fields frs,ld).
+Method names select what a method reads: frs, icd, maskd, ld, defeat (e.g. --fields frs,ld);
+defeat-coco is DeFeat's COCO recipe (defeat + head.cls + backbone).
 Dense maps cover each view's canonical region (padded on its own to a multiple of 32), so they
 do not depend on batching. Per cache, once: the teacher's neck and head weights (students can
 "inherit" them) and, for maskd/all, MasKD's receptive tokens (stage 1, --maskd-iters).
@@ -52,6 +56,12 @@ examples:
   torchrun --nproc-per-node 8 -m precompute --teacher r101 --ckpt ... --device cuda ...
   python -m precompute ... --num-procs 2          # CPU: 2 processes, disjoint shards
   python -m store inspect runs/cache              # what was written
+
+recipes (--recipe NAME; python -m train.recipes lists them with the AP each should reach):
+  python -m precompute --recipe maskd-retina-r101-r50-2x --ckpt retinanet_r101_fpn_2x_coco.pth \\
+      --data coco --cache runs/cache/maskd-retina-r101-r50-2x --device cuda
+  A recipe sets --teacher, --views, --fields and MasKD's stage 1 (--maskd-*) of a published run;
+  each of these given explicitly overrides the recipe's.
 """
 
 
@@ -63,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m precompute", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("teacher")
+    g.add_argument("--recipe", help=RECIPE_HELP)
     g.add_argument("--teacher", default="auto",
                    help="architecture: a zoo name (gfl-r101, retina-r50, gfl-small), a depth (r101: family from "
                         "the checkpoint) or 'auto' (from the checkpoint) [auto]")
-    g.add_argument("--ckpt", required=True, help="teacher checkpoint file")
+    g.add_argument("--ckpt", help="teacher checkpoint file (required)")
     g.add_argument("--source", default="auto", choices=("auto", "project", "torchvision", "mmdet"),
                    help="checkpoint layout [auto: from its keys]")
     g = p.add_argument_group("data and views")
@@ -80,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", required=True, help="cache directory or fsspec URL")
     g.add_argument("--format", default="zarr", choices=FORMAT_CHOICES, help="store backend [zarr]")
     g.add_argument("--fields", default="all",
-                   help="all | method names (frs,icd,maskd,ld,defeat) | groups/prefixes/fields [all]")
+                   help="all | method names (frs,icd,maskd,ld,defeat,defeat-coco) | groups/prefixes/fields [all]")
     g.add_argument("--codec", action="append", default=[], metavar="FIELD=PRESET",
                    help="codec of a field group, prefix or field (repeatable)")
     g.add_argument("--shard-size", type=int, default=64, help="views per shard [64]")
@@ -128,7 +139,21 @@ def parse_codecs(items: list[str]) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
+    if print_if_listing(argv):
+        return 0
     args = build_parser().parse_args(argv)
+    recipe = None
+    if args.recipe:
+        try:
+            recipe = get_recipe(args.recipe)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        recipe.apply_precompute(args, explicit_dests(build_parser(), argv))
+    if not args.ckpt:
+        official = f" (recipe {recipe.name}: {recipe.teacher_weights})" if recipe else ""
+        print(f"error: --ckpt is required: the teacher checkpoint file{official}", file=sys.stderr)
+        return 2
     from precompute.pipeline import PrecomputeConfig, run_precompute
     from store import CacheError
     try:

@@ -32,6 +32,10 @@ Field names and shapes are the store's vocabulary (store/schema.py). Per image o
   ``region.index`` = (h·W_l + w)·A + a on the image's level map, ``region.level`` indexes P3..P7.
 - ``meta.*``: image id, view index, source and view sizes, level sizes; the GT boxes (view
   pixels) and labels when regions are written (``region.gt`` indexes them) or asked for.
+- ``backbone.c3`` .. ``backbone.c5`` (C_l, H_l, W_l): the ResNet stage outputs the FPN is built
+  on (strides 8, 16, 32), cut to the same valid region as P3, P4, P5, from the same forward.
+  Opt-in (not in "all"): the ``backbone`` group, or the preset ``defeat-coco`` (DeFeat's COCO
+  recipe: ``fpn``, ``head.cls``, ``backbone`` and the GT meta).
 
 FRS's richness map (max over classes of σ(class logits)) is not a field: it is derived from
 ``head.cls`` in one line, and the head term of FRS needs every class logit anyway.
@@ -49,7 +53,7 @@ from detectors.outputs import Detector, valid_level_sizes
 from detectors.views import Batch, padded_size
 from precompute.maskd_tokens import MASKD_ARTIFACT  # "maskd_tokens": MasKD stage 1's receptive tokens
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
-from store.schema import LD_VLR_RULE_OPTION, LD_VLR_RULES
+from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LD_VLR_RULE_OPTION, LD_VLR_RULES
 
 # Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
 ALL_GROUPS = ("fpn", "head", "region", "meta")
@@ -67,6 +71,11 @@ FIELD_GROUPS_FOR_METHOD: dict[str, tuple[str, ...]] = {
     "maskd": ("fpn", "head.box"),        # + the receptive tokens artifact (MASKD_ARTIFACT)
     "ld": ("region",) + GT_META,
     "defeat": ("fpn",) + GT_META,        # GT mask from meta (or from the student's own data)
+}
+# Named field sets that are not a method's default reads (``--fields defeat-coco``): DeFeat's COCO
+# recipe (train/methods/defeat.py) adds the class-head and backbone terms to the released config.
+FIELD_PRESETS: dict[str, tuple[str, ...]] = {
+    "defeat-coco": FIELD_GROUPS_FOR_METHOD["defeat"] + ("head.cls", "backbone"),
 }
 # Per-cache artefacts (stored once, not per view).
 INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* weights ("inherit")
@@ -87,7 +96,8 @@ def _items(spec: str | Iterable[str]) -> list[str]:
 
 
 def resolve_fields(spec: str | Iterable[str]) -> list[str]:
-    """Field names (store vocabulary, schema order) for "all", method names, groups, prefixes, names.
+    """Field names (store vocabulary, schema order) for "all", method names, presets
+    (:data:`FIELD_PRESETS`), groups, prefixes, names.
 
     Always adds ``meta.image_id``, ``meta.view_index``, ``meta.orig_hw``, ``meta.valid_hw``,
     ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta.
@@ -98,12 +108,14 @@ def resolve_fields(spec: str | Iterable[str]) -> list[str]:
             wanted += ALL_GROUPS
         elif item in FIELD_GROUPS_FOR_METHOD:
             wanted += FIELD_GROUPS_FOR_METHOD[item]
+        elif item in FIELD_PRESETS:
+            wanted += FIELD_PRESETS[item]
         else:
             wanted.append(item)  # group, prefix or name: expand_fields checks it
     names = set(expand_fields(wanted + list(ALWAYS_META)))
     if names & set(REGION_FIELDS):
         names |= set(REGION_FIELDS) | set(GT_META)
-    order = expand_fields(["fpn", "head", "region", "meta", "image"])
+    order = expand_fields(["fpn", "head", "region", "meta", "image", "backbone"])  # schema order
     return [name for name in order if name in names]
 
 
@@ -252,23 +264,26 @@ def gather_rows(maps: list[Tensor], image: int, level: Tensor, index: Tensor, nu
 # the teacher forward and the per-image fields
 
 
-def _forward(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]],
-             amp_dtype: torch.dtype | None) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """(features, cls_logits, box_outputs) in float32 and float32 anchors for one padded batch.
+def _forward(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]], amp_dtype: torch.dtype | None,
+             want_backbone: bool = False) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor],
+                                                    list[Tensor] | None]:
+    """(features, cls_logits, box_outputs, anchors, stages) in float32 for one padded batch.
 
+    ``stages`` are the backbone maps C3..C5 when ``want_backbone``, else None (not kept).
     Under autocast the detector's ``forward`` is not used: it would build the anchors (and cache
     torchvision's cell anchors) in the reduced precision. Backbone and head run under autocast,
     anchors are made in float32.
     """
     if amp_dtype is None:
-        out = model(images, image_sizes)
-        return out.features, out.cls_logits, out.box_outputs, out.anchors
+        out = model(images, image_sizes, return_backbone=want_backbone)
+        return out.features, out.cls_logits, out.box_outputs, out.anchors, out.backbone_features
     with torch.autocast(images.device.type, dtype=amp_dtype):
-        features = list(model.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
+        features, stages = model.extract_features(images, want_backbone)  # P3..P7; C3..C5 or None
         cls_logits, box_outputs = model.head(features)
     features, cls_logits, box_outputs = ([m.float() for m in maps] for maps in (features, cls_logits, box_outputs))
+    stages = None if stages is None else [m.float() for m in stages]
     anchors = model.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
-    return features, cls_logits, box_outputs, anchors
+    return features, cls_logits, box_outputs, anchors, stages
 
 
 @torch.no_grad()
@@ -300,6 +315,7 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
     num_anchors, strides = model.num_anchors, tuple(model.strides)
     want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in LEVELS]
                   for group in ("fpn", "head.cls", "head.box")}
+    want_backbone = [f"backbone.{stage}" in wanted for stage in BACKBONE_STAGES]  # C3..C5
     want_region = bool(wanted & set(REGION_FIELDS))
     images = batch.images.to(device, non_blocking=True)
     sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
@@ -316,12 +332,16 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
         else:
             sub_images = images[torch.tensor(members, device=device), :, :pad_h, :pad_w]
         sub_sizes = [sizes[i] for i in members]
-        features, cls_logits, box_outputs, anchors = _forward(model, sub_images, sub_sizes, amp_dtype)
+        features, cls_logits, box_outputs, anchors, stages = _forward(model, sub_images, sub_sizes, amp_dtype,
+                                                                      any(want_backbone))
         maps = {"fpn": features, "head.cls": cls_logits, "head.box": box_outputs}
         map_sizes = [tuple(f.shape[-2:]) for f in features]
         moved = {group: [m.to(output_device, non_blocking=True) if want else None
                          for m, want in zip(maps[group], want_dense[group])]
                  for group in want_dense}
+        # C3..C5 share the map sizes of P3..P5, so each is cut to the valid region of that level.
+        moved_stages = [m.to(output_device, non_blocking=True) if want else None
+                        for m, want in zip(stages or [None] * len(BACKBONE_STAGES), want_backbone)]
         for position, index in enumerate(members):
             valid = valid_level_sizes(sizes[index], strides)
             sample: dict[str, Tensor] = {}
@@ -329,6 +349,10 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
                 for lvl, (level_map, (h, w)) in enumerate(zip(level_maps, valid)):
                     if level_map is not None:
                         sample[f"{group}.{LEVELS[lvl]}"] = level_map[position, :, :h, :w]  # (C, h_l, w_l)
+            for stage, stage_map in zip(BACKBONE_STAGES, moved_stages):
+                if stage_map is not None:
+                    h, w = valid[LEVELS.index(BACKBONE_LEVEL[stage])]
+                    sample[f"backbone.{stage}"] = stage_map[position, :, :h, :w]  # (C_l, h_l, w_l)
             if want_region:
                 canonical, counts = canonical_anchors(anchors, map_sizes, valid, num_anchors)
                 gt_boxes = batch.targets[index]["boxes"].to(device)

@@ -11,6 +11,9 @@ bytes of ``fpn``.
     head    head.box.p3 .. p7     (A*B, H_l, W_l)  float    dense box outputs: RetinaNet deltas
                                                             (B=4) or GFL distribution logits
                                                             (B=4*(reg_max+1)), after Scale
+    backbone backbone.c3 .. c5    (CB_l, H_l, W_l) float    ResNet stage outputs C3, C4, C5 (strides 8,
+                                                            16, 32; layer2..layer4), the FPN's inputs;
+                                                            C3 has P3's H_l, W_l, C4 P4's, C5 P5's
     region  region.level          (R,)             int8     level index into LEVELS (0 = p3)
     region  region.index          (R,)             int32    flat location on that level,
                                                             (h * W_l + w) * A + a
@@ -36,7 +39,10 @@ reader returns it as ``meta.view``.
 
 Shape symbols are checked per sample: all ``fpn`` levels share ``C``; ``head.*.p3`` has the
 ``H_l, W_l`` of ``fpn.p3``; all ``region.*`` share ``R``; ``meta.level_hw`` agrees with every
-dense map written.
+dense map written. A backbone stage is bound to the pyramid level of its stride
+(``BACKBONE_LEVEL``: c3 -> p3, c4 -> p4, c5 -> p5), so ``backbone.c4`` has the ``H_l, W_l`` of
+``fpn.p4`` and of ``meta.level_hw[1]``; its channels ``CB_l`` are its own (512, 1024, 2048 for a
+ResNet-50). The ``backbone`` group is opt-in (DeFeat's COCO recipe reads it).
 """
 from __future__ import annotations
 
@@ -48,7 +54,11 @@ from .errors import SchemaError
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 STRIDES = (8, 16, 32, 64, 128)
-GROUPS = ("fpn", "head", "region", "meta", "image")
+GROUPS = ("fpn", "head", "region", "meta", "image", "backbone")
+# ResNet stages cached in the "backbone" group, and the pyramid level of the same stride each one
+# shares its map size with (C3 stride 8 = P3, C4 stride 16 = P4, C5 stride 32 = P5).
+BACKBONE_STAGES = ("c3", "c4", "c5")
+BACKBONE_LEVEL = {"c3": "p3", "c4": "p4", "c5": "p5"}
 
 # region.kind values
 REGION_POSITIVE = 1
@@ -77,7 +87,10 @@ class FieldSpec:
 
     @property
     def level(self) -> str | None:
+        """The pyramid level whose (H_l, W_l) the field has: its own, or its backbone stage's (c4 -> p4)."""
         last = self.name.rsplit(".", 1)[-1]
+        if self.group == "backbone":
+            return BACKBONE_LEVEL.get(last)
         return last if last in LEVELS else None
 
 
@@ -113,6 +126,9 @@ def _build() -> dict[str, FieldSpec]:
         FieldSpec("meta.gt_labels", "int", "int64", ("G",), "raw", "contiguous GT labels"),
         FieldSpec("image.encoded", "bytes", "uint8", ("N",), "stored", "source image file bytes"),
     ]
+    for stage in BACKBONE_STAGES:
+        specs.append(FieldSpec(f"backbone.{stage}", "float", None, ("CB_l", "H_l", "W_l"), "klt",
+                               f"ResNet stage output {stage.upper()} (stride of {BACKBONE_LEVEL[stage].upper()})"))
     return {s.name: s for s in specs}
 
 

@@ -45,7 +45,7 @@ def test_vocabulary_is_grouped_by_prefix():
     assert expand_fields(["fpn"]) == [f"fpn.p{i}" for i in range(3, 8)]
     assert expand_fields(["head.cls"]) == [f"head.cls.p{i}" for i in range(3, 8)]
     assert expand_fields(["region.cls", "meta.image_id"]) == ["region.cls", "meta.image_id"]
-    assert {group_of(n) for n in FIELDS} == {"fpn", "head", "region", "meta", "image"}
+    assert {group_of(n) for n in FIELDS} == {"fpn", "head", "region", "meta", "image", "backbone"}
     with pytest.raises(SchemaError, match="'fpn.p9' is not a field"):
         expand_fields(["fpn.p9"])
 

@@ -5,6 +5,8 @@ import argparse
 import ast
 import sys
 
+from train.recipes import RECIPE_HELP
+
 DESCRIPTION = """\
 Train a student detector by knowledge distillation from a teacher cache (python -m precompute),
 without ever loading the teacher network; or, for comparison, from a teacher run online.
@@ -45,6 +47,15 @@ examples:
   python -m train --method frs --teacher runs/demo/teacher/best.pt ...   # online teacher (no cache)
   python -m train ... --resume                                  # continue out/last.pt exactly
   torchrun --nproc-per-node 8 -m train --method frs --student r50 --cache ... --device cuda
+
+recipes (--recipe NAME; python -m train.recipes lists them with the AP each should reach):
+  python -m train --recipe frs-retina-r101-r50-2x --data coco --cache runs/cache/frs-retina-r101-r50-2x --out DIR
+  python -m train --recipe ld-gfl-r101-r50-1x --epochs 6 --set ld.imitation_weight=0 ...   # explicit wins
+  A recipe sets the method, student (and its config), schedule, batch, lr, inherit and method weights of
+  a published run; every option given explicitly overrides the recipe's (--set and --student-config keys
+  one by one; a --student other than the recipe's drops the recipe's student config; --epochs without
+  --milestones moves the recipe's lr steps to the same fractions of the run). Its batch is the official
+  total: under torchrun each rank takes batch / ranks unless --batch-size is given.
 """
 
 
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
+    g.add_argument("--recipe", help=RECIPE_HELP)
     g.add_argument("--method", default="none", help="none | frs | icd | maskd | ld | defeat | a+b [none]")
     g.add_argument("--student", default="gfl-r50", help="student zoo name (gfl-r50, retina-r18, gfl-nano, ...) "
                                                           "[gfl-r50]")
@@ -104,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student DetectorConfig override, repeatable (e.g. norm=bn, trainable_layers=5)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="method hyperparameter, repeatable: frs.feat_weight=0.2 (or feat_weight=0.2 when unique)")
-    g.add_argument("--inherit", action="store_true",
-                   help="initialise the student's neck and head from the teacher (shapes must match)")
+    g.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=False,
+                   help="initialise the student's neck and head from the teacher (shapes must match) [no]")
     g = p.add_argument_group("teacher (exactly one)")
     g.add_argument("--cache", help="teacher cache directory or fsspec URL (python -m precompute)")
     g.add_argument("--teacher", help="online teacher checkpoint: computes the same fields on the fly")
@@ -203,8 +215,39 @@ def run_training(config: dict) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+# Options whose TrainConfig key differs from the flag's dest (recipes: which keys the user gave).
+_DEST_KEYS = {"no_eval": "eval", "no_tensorboard": "tensorboard", "no_progress": "progress"}
+
+
+def resolve_config(argv=None) -> dict:
+    """TrainConfig keywords from a command line: its options, or with --recipe the recipe's where the
+    command line gives none. ValueError (one line) for a value that does not fit."""
     args = build_parser().parse_args(argv)
+    if (args.cache is None) == (args.teacher is None):
+        raise ValueError("give exactly one of --cache (the teacher cache) and --teacher (online teacher checkpoint)")
+    if not args.recipe:
+        return config_from_args(args)
+    from train.recipes import explicit_dests, get_recipe
+    recipe = get_recipe(args.recipe)
+    explicit = {_DEST_KEYS.get(dest, dest) for dest in explicit_dests(build_parser(), argv)}
+    for key in ("method", "student"):  # --set and --student-config are parsed for these
+        if key not in explicit:
+            setattr(args, key, getattr(recipe, key))
+    return recipe.apply_train(config_from_args(args), explicit)
+
+
+def main(argv=None) -> int:
+    from train.recipes import print_if_listing
+    if print_if_listing(argv):
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.recipe:
+        try:
+            config = resolve_config(argv)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return run_training(config)
     if (args.cache is None) == (args.teacher is None):
         print("error: give exactly one of --cache (the teacher cache) and --teacher (online teacher checkpoint)",
               file=sys.stderr)

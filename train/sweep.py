@@ -23,6 +23,11 @@ run starts (trainer options: TrainConfig and ``train.__main__.TRAIN_LIMITS``; ME
 method's config): an empty, non-numeric or non-finite number, 2.5 for an int, a negative weight,
 an unknown key, or a METHOD.KEY for a method no run trains is an error (exit status 2).
 
+With ``--recipe NAME`` (``python -m train.recipes``) the sweep trains the recipe's method and
+student with its trainer options and method weights as --set settings; --methods, --student and
+every --set/--grid key given explicitly override the recipe's (a --student other than the
+recipe's gets none of the recipe's student config). ``--recipe list`` prints the recipes.
+
 Each run is a child process (``python -m train.sweep --run DIR``), so one crash does not end the
 sweep and memory is returned between runs. Runs go one per GPU (``--jobs``: all visible GPUs by
 default); on a CPU one at a time, or ``--jobs N`` runs side by side with the cores split between
@@ -45,6 +50,7 @@ from tqdm import tqdm
 
 from train.__main__ import run_training, split_assignments, train_option_rules
 from train.methods import ValueRule, check_overrides, override_rule, parse_method_names
+from train.recipes import RECIPE_HELP
 from train.trainer import RESUME_FREE_KEYS, TrainConfig
 
 SWEEP_FILE = "sweep.json"
@@ -384,6 +390,7 @@ def parse_seeds(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help=RECIPE_HELP)
     p.add_argument("--cache", help="the teacher cache every run reads (python -m precompute)")
     p.add_argument("--data", help="COCO-layout root the cache was written for")
     p.add_argument("--student", default="gfl-nano", help="student zoo name [gfl-nano]")
@@ -404,7 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_recipe(args: argparse.Namespace, settings: dict[str, Any], grid: dict[str, list], argv=None
+                 ) -> dict[str, Any]:
+    """With --recipe: sets the recipe's methods and student on ``args`` where the command line gives
+    none, and returns the recipe's settings with the command line's ``settings`` over them."""
+    from train.recipes import explicit_dests, get_recipe
+    recipe = get_recipe(args.recipe)
+    explicit = explicit_dests(build_parser(), argv)
+    if "methods" not in explicit:
+        args.methods = [recipe.method]
+    if "student" not in explicit:
+        args.student = recipe.student
+    return recipe.sweep_settings(args.methods, args.student, settings, grid)
+
+
 def main(argv=None) -> int:
+    from train.recipes import print_if_listing
+    if print_if_listing(argv):
+        return 0
     args = build_parser().parse_args(argv)
     if args.run:
         return run_child(Path(args.run), args.device)
@@ -413,6 +437,8 @@ def main(argv=None) -> int:
         return 2
     try:  # every value checked before anything is read or run
         seeds, settings, grid = parse_seeds(args.seeds), parse_settings(args.settings), parse_grid(args.grid)
+        if args.recipe:
+            settings = apply_recipe(args, settings, grid, argv)
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: expected an int >= 1")
         plan_runs(args.out, args.methods, seeds, args.data, args.cache, args.student, settings, grid)

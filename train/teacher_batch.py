@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from detectors.outputs import STRIDES, valid_level_sizes
-from store.schema import LEVELS
+from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS
 
 # Dense field prefixes and the TeacherBatch attribute each fills.
 DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box"}
@@ -46,6 +46,10 @@ class TeacherBatch:
     #                                          box_dist (R, B) float
     valid_sizes: list[list[tuple[int, int]]]  # per image, per level: (h_l, w_l) of the valid region
     image_ids: list[int] | None = None       # meta.image_id per image, when the samples carry it
+    # Backbone stages read from the cache, by name ("c3", "c4", "c5"): (N, C_l, H_l, W_l) on the
+    # grid of the level of the same stride (c4 -> P4: ``valid[1]``), zero outside valid; None
+    # when the samples hold no ``backbone.*`` field.
+    backbone: dict[str, Tensor] | None = None
 
     @property
     def num_images(self) -> int:
@@ -71,7 +75,8 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
             ``meta.level_hw``, or the shapes of its dense maps. Dense maps must match it exactly.
 
     Only the groups present in the samples are filled (``fpn``/``cls``/``box``/``region`` are
-    ``None`` otherwise); a group must be present in every sample or in none.
+    ``None`` otherwise); a group must be present in every sample or in none. ``backbone`` holds
+    the stages the samples carry (any subset of c3..c5, the same in every sample).
     """
     if not samples:
         raise ValueError("collate_teacher needs at least one sample")
@@ -107,28 +112,46 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
         if not all(present):
             dense[attribute] = None
             continue
-        maps = []
-        for level, (name, (map_h, map_w)) in enumerate(zip(names, level_sizes)):
-            channels = _as_tensor(samples[0][name]).shape[0]
-            out = torch.zeros(num_images, channels, map_h, map_w, dtype=torch.float32, device=device)
-            for index, sample in enumerate(samples):
-                value = _as_tensor(sample[name])
-                expected = (channels, *valid_sizes[index][level])
-                if tuple(value.shape) != expected:
-                    raise ValueError(f"teacher field {name} of image {index} ({_key(sample)}) has shape "
-                                     f"{tuple(value.shape)}, expected {expected} (channels, valid region); "
-                                     f"the cache and the student batch disagree on the view")
-                h, w = valid_sizes[index][level]
-                out[index, :, :h, :w] = value.to(device=device, dtype=torch.float32, non_blocking=True)
-            maps.append(out)
-        dense[attribute] = maps
+        dense[attribute] = [_stack_dense(samples, name, level, level_sizes[level], valid_sizes, device)
+                            for level, name in enumerate(names)]
+
+    backbone = None
+    stages = [stage for stage in BACKBONE_STAGES if LEVELS.index(BACKBONE_LEVEL[stage]) < num_levels]
+    present = [tuple(s for s in stages if f"backbone.{s}" in sample) for sample in samples]
+    if any(present):
+        if any(other != present[0] for other in present):
+            raise ValueError(f"every teacher sample must hold the same backbone fields; got {sorted(set(present))}")
+        backbone = {}
+        for stage in present[0]:
+            level = LEVELS.index(BACKBONE_LEVEL[stage])
+            backbone[stage] = _stack_dense(samples, f"backbone.{stage}", level, level_sizes[level], valid_sizes,
+                                           device)
 
     image_ids = None
     if all("meta.image_id" in sample for sample in samples):
         image_ids = [int(_as_tensor(sample["meta.image_id"])) for sample in samples]
 
     return TeacherBatch(fpn=dense["fpn"], cls=dense["cls"], box=dense["box"], valid=valid,
-                        region=_collate_region(samples, device), valid_sizes=valid_sizes, image_ids=image_ids)
+                        region=_collate_region(samples, device), valid_sizes=valid_sizes, image_ids=image_ids,
+                        backbone=backbone)
+
+
+def _stack_dense(samples: Sequence[dict], name: str, level: int, map_size: tuple[int, int],
+                 valid_sizes: list[list[tuple[int, int]]], device: torch.device) -> Tensor:
+    """(N, C, H_l, W_l) float32: each sample's ``name`` map placed top-left on the batch grid of ``level``."""
+    map_h, map_w = map_size
+    channels = _as_tensor(samples[0][name]).shape[0]
+    out = torch.zeros(len(samples), channels, map_h, map_w, dtype=torch.float32, device=device)
+    for index, sample in enumerate(samples):
+        value = _as_tensor(sample[name])
+        expected = (channels, *valid_sizes[index][level])
+        if tuple(value.shape) != expected:
+            raise ValueError(f"teacher field {name} of image {index} ({_key(sample)}) has shape "
+                             f"{tuple(value.shape)}, expected {expected} (channels, valid region); "
+                             f"the cache and the student batch disagree on the view")
+        h, w = valid_sizes[index][level]
+        out[index, :, :h, :w] = value.to(device=device, dtype=torch.float32, non_blocking=True)
+    return out
 
 
 def _collate_region(samples: Sequence[dict], device: torch.device) -> dict[str, Tensor] | None:

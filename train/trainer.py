@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detectors import build_detector, save_checkpoint
+from detectors.backbone import resnet_stage_channels
 from detectors.data import CocoDetection, DataError
 from detectors.outputs import Detector, DetectorOutput
 from detectors.views import Batch, ViewSpec
@@ -157,23 +158,26 @@ RESUME_FREE_KEYS = ("out", "on_error", "workers", "eval", "eval_every", "eval_ba
 
 # ---------------------------------------------------------------------------------------------- the model
 def student_forward(student: Detector, images: Tensor, image_sizes: list[tuple[int, int]],
-                    targets: list[dict[str, Tensor]], amp_dtype: torch.dtype | None) -> DetectorOutput:
+                    targets: list[dict[str, Tensor]], amp_dtype: torch.dtype | None,
+                    return_backbone: bool = False) -> DetectorOutput:
     """The student's outputs, assignment and losses; backbone and head under autocast when ``amp_dtype``.
 
     Under autocast only the convolutions run in reduced precision: anchors (pixel coordinates),
     assignment and losses are computed in float32 on float32 copies of the outputs (the same split
-    as ``precompute.fields``' teacher forward).
+    as ``precompute.fields``' teacher forward). ``return_backbone``: also the C3..C5 stage maps
+    (``backbone_features``), for a method that reads the teacher's ``backbone`` fields.
     """
     if amp_dtype is None:
-        return student(images, image_sizes, targets)
+        return student(images, image_sizes, targets, return_backbone=return_backbone)
     image_sizes = [(int(h), int(w)) for h, w in image_sizes]
     student._check_inputs(images, image_sizes, targets)
     with torch.autocast(images.device.type, dtype=amp_dtype):
-        features = list(student.backbone(images).values())  # P3..P7, each (N, C, H_l, W_l)
+        features, stages = student.extract_features(images, return_backbone)  # P3..P7; C3..C5 or None
         cls_logits, box_outputs = student.head(features)
     features, cls_logits, box_outputs = ([m.float() for m in maps] for maps in (features, cls_logits, box_outputs))
     anchors = student.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
     out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(student.strides), image_sizes)
+    out.backbone_features = None if stages is None else [m.float() for m in stages]
     out.assignment = student.assign(out, targets)
     out.losses = student.compute_losses(out, targets)
     return out
@@ -186,11 +190,15 @@ class DistillationModel(nn.Module):
         super().__init__()
         self.student = student
         self.method = method
+        # A method that reads the teacher's backbone maps compares them with the student's (DeFeat's
+        # backbone terms): only then does the student's forward keep its C3..C5 maps.
+        self.return_backbone = any(name.startswith("backbone.") for name in field_names(method.fields))
 
     def forward(self, batch: Batch, teacher_samples: list[dict[str, Tensor]] | None, iteration: int,
                 amp_dtype: torch.dtype | None = None) -> tuple[DetectorOutput, dict[str, Tensor]]:
         """Student outputs (with ``losses``) and the method's named, weighted terms on one batch."""
-        out = student_forward(self.student, batch.images, batch.image_sizes, batch.targets, amp_dtype)
+        out = student_forward(self.student, batch.images, batch.image_sizes, batch.targets, amp_dtype,
+                              self.return_backbone)
         if teacher_samples is None:  # a method that reads no teacher field
             return out, self.method(out, None, batch.targets, iteration)
         teacher = collate_teacher(teacher_samples, [tuple(f.shape[-2:]) for f in out.features],
@@ -306,7 +314,9 @@ class StudentTrainer:
         teacher_channels = self._teacher_channels(cache)
         self.method = build_method(c.method, family, c.overrides, student_channels=self.student.config.fpn_channels,
                                    teacher_channels=teacher_channels, num_classes=self.num_classes,
-                                   maskd_tokens=tokens, dataset_stats=DatasetStats.from_dataset(self.train_set))
+                                   maskd_tokens=tokens, dataset_stats=DatasetStats.from_dataset(self.train_set),
+                                   student_backbone_channels=self.student.backbone.stage_channels,
+                                   teacher_backbone_channels=self._teacher_backbone_channels())
         self.fields = field_names(self.method.fields)  # the only groups the trainer reads
         where = c.cache if cache is not None else c.teacher
         if cache is not None:
@@ -390,6 +400,13 @@ class StudentTrainer:
             image_id, view_index = cache.keys()[0]
             return int(cache.get(image_id, view_index, fields=["fpn.p3"])["fpn.p3"].shape[0])
         return self.student.config.fpn_channels
+
+    def _teacher_backbone_channels(self) -> tuple[int, int, int] | None:
+        """C3..C5 widths from the teacher's config (the manifest keeps it), None when unknown."""
+        config = self.teacher_config
+        if config is None or (config.get("depth") is None and not config.get("widths")):
+            return None
+        return resnet_stage_channels(config.get("depth"), config.get("widths"))
 
     def _maskd_tokens(self, cache, teacher_model):
         c = self.config

@@ -60,8 +60,9 @@ def parse_method_names(spec: str) -> list[str]:
 
 def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None, *,
                  student_channels: int = 256, teacher_channels: int = 256, num_classes: int = 80,
-                 num_levels: int = 5, maskd_tokens: Any = None,
-                 dataset_stats: DatasetStats | None = None) -> DistillationMethod:
+                 num_levels: int = 5, maskd_tokens: Any = None, dataset_stats: DatasetStats | None = None,
+                 student_backbone_channels: tuple[int, int, int] | None = None,
+                 teacher_backbone_channels: tuple[int, int, int] | None = None) -> DistillationMethod:
     """Builds a method (or a ``+`` combination) with the official defaults of ``family`` and ``overrides``.
 
     Args:
@@ -73,6 +74,7 @@ def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None
         maskd_tokens: MasKD's stage-1 receptive tokens (``precompute.maskd_tokens.load_receptive_tokens``).
         dataset_stats: ICD's class and box-size statistics (``DatasetStats.from_dataset``); default
             uniform, the official fallback for datasets other than COCO.
+        student_backbone_channels, teacher_backbone_channels: C3..C5 widths (DeFeat's backbone terms).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown detector family {family!r}; expected one of {FAMILIES}")
@@ -80,7 +82,8 @@ def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None
     per_method = split_overrides(names, dict(overrides or {}))
     context = BuildContext(student_channels=student_channels, teacher_channels=teacher_channels,
                            num_classes=num_classes, num_levels=num_levels, maskd_tokens=maskd_tokens,
-                           dataset_stats=dataset_stats)
+                           dataset_stats=dataset_stats, student_backbone_channels=student_backbone_channels,
+                           teacher_backbone_channels=teacher_backbone_channels)
     parts = []
     for name in names:
         cls = METHODS[name]

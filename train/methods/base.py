@@ -257,6 +257,8 @@ class BuildContext:
     num_levels: int = 5                  # P3..P7
     maskd_tokens: Any = None             # MasKD: the receptive tokens learnt in precompute (stage 1)
     dataset_stats: Any = None            # ICD: class and box-size statistics (train.methods.icd.DatasetStats)
+    student_backbone_channels: tuple[int, int, int] | None = None   # C3..C5 widths (DeFeat's backbone terms)
+    teacher_backbone_channels: tuple[int, int, int] | None = None
 
 
 @dataclass

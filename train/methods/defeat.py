@@ -21,6 +21,45 @@ empty), s the level's stride. With the adapter A_l (3×3 conv C_s → C_t, weigh
 
 COCO weights per the author: w_fg = 4, w_bg = 16 (the released VOC config has 3 and 12).
 
+Backbone terms (optional, off by default as in the released configs, ``hint_bb_w=0``,
+``hint_bb_back_w=0``): the official ``bb-adapt,bb-decouple,mask-bb-gt`` branch of
+``batch_processor_kd`` (``mmdet/apis/train.py`` lines 349–386), adapters in
+``single_stage_kd.py`` / ``two_stage_kd.py`` (``bb_adapt``), mask in ``anchor_head.py``
+``get_bb_gt_mask`` (lines 299–320). For each distilled ResNet stage S (C3, C4, C5: strides 8, 16,
+32, the FPN's inputs; ``backbone_stages``) with its adapter A_S = 3×3 conv C_s,S → C_t,S followed by
+a ReLU (unlike the neck adapters; same N(0,1) fmod 2 × 1e-4 weight init, trained with the student):
+
+    M_8  = every GT box's cells on the stride-8 grid (P3, the head's finest level), no level
+           assignment, the same cell rule as above
+    M_S  = nearest-neighbour resize of M_8 to stage S's map (C3: M_8; C4: M_8[::2, ::2]; C5: M_8[::4, ::4])
+    defeat_backbone_fg = w_bbfg / |S| · Σ_S Σ M_S·(A_S(C_s) − C_t)² / max(1, 2·Σ M_S,c)
+    defeat_backbone_bg = w_bbbg / |S| · Σ_S Σ B_S·(A_S(C_s) − C_t)² / max(1, 2·Σ B_S,c),
+                         B_S = valid · (1 − M_S)
+
+(M_S,c: M_S repeated over the teacher's C_t,S channels.) The author's COCO recipe (DeFeat.pytorch
+issue #18: "4 and 16 for the foreground and background, ... KD for backbone feature (stage 3 and
+4), Neck feature, and cls-head") names mmdetection's ResNet stages 3 and 4 (``layer3``,
+``layer4``, counted as ``frozen_stages`` counts them): C4 and C5, the default of
+``backbone_stages``. The issue gives no backbone or head weights; the released VOC config
+(``voc_stu_faster_rcnn_r50_decouple_neck.py``) lists ``bb_indices=(1,2,3)`` (C3–C5) with both
+backbone weights 0 and ``head_cls_w = head_cls_back_w = 2``. The recipe, as run here:
+
+    python -m precompute ... --fields defeat-coco        # = defeat + head.cls + backbone
+    python -m train ... --method defeat --set defeat.fg_weight=4 --set defeat.bg_weight=16 \
+        --set defeat.backbone_fg_weight=4 --set defeat.backbone_bg_weight=16 \
+        --set defeat.head_fg_weight=2 --set defeat.head_bg_weight=2
+
+The backbone weights above reuse the neck's 4/16 (an assumption: the author did not state them);
+``--set defeat.backbone_stages=3,4,5`` distils C3 too (the released ``bb_indices``). A cache
+written with ``--fields defeat`` (the released config) holds no backbone maps, and a run with
+backbone weights > 0 refuses it; ``--fields backbone`` adds just the group to another spec. The
+adapters are sized by both models' C3–C5 widths, which :meth:`DeFeat.build` takes from the build
+context (``student_backbone_channels``, ``teacher_backbone_channels``;
+``detectors.backbone.resnet_stage_channels`` or ``ResNetFPN.stage_channels`` give them); without
+them the backbone terms refuse to build. The student's C3–C5 come from the same forward as its
+FPN (``Detector.forward(..., return_backbone=True)``, which the trainer asks for whenever the
+method reads ``backbone`` fields).
+
 Head term (optional, off by default): the author's head term is a KL on a two-stage detector's
 RoI class scores (``head-cls``, not enabled in the released config; its values there are weight 2
 for fg and bg, T = 1). For these one-stage heads we use, per anchor at the fg (M) and bg (B)
@@ -51,9 +90,14 @@ Remaining differences from the official code:
 - GT cells are clipped to the image's valid region rather than to the batch map (identical for
   boxes inside the image).
 - The head term is our one-stage design (see above), not the author's.
+- Backbone mask: the stride-8 grid (P3) is the finest level of these one-stage heads, which the
+  official single-stage code would use (``bbox_head.get_bb_gt_mask``; as released that call passes
+  a ``version`` argument the function does not take, so only the two-stage path runs, on the RPN's
+  finest level, stride 4). The background is again restricted to the valid region.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +111,8 @@ from train.teacher_batch import TeacherBatch
 
 # FPN's RoI-to-level rule (as mmdetection's ``_map_roi_levels``): canonical size 56 -> level 0.
 FINEST_SCALE = 56
+# ResNet stages with backbone terms: C3, C4, C5 (``backbone.c3`` ...), on the grids of P3, P4, P5.
+BACKBONE_STAGE_NUMBERS = (3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -76,30 +122,76 @@ class DeFeatConfig(MethodConfig):
     head_fg_weight: float = 0.0     # one-stage head KL at fg anchors (off; the author's two-stage value is 2)
     head_bg_weight: float = 0.0     # one-stage head KL at bg anchors (off; the author's two-stage value is 2)
     head_temperature: float = 1.0   # T of the head term
+    backbone_fg_weight: float = 0.0  # backbone term at fg cells (hint_bb_w; 0 in the released config)
+    backbone_bg_weight: float = 0.0  # backbone term at bg cells (hint_bb_back_w; 0 in the released config)
+    backbone_stages: tuple[int, ...] = (4, 5)  # ResNet stages distilled: 3 = C3, 4 = C4, 5 = C5
+    #                                            (the author's "stage 3 and 4" = C4, C5)
+
+    def __post_init__(self) -> None:
+        stages = tuple(int(s) for s in self.backbone_stages)
+        if (any(s not in BACKBONE_STAGE_NUMBERS or s != t for s, t in zip(stages, self.backbone_stages))
+                or len(set(stages)) != len(stages)):
+            raise ValueError(f"backbone_stages={self.backbone_stages!r}: expected distinct stages among "
+                             f"{BACKBONE_STAGE_NUMBERS} (3 = C3, 4 = C4, 5 = C5)")
+        if self.backbone_on and not stages:
+            raise ValueError("backbone terms are on (backbone_fg_weight or backbone_bg_weight > 0) but "
+                             "backbone_stages is empty")
+        object.__setattr__(self, "backbone_stages", stages)
+
+    @property
+    def backbone_on(self) -> bool:
+        return bool(self.backbone_fg_weight or self.backbone_bg_weight)
 
 
 class DeFeat(DistillationMethod):
     NAME = "defeat"
-    FIELDS = ("fpn", "head.cls")
+    FIELDS = ("fpn", "head.cls", "backbone")
     Config = DeFeatConfig
 
     def __init__(self, config: DeFeatConfig, student_channels: int = 256, teacher_channels: int = 256,
-                 num_levels: int = 5) -> None:
+                 num_levels: int = 5, student_backbone_channels: Sequence[int] | None = None,
+                 teacher_backbone_channels: Sequence[int] | None = None) -> None:
+        """``student_backbone_channels`` / ``teacher_backbone_channels``: C3, C4, C5 widths (e.g.
+        ``ResNetFPN.stage_channels``), needed only when the backbone terms are on."""
         super().__init__(config)
         self.adapters = nn.ModuleList([nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
                                        for _ in range(num_levels)])
         with torch.no_grad():
             for adapter in self.adapters:
                 adapter.weight.normal_().fmod_(2).mul_(1e-4)
+        self.backbone_adapters = None  # built only with the backbone terms on: the released config has none
+        if config.backbone_on:
+            if student_backbone_channels is None or teacher_backbone_channels is None:
+                raise ValueError("DeFeat's backbone terms need the student's and the teacher's C3-C5 widths "
+                                 "(student_backbone_channels, teacher_backbone_channels) to build their adapters")
+            if len(student_backbone_channels) != 3 or len(teacher_backbone_channels) != 3:
+                raise ValueError(f"expected C3, C4, C5 widths, got student {tuple(student_backbone_channels)}, "
+                                 f"teacher {tuple(teacher_backbone_channels)}")
+            self.backbone_adapters = nn.ModuleDict()
+            for stage in config.backbone_stages:
+                index = BACKBONE_STAGE_NUMBERS.index(stage)
+                conv = nn.Conv2d(int(student_backbone_channels[index]), int(teacher_backbone_channels[index]),
+                                 kernel_size=3, padding=1)
+                with torch.no_grad():
+                    conv.weight.normal_().fmod_(2).mul_(1e-4)
+                self.backbone_adapters[f"c{stage}"] = nn.Sequential(conv, nn.ReLU())  # the official bb_adapt
 
     @classmethod
     def build(cls, config: DeFeatConfig, context: BuildContext) -> DeFeat:
-        return cls(config, context.student_channels, context.teacher_channels, context.num_levels)
+        return cls(config, context.student_channels, context.teacher_channels, context.num_levels,
+                   context.student_backbone_channels, context.teacher_backbone_channels)
 
     @property
     def fields(self) -> tuple[str, ...]:
-        head = self.config.head_fg_weight or self.config.head_bg_weight
-        return ("fpn", "head.cls") if head else ("fpn",)
+        """``fpn``; ``head.cls`` with a head weight > 0; ``backbone.cS`` per distilled stage with a
+        backbone weight > 0 (so the released config never reads the backbone group)."""
+        config = self.config
+        fields = ("fpn",)
+        if config.head_fg_weight or config.head_bg_weight:
+            fields += ("head.cls",)
+        if config.backbone_on:
+            fields += tuple(f"backbone.c{stage}" for stage in config.backbone_stages)
+        return fields
 
     def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
                 iteration: int) -> dict[str, Tensor]:
@@ -141,6 +233,42 @@ class DeFeat(DistillationMethod):
             if config.head_bg_weight:
                 per_gpu = bg_kl / bg_count.clamp(min=1)
                 terms["defeat_head_bg"] = config.head_bg_weight * scale * per_gpu.mean()
+        if config.backbone_on:
+            terms.update(self.backbone_terms(student, teacher, targets))
+        return terms
+
+    def backbone_terms(self, student: DetectorOutput, teacher: TeacherBatch,
+                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``defeat_backbone_fg`` / ``defeat_backbone_bg`` (module docstring), each when its weight is > 0."""
+        config = self.config
+        if student.backbone_features is None:
+            raise ValueError("DeFeat's backbone terms need the student's backbone maps: run the student with "
+                             "return_backbone=True")
+        teacher_stages = require(teacher.backbone, "backbone", "DeFeat (backbone terms)")
+        device = teacher.valid[0].device
+        # Every GT on the finest head grid (stride 8, P3), as the official get_bb_gt_mask.
+        gt_mask = gt_backbone_mask(targets, teacher.level_sizes[0], [sizes[0] for sizes in teacher.valid_sizes],
+                                   student.strides[0], device)  # (N, 1, H_3, W_3) bool
+        fg_loss = bg_loss = 0.0
+        for stage in config.backbone_stages:
+            name, index = f"c{stage}", BACKBONE_STAGE_NUMBERS.index(stage)
+            if name not in teacher_stages:
+                raise ValueError(f"DeFeat's backbone terms read backbone.{name}, which this TeacherBatch does not "
+                                 f"hold; cache it (precompute --fields defeat-coco or backbone)")
+            valid = teacher.valid[index]  # C3..C5 share the grids of P3..P5
+            adapted = self.backbone_adapters[name](student.backbone_features[index])  # (N, C_t, H, W)
+            check_same_shape(adapted, teacher_stages[name], f"adapted backbone {name.upper()} maps")
+            # The official F.interpolate(mask, size=[h, w], mode="nearest") of the stride-8 mask.
+            fg = F.interpolate(gt_mask.float(), size=valid.shape[-2:], mode="nearest").bool() & valid
+            squared_error = (adapted - teacher_stages[name]) ** 2  # (N, C_t, H, W)
+            fg_loss = fg_loss + decoupled_term(squared_error, fg)  # (G,)
+            bg_loss = bg_loss + decoupled_term(squared_error, valid & ~fg)
+        num_stages = len(config.backbone_stages)
+        terms = {}
+        if config.backbone_fg_weight:
+            terms["defeat_backbone_fg"] = config.backbone_fg_weight / num_stages * fg_loss.mean()
+        if config.backbone_bg_weight:
+            terms["defeat_backbone_bg"] = config.backbone_bg_weight / num_stages * bg_loss.mean()
         return terms
 
 
@@ -177,14 +305,29 @@ def gt_level_masks(targets: list[dict[str, Tensor]], level_sizes: list[tuple[int
         scale = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)).sqrt()
         box_levels = torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(0, num_levels - 1).long()
         for box, level in zip(boxes.tolist(), box_levels.tolist()):
-            stride = strides[level]
-            valid_h, valid_w = valid_sizes[image][level]
-            x1, x2 = min(int(box[0] / stride), valid_w), min(int(box[2] / stride), valid_w)
-            y1, y2 = min(int(box[1] / stride), valid_h), min(int(box[3] / stride), valid_h)
-            x1, y1 = max(x1, 0), max(y1, 0)
-            if x1 == x2 or y1 == y2:  # thinner than a cell: its top-left cell
-                masks[level][image, 0, min(y1, valid_h - 1), min(x1, valid_w - 1)] = True
-            else:
-                masks[level][image, 0, y1:y2, x1:x2] = True
+            fill_box_cells(masks[level][image, 0], box, strides[level], *valid_sizes[image][level])
     return [mask.to(device, non_blocking=True) for mask in masks]
+
+
+def gt_backbone_mask(targets: list[dict[str, Tensor]], map_size: tuple[int, int], valid_sizes: list[tuple[int, int]],
+                     stride: int, device: torch.device | str = "cpu") -> Tensor:
+    """(N, 1, H, W) bool: the cells of every GT box on one grid of ``stride`` (the official
+    ``get_bb_gt_mask``: no level assignment), within each image's valid region ``valid_sizes[n]``."""
+    mask = torch.zeros(len(targets), 1, *map_size, dtype=torch.bool)
+    for image, target in enumerate(targets):
+        for box in target["boxes"].detach().float().cpu().tolist():
+            fill_box_cells(mask[image, 0], box, stride, *valid_sizes[image])
+    return mask.to(device, non_blocking=True)
+
+
+def fill_box_cells(mask: Tensor, box_xyxy: list[float], stride: int, valid_h: int, valid_w: int) -> None:
+    """Sets a box's cells [int(y1/s), int(y2/s)) × [int(x1/s), int(x2/s)) in ``mask`` (H, W), clipped
+    to the valid (valid_h, valid_w) region; a box thinner than a cell sets its top-left cell."""
+    x1, x2 = min(int(box_xyxy[0] / stride), valid_w), min(int(box_xyxy[2] / stride), valid_w)
+    y1, y2 = min(int(box_xyxy[1] / stride), valid_h), min(int(box_xyxy[3] / stride), valid_h)
+    x1, y1 = max(x1, 0), max(y1, 0)
+    if x1 == x2 or y1 == y2:  # thinner than a cell: its top-left cell
+        mask[min(y1, valid_h - 1), min(x1, valid_w - 1)] = True
+    else:
+        mask[y1:y2, x1:x2] = True
 
