@@ -13,7 +13,7 @@ A cache is a directory or fsspec URL (file://, memory://, s3://, gs://) holding:
                             and (once complete) every shard's receipt
   shards/NNNNNN.json        a shard's receipt: sample keys, blob offsets, file sizes and sha256
   shards/NNNNNN.zarr/       zarr v3 backend: one uint8 array per field group (fpn, head, region,
-                            meta, image), sharding codec
+                            meta, backbone, image), sharding codec
   shards/NNNNNN-GROUP.tar   WebDataset backend: one tar per field group
   artifacts/NAME.npz        stored once per cache (MasKD tokens, teacher weights, image hashes)
   writer.lock               while a precompute run writes the cache: its run id, pid, host, start
@@ -43,8 +43,9 @@ def main(argv=None) -> int:
                                        "compression ratio against raw fp16")
     p.add_argument("cache", help="cache directory or fsspec URL")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
-    p = sub.add_parser("verify", help="check every shard's files against their sizes and sha256, missing shards, "
-                                      "duplicate samples, artifacts; exit status 1 on any problem")
+    p = sub.add_parser("verify", help="check the sealed manifest, that the cache is finalized, every receipt, every "
+                                      "file's size and sha256, the index, duplicate samples, the artefacts; exit "
+                                      "status 1 on any problem")
     p.add_argument("cache", help="cache directory or fsspec URL")
     p.add_argument("--decode", action="store_true", help="also decode every blob (slower; checks the codecs)")
     p = sub.add_parser("finalize", help="fold shard receipts into manifest.json and mark the cache complete")

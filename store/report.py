@@ -232,6 +232,7 @@ def summary(url: str) -> dict:
         url=str(url), backend=manifest.backend, complete=manifest["complete"],
         format_version=manifest["format_version"],
         teacher=manifest["teacher"], dataset=manifest["dataset"], views=manifest["views"],
+        options=manifest["options"], declared_artifacts=manifest["declared_artifacts"],
         shard_size=manifest.shard_size, num_samples_declared=declared, shards_declared=manifest.num_shards,
         shards_committed=len(shards), samples_committed=sum(s["num_samples"] for s in shards.values()),
         samples_per_view=samples_per_view,
@@ -254,6 +255,8 @@ def inspect_text(url: str) -> str:
            f"complete: {'yes' if s['complete'] else 'NO'}",
            f"teacher    {json.dumps(s['teacher'], sort_keys=True)}",
            f"dataset    {json.dumps(s['dataset'], sort_keys=True)}",
+           f"options    {json.dumps(s['options'], sort_keys=True)}   artefacts declared: "
+           f"{', '.join(s['declared_artifacts']) or 'none'}",
            "views"]
     out += [f"  {i}: {json.dumps(v, sort_keys=True)}   samples: {s['samples_per_view'].get(str(i), 0)}"
             for i, v in enumerate(s["views"])]
