@@ -523,7 +523,8 @@ class CacheWriter:
             expected = max(self.committed) + 1 if self.committed else None
         if expected is None or any(i not in self.committed for i in range(expected)):
             return False
-        if any(name not in read_artifacts(self.fs, self.root) for name in self.manifest["declared_artifacts"]):
+        stored = read_artifacts(self.fs, self.root)
+        if any(name not in stored for name in self.manifest["declared_artifacts"]):
             return False                                              # finalize() once they are stored
         self.check_owner()
         _finalize(self.fs, self.root, self.manifest, receipts, expected)
