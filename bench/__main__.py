@@ -9,10 +9,15 @@ import sys
 from pathlib import Path
 
 
+def benchmark_names() -> list[str]:
+    """The suffixes of the ``bench_<name>.py`` modules next to this file."""
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                  if m.name.startswith("bench_"))
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent))
-                   if m.name.startswith("bench_"))
+    names = benchmark_names()
     selected = argv or names
     unknown = [n for n in selected if n not in names]
     if unknown:

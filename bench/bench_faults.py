@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store import CacheError, Manifest, open_cache, open_writer
+from store import BACKENDS, CacheError, Manifest, open_cache, open_writer
 from store.report import verify
 from store.synthetic import make_sample
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     print(f"{'backend':8s} {'trials':>6s} {'files':>5s} " + " ".join(f"{k:>9s}" for k in OUTCOMES) + "  reader_silent  reader_crash")
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in ("zarr", "wds"):
+        for backend in BACKENDS:
             start = time.perf_counter()
             result = run_trials(backend, args.trials, args.seed, Path(tmp))
             print(f"{backend:8s} {result['trials']:6d} {result['files']:5d} " +

@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import build_detector, save_checkpoint  # noqa: E402
 from detectors.synth import SynthConfig, generate  # noqa: E402
 from detectors.views import collate  # noqa: E402
+from precompute.config import PrecomputeConfig  # noqa: E402
 from precompute.fields import extract_fields  # noqa: E402
-from precompute.pipeline import PrecomputeConfig, Run, run_rank  # noqa: E402
+from precompute.pipeline import Run, run_rank  # noqa: E402
 from precompute.plan import padded_shape_fn, plan_batches  # noqa: E402
-from store import finalize, group_of, open_writer  # noqa: E402
+from store import BACKENDS, finalize, group_of, open_writer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--short", type=int, default=160)
     p.add_argument("--max-size", type=int, default=256)
     p.add_argument("--fields", default="all")
-    p.add_argument("--format", default="zarr", choices=("zarr", "wds"))
+    p.add_argument("--format", default="zarr", choices=BACKENDS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
@@ -82,8 +83,7 @@ def bare_views_per_s(run: Run, batches: list, amp_dtype) -> tuple[float, float]:
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), cpu_seconds()
         for batch in batches:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(batch.images.to(device, non_blocking=True), batch.image_sizes)
+            out = model(batch.images.to(device, non_blocking=True), batch.image_sizes, amp_dtype=amp_dtype)
             del out
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -34,8 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store import LEVELS, Manifest, dequantize, make_codec, open_cache, open_writer  # noqa: E402
+from store import BACKENDS, LEVELS, Manifest, dequantize, make_codec, open_cache, open_writer  # noqa: E402
 from store.synthetic import StructuredFPN  # noqa: E402
+from store.torch_data import CacheIterableDataset  # noqa: E402
 
 VIEW_SIZES = [(800, 1216), (800, 1088), (1216, 800), (800, 1344)]    # typical 800/1333 views, padded
 
@@ -169,7 +170,7 @@ def backend_table(samples: list[dict], fit: int, workdir: str, repeats: int) -> 
                          "meta.valid_hw": np.array([h, w], np.int32)})
             items.append(item)
     raw_fpn = sum(v.size * 2 for item in items for k, v in item.items() if k.startswith("fpn."))
-    for backend in ("zarr", "wds"):
+    for backend in BACKENDS:
         url = os.path.join(workdir, f"cache-{backend}")
         manifest = Manifest.create(teacher={"arch": "bench", "checkpoint_sha256": "0" * 64},
                                    dataset={"bench": True}, views=[{"flip": False}],
@@ -186,7 +187,7 @@ def backend_table(samples: list[dict], fit: int, workdir: str, repeats: int) -> 
         row = dict(backend=backend, samples=len(items), stored_mb=stored / 1e6, write_mb_s=raw_fpn / 1e6 / write_s)
         for decode in ("torch", "compact"):
             for workers in (0, 1, 2):
-                dataset = cache.dataset(fields=["fpn"], decode=decode)
+                dataset = CacheIterableDataset(url, fields=["fpn"], decode=decode)
                 loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                                      collate_fn=None if decode == "torch" else _identity)
                 t0 = time.perf_counter()

@@ -36,8 +36,8 @@ def main(argv=None) -> None:
             teacher.main(["--model", name, "--data", str(args.data), "--out", str(run), *FULL_SCHEDULE,
                           "--no-progress"])
         rows[role] = json.loads((run / "metrics.json").read_text())
-    print(f"| role | model | AP | AP50 | AP75 | train s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| role | model | AP | AP50 | AP75 | train s |")
+    print("|---|---|---|---|---|---|")
     for role, r in rows.items():
         m = r["final"]
         print(f"| {role} | {r['model']} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['AP75']:.1f} | {r['train_seconds']:.0f} |")

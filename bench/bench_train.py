@@ -28,13 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("frs", "icd", "maskd", "ld", "defeat")
-# Every term on from the first iteration (the steady-state cost, not the warmup's).
-STEADY_STATE = {"frs": {"frs.warmup_iters": 0}, "icd": {"icd.detach_student_iters": 0},
-                "maskd": {"maskd.student_mask_warmup": 0}, "ld": {}, "defeat": {}}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from train.methods import BASELINE, METHODS
+    distillers = ",".join(name for name in METHODS if name != BASELINE)
     p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="gfl-small", help="teacher zoo name (random weights unless --ckpt)")
@@ -44,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=16, help="synthetic training images [16]")
     p.add_argument("--size", type=int, default=96, help="view short side (and synthetic image size) [96]")
     p.add_argument("--max-size", type=int, default=128, help="view long-side cap [128]")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"[{','.join(METHODS)}]")
+    p.add_argument("--methods", default=distillers, help=f"[{distillers}]")
     p.add_argument("--batch-size", type=int, default=2, help="[2]")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration [10]")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first [2]")
@@ -65,7 +62,8 @@ def prepare(args, work: Path) -> dict:
 
     from detectors import build_detector, save_checkpoint
     from detectors.synth import SynthConfig, generate
-    from precompute.pipeline import PrecomputeConfig, run_precompute
+    from precompute.config import PrecomputeConfig
+    from precompute.pipeline import run_precompute
 
     data = Path(args.data) if args.data else work / "data"
     if not args.data and not (data / "annotations" / "instances_train2017.json").exists():
@@ -92,10 +90,15 @@ def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, ou
     """In a fresh process: train warmup + steps iterations, report the median step time and peak memory."""
     import torch
 
-    from train.trainer import StudentTrainer, TrainConfig
+    from detectors import get_config
+    from train.config import TrainConfig
+    from train.methods import default_iteration_settings
+    from train.trainer import StudentTrainer
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for part in method.split("+") for k, v in STEADY_STATE.get(part, {}).items()}
+    # Every term on from the first iteration (the steady-state cost, not the warmup's): each ramp,
+    # warmup and detached phase of the method set to 0.
+    overrides = {key: 0 for key in default_iteration_settings(method, get_config(args.student).family)}
     source = dict(teacher=setup["ckpt"], views=setup["views"], maskd_tokens=setup["cache"]) if online \
         else dict(cache=setup["cache"])
     config = TrainConfig(data=setup["data"], out=out, method=method, student=args.student, batch_size=args.batch_size,
@@ -137,8 +140,9 @@ def run_one(args, setup, method, online, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    from train.methods import BASELINE
     args = parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != BASELINE]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -146,7 +150,7 @@ def main(argv=None) -> None:
         print(f"cache built in {setup['precompute_s']:.1f} s ({setup['cache']}); teacher {args.ckpt or args.teacher}, "
               f"student {args.student}, batch {args.batch_size}, views {setup['views']}, device {args.device}, "
               f"{args.steps} timed steps after {args.warmup}", file=sys.stderr, flush=True)
-        base = run_one(args, setup, "none", False, work)
+        base = run_one(args, setup, BASELINE, False, work)
         rows = []
         for method in methods:
             cached = run_one(args, setup, method, False, work)

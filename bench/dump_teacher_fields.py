@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from detectors.data import CocoDetection
-from detectors.views import collate, parse_views
+from detectors.views import collate, parse_view_list
 from precompute.fields import extract_fields
 from precompute.teacher import load_teacher
 
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=12, help="number of images")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    views = parse_views(args.views)
+    views = parse_view_list(args.views)
     dataset = CocoDetection(args.data, args.split, views=views, view_policy="all")
     # The teacher's classes need not be the data's: only its maps are measured (regions use GT boxes).
     teacher = load_teacher(None, args.ckpt)

@@ -25,7 +25,8 @@ from detectors.atss import atss_assign, box_centers
 from detectors.backbone import build_resnet_fpn, group_norm
 from detectors.losses import (aligned_box_iou, distribution_focal_loss, giou_loss, mean_over_ranks,
                               quality_focal_loss)
-from detectors.outputs import IGNORE, STRIDES, Detector, DetectorOutput, flatten_levels
+from detectors.outputs import IGNORE, Detector, DetectorOutput, flatten_levels
+from store.schema import STRIDES
 
 if TYPE_CHECKING:
     from detectors.zoo import DetectorConfig

@@ -5,6 +5,8 @@ A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 3
 of the batch's grid. With targets it also returns each image's anchor assignment and the named
 loss terms. Distillation code reads these fields directly. ``return_backbone=True`` adds the
 ResNet stage maps C3..C5 the FPN is built on (``backbone_features``), from the same pass.
+``amp_dtype=torch.bfloat16`` is the one mixed-precision forward (teacher in precompute, student in
+train): backbone and head under autocast, anchors, assignment and losses in float32.
 
 Canonical padding: an image's own padded size is its size rounded up to 32
 (:func:`detectors.views.padded_size`). On each level, :func:`valid_level_sizes` gives the
@@ -25,11 +27,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detectors.views import SIZE_DIVISOR, padded_size
+from store.schema import STRIDES  # pixels per cell of P3..P7, one definition with the cache's level names
 
 if TYPE_CHECKING:
     from detectors.zoo import DetectorConfig
 
-STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 # Values of ``matched_gt`` besides a GT index (as torchvision's Matcher uses them).
 BACKGROUND = -1
 IGNORE = -2
@@ -113,7 +115,8 @@ class Detector(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
-                targets: list[dict[str, Tensor]] | None = None, return_backbone: bool = False) -> DetectorOutput:
+                targets: list[dict[str, Tensor]] | None = None, return_backbone: bool = False,
+                amp_dtype: torch.dtype | None = None) -> DetectorOutput:
         """Runs the detector on a padded batch; computes assignment and losses only with ``targets``.
 
         Args:
@@ -122,11 +125,23 @@ class Detector(nn.Module):
             targets: per image ``boxes`` (n, 4) xyxy pixels and ``labels`` (n,) long in [0, K).
             return_backbone: also return the ResNet stage maps C3..C5 in ``backbone_features``
                 (the same pass; without it nothing is kept or computed beyond the usual outputs).
+            amp_dtype: torch.bfloat16 / torch.float16 to run backbone and head under autocast
+                (``detectors.runtime.resolve_amp``); every returned map is a float32 copy, and the
+                anchors (pixel coordinates), assignment and losses are computed in float32.
         """
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         self._check_inputs(images, image_sizes, targets)
-        features, stages = self.extract_features(images, return_backbone)
-        out = self.forward_features(features, image_sizes, targets)
+        if amp_dtype is None:
+            features, stages = self.extract_features(images, return_backbone)
+            cls_logits, box_outputs = self.head(features)
+        else:
+            with torch.autocast(images.device.type, dtype=amp_dtype):
+                features, stages = self.extract_features(images, return_backbone)  # P3..P7; C3..C5 or None
+                cls_logits, box_outputs = self.head(features)
+            features, cls_logits, box_outputs = ([m.float() for m in maps]
+                                                 for maps in (features, cls_logits, box_outputs))
+            stages = None if stages is None else [m.float() for m in stages]
+        out = self._outputs(features, cls_logits, box_outputs, image_sizes, targets)
         out.backbone_features = stages
         return out
 
@@ -161,6 +176,11 @@ class Detector(nn.Module):
                     raise ValueError(f"image size {size} needs level maps of at least {valid_hw}, got "
                                      f"{tuple(feature.shape[-2:])}")
         cls_logits, box_outputs = self.head(features)
+        return self._outputs(features, cls_logits, box_outputs, image_sizes, targets)
+
+    def _outputs(self, features: list[Tensor], cls_logits: list[Tensor], box_outputs: list[Tensor],
+                 image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None) -> DetectorOutput:
+        """The head's maps plus the batch's anchors, and with ``targets`` the assignment and losses."""
         anchors = self.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
         out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(self.strides), image_sizes)
         if targets is not None:

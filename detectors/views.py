@@ -186,30 +186,48 @@ def collate(samples: list[Sample]) -> Batch:
 
 
 _VIEW_ITEM = re.compile(r"^(\d+)(?::(\d+))?(:flip)?$")
+_MULTISCALE_ITEM = re.compile(r"^ms:(\d+):(\d+)-(\d+)(?::(\d+))?(:noflip)?$")
 
 
-def parse_views(text: str) -> list[ViewSpec]:
-    """Parse a command-line view list.
+def parse_view_list(text: str, seed: int = 0) -> list[ViewSpec]:
+    """Views from the command line (``--views``, ``--eval-view``): comma-separated items, each one of
 
-    Grammar: comma-separated items, each ``SHORT[:MAX_SIZE][:flip]`` (``MAX_SIZE`` defaults to
-    1333), or ``default`` for the standard pair ``800:1333,800:1333:flip``.
+    ``default``                    800:1333 and 800:1333:flip (the official single-scale runs)
+    ``SHORT[:MAX][:flip]``         one view, e.g. ``160:256:flip`` (MAX defaults to 1333)
+    ``ms:K:LO-HI[:MAX][:noflip]``  K views with short sides drawn uniformly from [LO, HI], each
+                                   flipped with probability 0.5 unless ``noflip`` (ICD-style
+                                   multi-scale, :func:`multiscale_views`); deterministic for a seed.
 
-    >>> parse_views("800:1333,800:1333:flip")
+    A view may not repeat.
+
+    >>> parse_view_list("800:1333,800:1333:flip")
     [ViewSpec(flip=False, short=800, max_size=1333), ViewSpec(flip=True, short=800, max_size=1333)]
     """
     views: list[ViewSpec] = []
     for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        single, multiscale = _VIEW_ITEM.match(item), _MULTISCALE_ITEM.match(item)
         if item == "default":
             views += [ViewSpec(False, 800, 1333), ViewSpec(True, 800, 1333)]
-            continue
-        match = _VIEW_ITEM.match(item)
-        if match is None:
-            raise ValueError(
-                f"cannot parse view {item!r} in {text!r}: expected SHORT[:MAX_SIZE][:flip] "
-                "(e.g. 800:1333:flip) or 'default'"
-            )
-        short, max_size, flip = match.groups()
-        views.append(ViewSpec(flip=flip is not None, short=int(short), max_size=int(max_size or 1333)))
+        elif single:
+            short, max_size, flip = single.groups()
+            views.append(ViewSpec(flip=flip is not None, short=int(short), max_size=int(max_size or 1333)))
+        elif multiscale:
+            k, lo, hi, max_size, noflip = multiscale.groups()
+            # seed + len(views): two ms: items of one list draw different scales
+            views += multiscale_views(int(k), (int(lo), int(hi)), int(max_size or 1333), seed=seed + len(views),
+                                      flip=noflip is None)
+        elif item.startswith("ms:"):
+            raise ValueError(f"cannot parse multi-scale views {item!r}: expected ms:K:LO-HI[:MAX][:noflip], "
+                             "e.g. ms:4:640-800")
+        else:
+            raise ValueError(f"cannot parse view {item!r} in {text!r}: expected SHORT[:MAX][:flip] "
+                             "(e.g. 800:1333:flip), ms:K:LO-HI[:MAX][:noflip] or 'default'")
+    if not views:
+        raise ValueError(f"no views in {text!r}")
+    if len(set(views)) != len(views):
+        raise ValueError(f"views {text!r} repeat a view: {[v.key() for v in views]}")
     return views
 
 

@@ -3,8 +3,9 @@
     python -m precompute --help                       # the command line (make cache)
 
 Modules:
-    fields.py       the one definition of every teacher field (``extract_fields``), LD regions,
-                    which fields each distillation method reads (``FIELD_GROUPS_FOR_METHOD``)
+    config.py       ``PrecomputeConfig``: every option of a run, with the help its flag shows
+    fields.py       the one definition of every teacher field (``extract_fields``), LD regions, the
+                    --fields grammar (``resolve_fields``: method names ask train.methods' registry)
     teacher.py      ``load_teacher``: this project's, torchvision and mmdetection checkpoints, frozen
     plan.py         task order (image-major, views minor), shard ranges, batches of one padded shape
     pipeline.py     the run: loader -> forward -> writer thread, ranks, resume, artefacts, finalize
@@ -14,9 +15,8 @@ from importlib import import_module
 
 # Imported on first use (PEP 562), so that `python -m precompute --help` does not import torch.
 _EXPORTS = {
-    "ARTIFACTS_FOR_METHOD": "precompute.fields", "FIELD_GROUPS_FOR_METHOD": "precompute.fields",
-    "INHERIT_ARTIFACT": "precompute.fields", "MASKD_ARTIFACT": "precompute.fields",
-    "extract_fields": "precompute.fields", "fields_for_methods": "precompute.fields", "ld_regions": "precompute.fields",
+    "MASKD_ARTIFACT": "precompute.fields",
+    "extract_fields": "precompute.fields", "ld_regions": "precompute.fields",
     "resolve_fields": "precompute.fields", "Teacher": "precompute.teacher", "load_teacher": "precompute.teacher",
 }
 __all__ = sorted(_EXPORTS)

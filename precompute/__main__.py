@@ -1,4 +1,7 @@
-"""Command line of precompute: ``python -m precompute --help``."""
+"""Command line of precompute: ``python -m precompute --help``.
+
+The options are PrecomputeConfig's fields (precompute/config.py: their defaults and help); the run
+itself is ``precompute.pipeline.run_precompute``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +13,10 @@ import sys
 # 2-core machine). Set before numpy is imported; an explicit setting is kept.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from train.recipes import RECIPE_HELP, explicit_dests, get_recipe, print_if_listing  # noqa: E402 (after the env)
+# After the env (store imports numpy):
+from precompute.config import OPTION_GROUPS, TEACHER, PrecomputeConfig  # noqa: E402
+from train.options import add_config_options, config_values, option_groups  # noqa: E402
+from train.recipes import RECIPE_HELP, explicit_dests, get_recipe, print_if_listing  # noqa: E402
 
 DESCRIPTION = """\
 Run a frozen teacher detector ONCE over every (image, view) of a COCO-layout split and write its
@@ -65,67 +71,13 @@ recipes (--recipe NAME; python -m train.recipes lists them with the AP each shou
 """
 
 
-AMP_CHOICES = ("none", "bf16", "fp16")  # precompute.pipeline.AMP_DTYPES (not imported: --help stays fast)
-FORMAT_CHOICES = ("zarr", "wds")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m precompute", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("teacher")
-    g.add_argument("--recipe", help=RECIPE_HELP)
-    g.add_argument("--teacher", default="auto",
-                   help="architecture: a zoo name (gfl-r101, retina-r50, gfl-small), a depth (r101: family from "
-                        "the checkpoint) or 'auto' (from the checkpoint) [auto]")
-    g.add_argument("--ckpt", help="teacher checkpoint file (required)")
-    g.add_argument("--source", default="auto", choices=("auto", "project", "torchvision", "mmdet"),
-                   help="checkpoint layout [auto: from its keys]")
-    g = p.add_argument_group("data and views")
-    g.add_argument("--data", required=True, help="COCO-layout root: annotations/instances_SPLIT.json, SPLIT/")
-    g.add_argument("--split", default="train2017", help="[train2017]")
-    g.add_argument("--on-error", default="skip", choices=("skip", "raise"),
-                   help="a corrupt or missing image: skip (left out and counted, its id and the reason in the "
-                        "cache manifest, so the trainer leaves it out too) or raise (refuse the split) [skip]")
-    g.add_argument("--views", default="default", help="views cached per image (see below) [default]")
-    g = p.add_argument_group("cache")
-    g.add_argument("--cache", required=True, help="cache directory or fsspec URL")
-    g.add_argument("--format", default="zarr", choices=FORMAT_CHOICES, help="store backend [zarr]")
-    g.add_argument("--fields", default="all",
-                   help="all | method names (frs,icd,maskd,ld,defeat,defeat-coco) | groups/prefixes/fields [all]")
-    g.add_argument("--codec", action="append", default=[], metavar="FIELD=PRESET",
-                   help="codec of a field group, prefix or field (repeatable)")
-    g.add_argument("--shard-size", type=int, default=64, help="views per shard [64]")
-    g.add_argument("--ld-vlr-rule", default="official", choices=("official", "diou"),
-                   help="which 'DIoU' picks LD's VLR rows: official (overlap / anchor area - rho^2/c^2, as the "
-                        "official LD code computed it) or diou (the true DIoU); recorded in the manifest [official]")
-    g = p.add_argument_group("throughput")
-    g.add_argument("--batch-size", type=int, default=8, help="views per teacher forward (one padded shape) [8]")
-    g.add_argument("--window", type=int, default=4, help="shards whose views are batched together [4]")
-    g.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU) [auto: cuda if available]")
-    g.add_argument("--amp", default="none", choices=AMP_CHOICES,
-                   help="autocast dtype of the teacher forward; outputs are cast to float32 [none]")
-    g.add_argument("--workers", type=int, default=2, help="data loader processes per rank [2]")
-    g.add_argument("--encode-threads", type=int, default=-1,
-                   help="encoding threads per rank; -1: auto (GPU: the rank's spare CPU cores, CPU: 2) [-1]")
-    g.add_argument("--writer-procs", type=int, default=0,
-                   help="encode and write in N processes instead of a thread (spreads encoding over CPU cores; "
-                        "for GPU hosts whose encoding cannot keep up with the teacher) [0]")
-    g.add_argument("--num-procs", type=int, default=1,
-                   help="CPU only: run N processes, each owning every N-th shard [1]")
-    g.add_argument("--calibration", type=int, default=16, help="views that fit the KLT codecs [16]")
-    g = p.add_argument_group("MasKD stage 1 (receptive tokens; with --fields all or maskd)")
-    g.add_argument("--maskd-iters", type=int, default=2000, help="iterations; 0 skips the tokens [2000]")
-    g.add_argument("--maskd-batch-size", type=int, default=16, help="[16]")
-    g.add_argument("--maskd-lr", type=float, default=0.01, help="[0.01]")
-    g = p.add_argument_group("other")
-    g.add_argument("--seed", type=int, default=0, help="multi-scale view sampling and MasKD init [0]")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    g.add_argument("--discard-foreign-shards", action="store_true",
-                   help="delete shards whose receipts this cache cannot adopt (damaged, or written under another "
-                        "declaration, e.g. after manifest.json was lost) and compute them again; without it such "
-                        "a cache is refused, naming the shards")
-    return p
+    parser = argparse.ArgumentParser(prog="python -m precompute", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = option_groups(parser, OPTION_GROUPS)
+    groups[TEACHER].add_argument("--recipe", help=RECIPE_HELP)
+    add_config_options(groups, PrecomputeConfig)
+    return parser
 
 
 def parse_codecs(items: list[str]) -> dict[str, str]:
@@ -154,19 +106,12 @@ def main(argv=None) -> int:
         official = f" (recipe {recipe.name}: {recipe.teacher_weights})" if recipe else ""
         print(f"error: --ckpt is required: the teacher checkpoint file{official}", file=sys.stderr)
         return 2
-    from precompute.pipeline import PrecomputeConfig, run_precompute
+    from precompute.pipeline import run_precompute
     from store import CacheError
+    options = config_values(args, PrecomputeConfig)
+    options["codecs"] = parse_codecs(options["codecs"])
     try:
-        config = PrecomputeConfig(  # checks the options (--shard-size 0 is refused here)
-            ckpt=args.ckpt, data=args.data, cache=args.cache, teacher=args.teacher, source=args.source,
-            split=args.split, on_error=args.on_error, format=args.format, views=args.views, fields=args.fields,
-            codecs=parse_codecs(args.codec), ld_vlr_rule=args.ld_vlr_rule, shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            window=args.window, device=args.device, amp=args.amp, workers=args.workers,
-            encode_threads=args.encode_threads, writer_procs=args.writer_procs, calibration=args.calibration,
-            maskd_iters=args.maskd_iters,
-            maskd_batch_size=args.maskd_batch_size, maskd_lr=args.maskd_lr, num_procs=args.num_procs,
-            seed=args.seed, progress=not args.no_progress, discard_foreign_shards=args.discard_foreign_shards)
+        config = PrecomputeConfig(**options)  # checks the options (--shard-size 0 is refused here)
         run_precompute(config)
     except (CacheError, ValueError, OSError) as error:  # bad input, a full disk: the message says what and where
         hint = ""

@@ -51,9 +51,9 @@ from torch import Tensor
 from detectors.atss import atss_assign
 from detectors.outputs import Detector, valid_level_sizes
 from detectors.views import Batch, padded_size
-from precompute.maskd_tokens import MASKD_ARTIFACT  # "maskd_tokens": MasKD stage 1's receptive tokens
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
-from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LD_VLR_RULE_OPTION, LD_VLR_RULES
+from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES
+from train.methods import METHODS, artifacts_of, named_field_sets  # what each method reads: its class says
 
 # Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
 ALL_GROUPS = ("fpn", "head", "region", "meta")
@@ -63,30 +63,10 @@ ALWAYS_META = KEY_META + VIEW_META
 GT_META = ("meta.gt_boxes_xyxy", "meta.gt_labels")
 REGION_FIELDS = tuple(name for name in expand_fields(["region"]))
 
-# What each distillation method reads from the teacher (store field groups, prefixes and names).
-FIELD_GROUPS_FOR_METHOD: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "frs": ("fpn", "head.cls"),          # features + class logits (richness map and head term)
-    "icd": ("fpn",),
-    "maskd": ("fpn", "head.box"),        # + the receptive tokens artifact (MASKD_ARTIFACT)
-    "ld": ("region",) + GT_META,
-    "defeat": ("fpn",) + GT_META,        # GT mask from meta (or from the student's own data)
-}
-# Named field sets that are not a method's default reads (``--fields defeat-coco``): DeFeat's COCO
-# recipe (train/methods/defeat.py) adds the class-head and backbone terms to the released config.
-FIELD_PRESETS: dict[str, tuple[str, ...]] = {
-    "defeat-coco": FIELD_GROUPS_FOR_METHOD["defeat"] + ("head.cls", "backbone"),
-}
-# Per-cache artefacts (stored once, not per view).
-INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* weights ("inherit")
-ARTIFACTS_FOR_METHOD: dict[str, tuple[str, ...]] = {"maskd": (MASKD_ARTIFACT,)}
-
 # mmdetection's eps in bbox_overlaps(mode="diou"): both denominators are clamped to at least it.
 DIOU_EPS = 1e-6
 # VLR is DIoU in [VLR_LOW * thr, thr).
 VLR_LOW = 0.25
-# Which "DIoU" picks LD's VLR rows (see the module docstring); part of the cache declaration.
-DEFAULT_VLR_RULE = "official"
 
 
 def _items(spec: str | Iterable[str]) -> list[str]:
@@ -96,20 +76,19 @@ def _items(spec: str | Iterable[str]) -> list[str]:
 
 
 def resolve_fields(spec: str | Iterable[str]) -> list[str]:
-    """Field names (store vocabulary, schema order) for "all", method names, presets
-    (:data:`FIELD_PRESETS`), groups, prefixes, names.
+    """Field names (store vocabulary, schema order) for "all", method names and their field presets
+    (what each method class declares: ``train.methods.named_field_sets``), groups, prefixes, names.
 
     Always adds ``meta.image_id``, ``meta.view_index``, ``meta.orig_hw``, ``meta.valid_hw``,
     ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta.
     """
+    method_sets = named_field_sets()
     wanted: list[str] = []
     for item in _items(spec):
         if item == "all":
             wanted += ALL_GROUPS
-        elif item in FIELD_GROUPS_FOR_METHOD:
-            wanted += FIELD_GROUPS_FOR_METHOD[item]
-        elif item in FIELD_PRESETS:
-            wanted += FIELD_PRESETS[item]
+        elif item in method_sets:
+            wanted += method_sets[item]
         else:
             wanted.append(item)  # group, prefix or name: expand_fields checks it
     names = set(expand_fields(wanted + list(ALWAYS_META)))
@@ -120,21 +99,10 @@ def resolve_fields(spec: str | Iterable[str]) -> list[str]:
 
 
 def artifacts_for(spec: str | Iterable[str]) -> list[str]:
-    """Per-cache artefacts a field spec asks for: the MasKD tokens for "all" or "maskd"."""
+    """Per-cache artefacts a field spec asks for: those of the methods it names (by name or preset),
+    every method's for "all" (the MasKD tokens)."""
     items = _items(spec)
-    out = []
-    for method, artifacts in ARTIFACTS_FOR_METHOD.items():
-        if "all" in items or method in items:
-            out += [a for a in artifacts if a not in out]
-    return out
-
-
-def fields_for_methods(methods: Iterable[str]) -> list[str]:
-    """Field names a trainer must find in a cache to run ``methods`` (with the always-written meta)."""
-    unknown = [m for m in methods if m not in FIELD_GROUPS_FOR_METHOD]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(FIELD_GROUPS_FOR_METHOD)}")
-    return resolve_fields(list(methods))
+    return artifacts_of(METHODS if "all" in items else items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,28 +232,6 @@ def gather_rows(maps: list[Tensor], image: int, level: Tensor, index: Tensor, nu
 # the teacher forward and the per-image fields
 
 
-def _forward(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]], amp_dtype: torch.dtype | None,
-             want_backbone: bool = False) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor],
-                                                    list[Tensor] | None]:
-    """(features, cls_logits, box_outputs, anchors, stages) in float32 for one padded batch.
-
-    ``stages`` are the backbone maps C3..C5 when ``want_backbone``, else None (not kept).
-    Under autocast the detector's ``forward`` is not used: it would build the anchors (and cache
-    torchvision's cell anchors) in the reduced precision. Backbone and head run under autocast,
-    anchors are made in float32.
-    """
-    if amp_dtype is None:
-        out = model(images, image_sizes, return_backbone=want_backbone)
-        return out.features, out.cls_logits, out.box_outputs, out.anchors, out.backbone_features
-    with torch.autocast(images.device.type, dtype=amp_dtype):
-        features, stages = model.extract_features(images, want_backbone)  # P3..P7; C3..C5 or None
-        cls_logits, box_outputs = model.head(features)
-    features, cls_logits, box_outputs = ([m.float() for m in maps] for maps in (features, cls_logits, box_outputs))
-    stages = None if stages is None else [m.float() for m in stages]
-    anchors = model.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
-    return features, cls_logits, box_outputs, anchors, stages
-
-
 @torch.no_grad()
 def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *,
                    amp_dtype: torch.dtype | None = None,
@@ -332,10 +278,10 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
         else:
             sub_images = images[torch.tensor(members, device=device), :, :pad_h, :pad_w]
         sub_sizes = [sizes[i] for i in members]
-        features, cls_logits, box_outputs, anchors, stages = _forward(model, sub_images, sub_sizes, amp_dtype,
-                                                                      any(want_backbone))
-        maps = {"fpn": features, "head.cls": cls_logits, "head.box": box_outputs}
-        map_sizes = [tuple(f.shape[-2:]) for f in features]
+        out = model(sub_images, sub_sizes, return_backbone=any(want_backbone), amp_dtype=amp_dtype)  # float32 maps
+        cls_logits, box_outputs, anchors, stages = out.cls_logits, out.box_outputs, out.anchors, out.backbone_features
+        maps = {"fpn": out.features, "head.cls": cls_logits, "head.box": box_outputs}
+        map_sizes = [tuple(f.shape[-2:]) for f in out.features]
         moved = {group: [m.to(output_device, non_blocking=True) if want else None
                          for m, want in zip(maps[group], want_dense[group])]
                  for group in want_dense}

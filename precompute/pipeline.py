@@ -3,11 +3,12 @@
 One process (or rank) does, for the shards it owns that are not committed yet:
 
     loader workers ──► main thread: teacher forward, extract_fields ──► queue ──► writer thread
-    (decode, view,       (accelerator; outputs cast to float32 and        (shard.write: encoding in
-     collate)             copied to pinned host memory, async)             the store's encode pool;
+    (decode, view,       (accelerator; outputs cast to float32 and        (CacheWriter.put: encoding
+     collate)             copied to pinned host memory, async)             in the store's encode pool;
                                                                            commit = atomic files)
 
-so the accelerator does not wait on decoding, compression or I/O. Several processes (torchrun
+so the accelerator does not wait on decoding, compression or I/O (the writer thread, or with
+``writer_procs`` writer processes: precompute/sinks.py). Several processes (torchrun
 ranks, or ``num_procs`` spawned CPU workers) own disjoint shards (rank r: shards r, r + world, ...).
 The manifest is declared once before any shard is written (rank 0, with the calibration samples
 that fit the KLT codecs) and finalized once after every rank has finished. A rerun of the same
@@ -17,89 +18,29 @@ codecs or layout is refused.
 from __future__ import annotations
 
 import datetime
-import math
 import os
-import queue
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest, image_hash_table, scan_images
-from detectors.views import ViewSpec, collate
-from precompute.fields import (INHERIT_ARTIFACT, MASKD_ARTIFACT, artifacts_for, cache_options, extract_fields,
-                               resolve_fields)
-from precompute.plan import (IMAGE_HASHES_ARTIFACT, TaskOrder, ViewBatches, calibration_positions, padded_shape_fn,
-                             parse_view_list, plan_batches, plan_windows)
+from detectors.runtime import dist_env, resolve_amp, resolve_device
+from detectors.views import ViewSpec, collate, parse_view_list
+from precompute.config import PrecomputeConfig
+from precompute.fields import artifacts_for, cache_options, extract_fields, resolve_fields
+from precompute.maskd_tokens import MASKD_ARTIFACT
+from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn, plan_batches,
+                             plan_windows)
+from precompute.sinks import ProcessSink, ThreadSink, die_with_parent
 from precompute.teacher import Teacher, load_teacher, neck_head_meta, neck_head_state
 from store import (FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, fsutil, load_manifest, open_cache,
                    open_writer)
 from store.lock import CacheLock, read_lock
-from store.manifest import first_difference
-from store.schema import LD_VLR_RULES
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMATS = ("zarr", "wds")
-
-
-@dataclass
-class PrecomputeConfig:
-    """Everything a precompute run is told (the CLI's options)."""
-
-    ckpt: str
-    data: str
-    cache: str
-    teacher: str | None = None           # zoo name, "rNN", or None/"auto"
-    source: str = "auto"                 # checkpoint layout: auto | project | torchvision | mmdet
-    split: str = "train2017"
-    on_error: str = "skip"               # bad images: skip (left out, declared in the cache) | raise
-    format: str = "zarr"                 # store backend: zarr | wds
-    views: str = "default"
-    fields: str = "all"
-    codecs: dict[str, str] = field(default_factory=dict)   # field/group/prefix -> codec preset
-    ld_vlr_rule: str = "official"        # which "DIoU" picks LD's VLR rows: official | diou (precompute.fields)
-    shard_size: int = 64
-    batch_size: int = 8
-    window: int = 4                      # shards batched together (views of one shape per batch)
-    device: str = "auto"                 # auto (cuda if available) | cpu | cuda | cuda:N
-    amp: str = "none"
-    workers: int = 2                     # data loader processes per rank
-    encode_threads: int = -1             # encoding threads per rank (-1: auto, see encode_threads_for)
-    writer_procs: int = 0                # 0: encode and write in a thread; N: in N processes (each whole shards)
-    queue_size: int = 4                  # batches between the forward and the writer thread
-    calibration: int = 16                # views used to fit KLT codecs
-    maskd_iters: int = 2000              # MasKD stage 1 iterations (0: skip)
-    maskd_batch_size: int = 16
-    maskd_lr: float = 0.01
-    num_procs: int = 1                   # CPU: processes, each a rank (0/1: this process only)
-    seed: int = 0
-    dist_timeout: float = 24 * 3600.0    # seconds a rank waits for the others at a barrier
-    progress: bool = True
-    discard_foreign_shards: bool = False  # delete shards this cache cannot adopt (else refuse, naming them)
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if self.on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.ld_vlr_rule not in LD_VLR_RULES:
-            raise ValueError(f"ld_vlr_rule must be one of {LD_VLR_RULES}, got {self.ld_vlr_rule!r}")
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
-        if self.encode_threads < -1:
-            raise ValueError(f"encode_threads must be >= 0 or -1 (auto), got {self.encode_threads}")
-        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration", "maskd_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "maskd_iters", "num_procs", "writer_procs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not math.isfinite(self.maskd_lr) or self.maskd_lr <= 0:
-            raise ValueError(f"maskd_lr must be a finite number > 0, got {self.maskd_lr}")
+from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT
 
 
 @dataclass
@@ -114,32 +55,6 @@ class RankStats:
     @property
     def views_per_s(self) -> float:
         return self.views / self.seconds if self.seconds else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# environment
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment, (0, 1, 0) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    return rank, world, local
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available here (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # batches repeat a few padded shapes
-    return device
 
 
 class Run:
@@ -159,9 +74,7 @@ class Run:
         self.dataset.expect_image_hashes(self.scan.hashes)
         self.order = TaskOrder(len(self.dataset.image_ids), len(self.views))
         self.device = resolve_device(config.device, local_rank)
-        self.amp_dtype = AMP_DTYPES[config.amp]
-        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device (bf16 works on CPU)")
+        self.amp_dtype = resolve_amp(config.amp, self.device)
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)
         self.fields = resolve_fields(config.fields)
@@ -201,27 +114,15 @@ class Run:
 
     def check_existing(self, manifest: Manifest) -> None:
         """Refuse to add to a cache declared differently (not mixed): first difference named."""
-        declared = self.declared()
-        actual = manifest.declaration()
-        checks = [("teacher", actual["teacher"], declared["teacher"]),
-                  # the bad images first: other skipped images also change the count and the hash digest
-                  ("dataset.skipped_image_ids", actual["dataset"].get("skipped_image_ids", []),
-                   declared["dataset"].get("skipped_image_ids", [])),
-                  ("dataset", actual["dataset"], declared["dataset"]),
-                  ("views", actual["views"], declared["views"]),
-                  ("fields", sorted(actual["fields"]), sorted(declared["fields"])),
-                  ("options", actual.get("options", {}), declared["options"]),
-                  ("backend", actual["backend"], self.config.format),
-                  ("shard_size", actual["shard_size"], self.config.shard_size),
-                  ("num_samples", actual["num_samples"], self.order.num_samples),
-                  ("codecs", manifest["extra"].get("precompute", {}).get("codecs"), self.codecs)]
-        for key, have, want in checks:
-            diff = first_difference(key, have, want)
-            if diff:
-                raise ManifestMismatch(
-                    f"{self.config.cache} already holds a cache declared differently ({diff}). A cache is "
-                    f"never mixed: write to a new --cache location, or rerun with the original options to "
-                    f"resume it.")
+        declared = dict(self.declared(), backend=self.config.format, shard_size=self.config.shard_size,
+                        num_samples=self.order.num_samples)
+        # the codec presets chosen (the declaration holds the codecs fitted from them)
+        diff = manifest.declaration_difference(declared, recorded={"precompute.codecs": self.codecs})
+        if diff:
+            raise ManifestMismatch(
+                f"{self.config.cache} already holds a cache declared differently ({diff}). A cache is "
+                f"never mixed: write to a new --cache location, or rerun with the original options to "
+                f"resume it.")
 
     # ------------------------------------------------------------------ manifest
     def prepare_manifest(self) -> Manifest:
@@ -317,15 +218,14 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
             ViewBatches(run.dataset, order, batches, image_bytes="image.encoded" in run.fields),
             batch_size=None, shuffle=False, num_workers=config.workers, pin_memory=use_cuda,
             prefetch_factor=4 if config.workers else None, persistent_workers=False)
-        expected = {task.index: task.stop - task.start for task in pending}
         bar = tqdm(total=total_views, unit="view", desc=f"rank {rank}" if world_size > 1 else "precompute",
                    position=rank if world_size > 1 else None, disable=not config.progress or not total_views,
                    dynamic_ncols=True, smoothing=0.1)
         if config.writer_procs > 0 and pending:
-            sink = _ProcessSink(config.cache, rank, world_size, pending, shard_size, config.writer_procs, bar, stats,
-                                config.queue_size, encode_threads_for(config, run.device, ranks_on_host), run.run_id)
+            sink = ProcessSink(config.cache, rank, world_size, pending, shard_size, config.writer_procs, bar, stats,
+                               config.queue_size, encode_threads_for(config, run.device, ranks_on_host), run.run_id)
         else:
-            sink = _ShardSink(writer, shard_size, expected, bar, stats, config.queue_size)
+            sink = ThreadSink(writer, bar, stats, config.queue_size)
         sink.start()
         try:
             for planned in loader:
@@ -350,219 +250,6 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
         writer.close(finalize=False)
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-class _ShardSink:
-    """The writer thread: samples -> open ShardWriters (encoding in the store's pool) -> commits."""
-
-    _STOP = object()
-
-    def __init__(self, writer, shard_size: int, expected: dict[int, int], bar, stats: RankStats,
-                 queue_size: int) -> None:
-        self.writer, self.shard_size, self.expected = writer, shard_size, expected
-        self.bar, self.stats = bar, stats
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="precompute-writer", daemon=True)
-        self.started = time.perf_counter()
-        self.open: dict[int, Any] = {}
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def put(self, positions: list[int], samples: list[dict], event) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self.queue.put((positions, samples, event), timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> None:
-        self.queue.put(self._STOP)
-        self.thread.join()
-        self._raise_if_failed()
-        if self.open:
-            raise RuntimeError(f"shards {sorted(self.open)} did not receive all their samples")
-
-    def abort(self) -> None:
-        self.error = self.error or RuntimeError("aborted")
-        try:
-            while True:
-                self.queue.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            self.queue.put_nowait(self._STOP)
-        except queue.Full:
-            pass
-        self.thread.join(timeout=60)
-
-    def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the writer thread failed: {self.error!r}") from self.error
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                item = self.queue.get()
-                if item is self._STOP or self.error is not None:
-                    return
-                positions, samples, event = item
-                if event is not None:
-                    event.synchronize()
-                for position, sample in zip(positions, samples):
-                    index = position // self.shard_size
-                    if index not in self.expected:
-                        continue             # a committed shard's view, recomputed only to batch as before
-                    shard = self.open.get(index)
-                    if shard is None:
-                        shard = self.open[index] = self.writer.shard(index)
-                    shard.write(sample)
-                    if len(shard) == self.expected[index]:
-                        receipt = shard.commit()
-                        del self.open[index]
-                        self.stats.shards += 1
-                        self.stats.bytes += sum(f["nbytes"] for f in receipt["files"].values())
-                self.stats.views += len(positions)
-                elapsed = max(time.perf_counter() - self.started, 1e-9)
-                self.bar.set_postfix_str(f"{self.stats.bytes / elapsed / 1e6:.1f} MB/s written", refresh=False)
-                self.bar.update(len(positions))
-        except BaseException as error:  # handed to the main thread
-            self.error = error
-
-
-class _ProcessSink:
-    """Writer processes instead of the writer thread: process k owns every k-th pending shard, encodes
-    and commits it. Samples travel as torch tensors in shared memory (no pickled copies of the maps).
-    Spreads the encoding (and the store's Python work, which holds a GIL) over CPU cores, so that
-    the main thread, which feeds the accelerator, does not share its GIL with it."""
-
-    def __init__(self, url: str, rank: int, world_size: int, pending, shard_size: int, procs: int, bar,
-                 stats: RankStats, queue_size: int, encode_threads: int, run_id: str | None) -> None:
-        import torch.multiprocessing as tmp
-        context = tmp.get_context("spawn")
-        procs = min(procs, len(pending))
-        self.shard_size, self.bar, self.stats = shard_size, bar, stats
-        self.owner = {task.index: i % procs for i, task in enumerate(pending)}
-        self.inboxes = [context.Queue(maxsize=queue_size) for _ in range(procs)]
-        self.outbox = context.Queue()
-        self.procs = []
-        for k in range(procs):
-            shards = {task.index: task.stop - task.start for task in pending if self.owner[task.index] == k}
-            self.procs.append(context.Process(
-                target=_writer_process, name=f"precompute-writer{k}", daemon=True,
-                args=(url, rank, world_size, shards, shard_size, encode_threads, self.inboxes[k], self.outbox,
-                      run_id, os.getpid())))
-        self.done = 0
-        self.started = time.perf_counter()
-
-    def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
-
-    def put(self, positions: list[int], samples: list[dict], event) -> None:
-        if event is not None:
-            event.synchronize()  # the host copies are complete
-        routed: dict[int, tuple[list, list]] = {}
-        for position, sample in zip(positions, samples):
-            if position // self.shard_size not in self.owner:
-                self.bar.update(1)           # a committed shard's view, recomputed only to batch as before
-                continue
-            sample = {k: v.clone() if v.is_pinned() else v for k, v in sample.items()}  # pinned memory is not shareable
-            entry = routed.setdefault(self.owner[position // self.shard_size], ([], []))
-            entry[0].append(position)
-            entry[1].append(sample)
-        for k, item in routed.items():
-            while True:
-                self._poll()
-                try:
-                    self.inboxes[k].put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-        self._poll()
-
-    def finish(self) -> None:
-        for inbox in self.inboxes:
-            inbox.put(None)
-        while self.done < len(self.procs):
-            self._poll(block=True)
-        for proc in self.procs:
-            proc.join()
-
-    def abort(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(timeout=30)
-
-    def _poll(self, block: bool = False) -> None:
-        while True:
-            try:
-                message = self.outbox.get(timeout=0.5) if block else self.outbox.get_nowait()
-            except queue.Empty:
-                dead = [p.name for p in self.procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise RuntimeError(f"writer process(es) {dead} died (exit codes "
-                                       f"{[p.exitcode for p in self.procs]})")
-                if block:
-                    continue
-                return
-            kind = message[0]
-            if kind == "error":
-                raise RuntimeError(f"a writer process failed: {message[1]}")
-            if kind == "views":
-                self.stats.views += message[1]
-                self.bar.update(message[1])
-            elif kind == "commit":
-                self.stats.shards += 1
-                self.stats.bytes += message[1]
-                elapsed = max(time.perf_counter() - self.started, 1e-9)
-                self.bar.set_postfix_str(f"{self.stats.bytes / elapsed / 1e6:.1f} MB/s written", refresh=False)
-            elif kind == "done":
-                self.done += 1
-            if block:
-                return
-
-
-def _writer_process(url: str, rank: int, world_size: int, shards: dict[int, int], shard_size: int,
-                    encode_threads: int, inbox, outbox, run_id: str | None, parent: int) -> None:
-    """One writer process: commits the shards it owns as their samples arrive (see _ProcessSink)."""
-    import traceback
-
-    die_with_parent(parent)
-    torch.set_num_threads(1)
-    writer = open_writer(url, load_manifest(url), rank=rank, world_size=world_size, shards=sorted(shards),
-                         encode_threads=encode_threads, run_id=run_id)
-    open_shards: dict[int, Any] = {}
-    try:
-        while True:
-            item = inbox.get()
-            if item is None:
-                break
-            positions, samples = item
-            for position, sample in zip(positions, samples):
-                index = position // shard_size
-                shard = open_shards.get(index)
-                if shard is None:
-                    shard = open_shards[index] = writer.shard(index)
-                shard.write(sample)
-                if len(shard) == shards[index]:
-                    receipt = shard.commit()
-                    del open_shards[index]
-                    outbox.put(("commit", sum(f["nbytes"] for f in receipt["files"].values())))
-            outbox.put(("views", len(positions)))
-        if open_shards:
-            raise RuntimeError(f"shards {sorted(open_shards)} did not receive all their samples")
-        outbox.put(("done",))
-    except BaseException as error:
-        outbox.put(("error", f"{error!r}\n{traceback.format_exc()}"))
-        raise
-    finally:
-        writer.close(finalize=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,21 +288,6 @@ def learn_maskd_tokens(run: Run) -> dict:
     return learn_receptive_tokens(run.teacher.model, data, iters=config.maskd_iters, lr=config.maskd_lr,
                                   batch_size=config.maskd_batch_size, device=run.device, progress=config.progress,
                                   seed=config.seed, num_workers=config.workers)
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when its parent dies (Linux), so that no rank or writer
-    outlives a killed run; where that is unavailable the lock check before each commit still
-    stops it (store/lock.py)."""
-    import ctypes
-    import signal
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:                  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _spawned_rank(config_dict: dict, rank: int, world_size: int, threads: int, results, run_id: str,

@@ -1,4 +1,4 @@
-"""What precompute computes, in which order, and how it batches: tasks, shards, batches, views.
+"""What precompute computes, in which order, and how it batches: tasks, shards, batches.
 
 Tasks are the (image, view) pairs in one deterministic order, image-major and view-minor:
 ``position = image_index * num_views + view_index`` over ``dataset.image_ids``. Shard ``k`` of the
@@ -12,50 +12,13 @@ shards at a time (``window`` shards), grouped by shape, batches ordered by their
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from detectors.data import CocoDetection, DataError
-from detectors.views import Batch, ViewSpec, collate, multiscale_views, padded_size, parse_views, view_size
-
-# The per-image hash table of a cache (image ids (n,) int64 sorted, sha256 digests (n, 32) uint8 of
-# the image files); the declaration's dataset.image_hashes holds its digest (detectors.data.image_hash_digest).
-IMAGE_HASHES_ARTIFACT = "image_hashes"
-
-_MULTISCALE = re.compile(r"^ms:(\d+):(\d+)-(\d+)(?::(\d+))?(:noflip)?$")
-
-
-def parse_view_list(text: str, seed: int = 0) -> list[ViewSpec]:
-    """Views from the command line: comma-separated items, each one of
-
-    ``default``                 800:1333 and 800:1333:flip (the official single-scale runs)
-    ``SHORT[:MAX][:flip]``      one view, e.g. ``160:256:flip`` (MAX defaults to 1333)
-    ``ms:K:LO-HI[:MAX][:noflip]``  K views with short sides drawn uniformly from [LO, HI], each
-                                flipped with probability 0.5 unless ``noflip`` (ICD-style
-                                multi-scale); deterministic for a seed.
-    """
-    views: list[ViewSpec] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        match = _MULTISCALE.match(item)
-        if match:
-            k, lo, hi, max_size, noflip = match.groups()
-            views += multiscale_views(int(k), (int(lo), int(hi)), int(max_size or 1333), seed=seed + len(views),
-                                      flip=noflip is None)
-        elif item.startswith("ms:"):
-            raise ValueError(f"cannot parse multi-scale views {item!r}: expected ms:K:LO-HI[:MAX][:noflip], "
-                             "e.g. ms:4:640-800")
-        else:
-            views += parse_views(item)
-    if not views:
-        raise ValueError(f"no views in {text!r}")
-    if len(set(views)) != len(views):
-        raise ValueError(f"views {text!r} repeat a view: {[v.key() for v in views]}")
-    return views
+from detectors.views import Batch, collate, padded_size, view_size
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ Read (train):
     from store import open_cache
     cache = open_cache(url, expect=dict(declared, fields=["fpn", "head.cls"]))
     sample = cache.get(image_id, view_index, fields=["fpn"], decode="compact")    # random access
-    loader = DataLoader(cache.dataset(fields=["fpn"], decode="compact"), batch_size=None, num_workers=4)
+    from store.torch_data import CacheIterableDataset                              # imports torch
+    loader = DataLoader(CacheIterableDataset(url, fields=["fpn"], decode="compact"), batch_size=None, num_workers=4)
     for sample in loader:                                                          # streaming
         teacher = cache.dequantize(sample, device="cuda")     # {"fpn.p3": (C, H, W) float32, ...}
 
 CLI: ``python -m store inspect CACHE`` / ``python -m store verify CACHE``.
 """
-from .backends import ReadStats
+from .backends import BACKENDS, ReadStats
 from .codecs import (Affine, FieldCodec, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
                      SparseScoreCodec, dequantize, make_codec, measure_error)
 from .errors import CacheError, CorruptShardError, IncompleteCacheError, ManifestMismatch, SchemaError
@@ -42,7 +43,7 @@ from .schema import (FIELDS, GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION
 from .writer import CacheWriter, ShardTask, ShardWriter, finalize, load_manifest, open_writer
 
 __all__ = [
-    "Affine", "Cache", "CacheError", "CacheWriter", "CorruptShardError", "FIELDS", "FieldCodec", "FieldSpec",
+    "Affine", "BACKENDS", "Cache", "CacheError", "CacheWriter", "CorruptShardError", "FIELDS", "FieldCodec", "FieldSpec",
     "GROUPS", "IncompleteCacheError", "Int8AffineCodec", "KEY_FIELDS", "KLTCodec", "KLTCoeffs", "LEVELS",
     "LosslessCodec", "Manifest", "ManifestMismatch", "REGION_POSITIVE", "REGION_VLR", "ReadStats", "STRIDES",
     "SchemaError", "ShardTask", "ShardWriter", "SparseScoreCodec", "dequantize", "expand_fields", "field_spec",

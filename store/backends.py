@@ -34,6 +34,7 @@ import numpy as np
 
 from . import fsutil
 from .errors import CorruptShardError
+from .layout import SHARDS, shard_name
 
 BLOB_SUFFIX = ".dkb"
 _WINDOW_BYTES = 64 << 20      # streaming reads of zarr groups in windows of about this size
@@ -53,10 +54,6 @@ class ReadStats:
 
     def reset(self) -> None:
         self.bytes_by_path.clear()
-
-
-def shard_name(index: int) -> str:
-    return f"{index:06d}"
 
 
 def sample_key_text(image_id: int, view_index: int) -> str:
@@ -80,12 +77,6 @@ class Backend:
     def commit(self, built) -> dict[str, dict]:
         """Write what ``build`` returned atomically; return {rel path: {nbytes, sha256}}."""
         raise NotImplementedError
-
-    def leftovers(self, index: int) -> list[str]:
-        """Paths (rel) that an interrupted writer of this shard may have left."""
-        prefix = shard_name(index)
-        return [fsutil.join("shards", name) for name in fsutil.list_names(self.fs, self.path("shards"))
-                if name[:len(prefix) + 1] in (prefix + ".", prefix + "-") and name != prefix + ".json"]
 
     # -- reading
     def read_span(self, receipt: dict, group: str, start: int, end: int):
@@ -154,7 +145,7 @@ class ZarrBackend(Backend):
         mem = zarr.storage.MemoryStore(store_dict)
         top = zarr.open_group(mem, mode="w", attributes=dict(shard=index, samples=len(keys)))
         layout = {}
-        base = fsutil.join("shards", shard_name(index) + ".zarr")
+        base = fsutil.join(SHARDS, shard_name(index) + ".zarr")
         for group, (fields, rows) in groups.items():
             offsets, sizes, pos = [], [], 0
             for blobs in rows:
@@ -276,7 +267,7 @@ class WdsBackend(Backend):
 
         files, layout = {}, {}
         for group, (fields, rows) in groups.items():
-            rel = fsutil.join("shards", f"{shard_name(index)}-{group}.tar")
+            rel = fsutil.join(SHARDS, f"{shard_name(index)}-{group}.tar")
             out = io.BytesIO()
             writer = webdataset.TarWriter(out, encoder=False, mtime=0, user="detkd", group="detkd")
             for (image_id, view_index), blobs in zip(keys, rows):
@@ -356,5 +347,10 @@ class WdsBackend(Backend):
             raise CorruptShardError(f"{where}: sha256 differs from the receipt (corrupt or replaced file)")
 
 
+_BACKEND_CLASSES: dict[str, type[Backend]] = {cls.name: cls for cls in (ZarrBackend, WdsBackend)}
+# The backend names a manifest's "backend" and precompute's --format accept, the one list.
+BACKENDS: tuple[str, ...] = tuple(_BACKEND_CLASSES)
+
+
 def make_backend(name: str, fs, root: str, url: str, stats: ReadStats | None = None) -> Backend:
-    return {"zarr": ZarrBackend, "wds": WdsBackend}[name](fs, root, url, stats)
+    return _BACKEND_CLASSES[name](fs, root, url, stats)

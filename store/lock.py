@@ -28,8 +28,7 @@ import uuid
 
 from . import fsutil
 from .errors import CacheError
-
-LOCK = "writer.lock"
+from .layout import LOCK
 
 
 class CacheLockedError(CacheError):

@@ -26,9 +26,10 @@ first touched, so the manifest stays small (about 1 KiB per shard) however large
 
 The *declaration* (format, backend, teacher, dataset, views, fields, options, declared_artifacts,
 num_samples, shard_size)
-is fixed when the cache is created: a resumed writer must declare the same, and a trainer that
-opens the cache states what it expects (``Manifest.check``); a difference is refused with a
-``ManifestMismatch`` that names the key.
+is fixed when the cache is created: a resumed writer must declare the same
+(``Manifest.check_same_declaration``, or ``Manifest.declaration_difference`` for a writer that
+states its settings rather than a new manifest), and a trainer that opens the cache states what it
+expects (``Manifest.check``); a difference is refused with a ``ManifestMismatch`` that names the key.
 """
 from __future__ import annotations
 
@@ -37,14 +38,16 @@ import importlib.metadata
 import json
 import platform
 
+from . import fsutil
+from .backends import BACKENDS
 from .codecs import FieldCodec, codec_from_config, make_codec
 from .errors import CacheError, ManifestMismatch
 from .integrity import declaration_id, seal, unseal
+from .layout import MANIFEST
 from .schema import FIELDS, KEY_FIELDS, expand_fields, field_spec
 
 FORMAT = "detkd-teacher-cache"
 FORMAT_VERSION = 2          # 2: sealed manifest, receipts and artefact records; declaration ids; blob checksums
-BACKENDS = ("zarr", "wds")
 DECLARATION_KEYS = ("format", "format_version", "backend", "teacher", "dataset", "views", "fields",
                     "options", "declared_artifacts", "num_samples", "shard_size")
 EXPECT_KEYS = ("teacher", "dataset", "views", "fields", "options")
@@ -266,6 +269,38 @@ class Manifest:
             raise ManifestMismatch(f"{where}: the writer declares a different cache than the one there: {diff}. "
                                    f"{hint}.")
 
+    def declaration_difference(self, declared: dict, recorded: dict | None = None) -> str | None:
+        """The first way this cache differs from the settings a resumed writer states, or None.
+
+        declared: any keys of DECLARATION_KEYS, each compared whole, except that fields are
+            compared by name (their codecs are fitted: a KLT basis is never bit-identical).
+        recorded: dotted paths into ``extra`` -> the value the writer recorded there (e.g. the
+            codec presets it chose, ``{"precompute.codecs": {...}}``), compared after the declaration.
+        """
+        unknown = sorted(set(declared) - set(DECLARATION_KEYS))
+        if unknown:
+            raise CacheError(f"unknown declaration keys {unknown}; allowed: {list(DECLARATION_KEYS)}")
+        checks = []
+        for key in [k for k in DECLARATION_KEYS if k in declared]:
+            have, want = self.data[key], _plain(declared[key])
+            if key == "fields":
+                have, want = sorted(have), sorted(want)
+            if key == "dataset":
+                # the skipped images first: they also change the image count and the hash digest
+                checks.append(("dataset.skipped_image_ids", have.get("skipped_image_ids", []),
+                               want.get("skipped_image_ids", [])))
+            checks.append((key, have, want))
+        for path, want in (recorded or {}).items():
+            have = self.data["extra"]
+            for part in path.split("."):
+                have = have.get(part) if isinstance(have, dict) else None
+            checks.append((f"extra.{path}", have, _plain(want)))
+        for path, have, want in checks:
+            diff = first_difference(path, have, want)
+            if diff:
+                return diff
+        return None
+
     def check(self, expect: dict | None, where: str = "cache") -> None:
         """Refuse the cache unless it matches what the caller declares.
 
@@ -295,3 +330,13 @@ class Manifest:
             if lacking:
                 raise ManifestMismatch(f"{where} lacks fields the caller needs: {', '.join(lacking)} "
                                        f"(the cache has {', '.join(self.fields)})")
+
+
+def read_manifest(fs, root: str) -> Manifest | None:
+    """The manifest of the cache at ``root`` on ``fs``, or None if there is none yet."""
+    path = fsutil.join(root, MANIFEST)
+    try:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(text, where=path)

@@ -23,10 +23,10 @@ import numpy as np
 from . import fsutil
 from .backends import ReadStats, make_backend
 from .errors import CacheError, CorruptShardError, IncompleteCacheError
-from .manifest import Manifest
-from .schema import FIELDS, expand_fields, group_of
 from .integrity import blob_checksum
-from .writer import MANIFEST, key_index, read_artifacts, read_manifest, read_receipt, read_receipts, shard_summary
+from .layout import MANIFEST, key_index, read_artifacts, read_receipt, read_receipts, receipt_name, shard_summary
+from .manifest import Manifest, read_manifest
+from .schema import FIELDS, expand_fields, group_of
 
 DECODES = ("numpy", "torch", "compact")
 RECEIPTS_KEPT = 256        # receipts kept in memory per process (a receipt is ~1 KiB per sample)
@@ -95,7 +95,7 @@ class Cache:
                 raise CacheError(f"{self.url}: no shard {index}")
             receipt = read_receipt(self.fs, self.root, index, self.manifest.declaration_id)
             if receipt["checksum"] != self.shards[index]["receipt"]:
-                raise CorruptShardError(f"shard {index}: receipt {fsutil.join('shards', f'{index:06d}.json')} is "
+                raise CorruptShardError(f"shard {index}: receipt {receipt_name(index)} is "
                                         "not the one the manifest lists (replaced after the cache was written)")
             self._receipts[index] = receipt
             if len(self._receipts) > RECEIPTS_KEPT:
@@ -257,11 +257,6 @@ class Cache:
             else:
                 out[name] = torch.as_tensor(value).to(device, non_blocking=True)
         return out
-
-    def dataset(self, fields=None, **kwargs):
-        """A torch IterableDataset over this cache (see store.torch_data)."""
-        from .torch_data import CacheIterableDataset
-        return CacheIterableDataset(self.url, fields=fields, **kwargs)
 
     # ------------------------------------------------------------------ artifacts
     def artifacts(self) -> dict:

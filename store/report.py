@@ -10,11 +10,12 @@ import numpy as np
 from . import fsutil
 from .backends import make_backend
 from .errors import CacheError, CorruptShardError
-from .manifest import Manifest
-from .schema import group_of
 from .integrity import blob_checksum
-from .writer import (MANIFEST, _receipt_indices, key_index, read_artifacts, read_manifest, read_receipt,
-                     read_receipts, receipt_path, shard_summary, totals)
+from .layout import (MANIFEST, SHARDS, artifact_record_name, key_index, read_artifacts, read_receipt, read_receipts,
+                     receipt_indices, receipt_name, shard_summary)
+from .manifest import Manifest, read_manifest
+from .schema import group_of
+from .writer import totals
 
 
 @dataclass
@@ -65,11 +66,11 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
     receipts: dict[int, dict] = {}
     if manifest["complete"]:
         listed = {int(s["index"]): s for s in manifest["shards"]}
-        indices = sorted(set(listed) | set(_receipt_indices(fs, root)))
+        indices = sorted(set(listed) | set(receipt_indices(fs, root)))
     else:
         report.problems.append("incomplete: the manifest is not finalized (an interrupted precompute: rerun it, "
                                "or python -m store finalize after a multi-rank run)")
-        listed, indices = {}, _receipt_indices(fs, root)
+        listed, indices = {}, receipt_indices(fs, root)
     for index in indices:
         try:
             receipt = read_receipt(fs, root, index, declaration)
@@ -77,7 +78,7 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
             report.problems.append(str(e))
             continue
         if manifest["complete"] and receipt["checksum"] != listed.get(index, {}).get("receipt"):
-            report.problems.append(f"shard {index}: receipt {receipt_path('shards', index)} is not the one the "
+            report.problems.append(f"shard {index}: receipt {receipt_name(index)} is not the one the "
                                    "manifest lists")
             continue
         receipts[index] = receipt
@@ -89,9 +90,10 @@ def verify(url: str, decode: bool = False) -> VerifyReport:
         for index in set(listed) | set(receipts):
             if index >= expected:
                 report.problems.append(f"shard {index}: beyond the {expected} declared shards")
-    for name in fsutil.list_names(fs, fsutil.join(root, "shards")):
+    for name in fsutil.list_names(fs, fsutil.join(root, SHARDS)):
         if fsutil.TMP_MARK in name:
-            report.warnings.append(f"shards/{name}: leftover of an interrupted writer (a resumed writer removes it)")
+            report.warnings.append(f"{fsutil.join(SHARDS, name)}: leftover of an interrupted writer (a resumed "
+                                   "writer removes it)")
 
     backend = make_backend(manifest.backend, fs, root, str(url))
     for index in sorted(receipts):
@@ -161,7 +163,7 @@ def _verify_artifacts(fs, root, manifest: Manifest, report: VerifyReport) -> Non
                                    "MasKD stage 1?); rerun the precompute command")
     if manifest["complete"] and records is not None and records != artifacts:
         differ = sorted(n for n in set(records) | set(artifacts) if records.get(n) != artifacts.get(n))
-        report.problems.append(f"artefact record(s) {', '.join(f'artifacts/{n}.json' for n in differ)} differ "
+        report.problems.append(f"artefact record(s) {', '.join(artifact_record_name(n) for n in differ)} differ "
                                "from the manifest's copy")
     for name, info in artifacts.items():
         try:

@@ -53,7 +53,9 @@ import numpy as np
 from .errors import SchemaError
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
-STRIDES = (8, 16, 32, 64, 128)
+# Pixels per cell of each level, the one definition: the detectors (detectors.outputs) import it
+# from here, as store stays free of torch.
+STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 GROUPS = ("fpn", "head", "region", "meta", "image", "backbone")
 # ResNet stages cached in the "backbone" group, and the pyramid level of the same stride each one
 # shares its map size with (C3 stride 8 = P3, C4 stride 16 = P4, C5 stride 32 = P5).
@@ -70,6 +72,13 @@ KEY_FIELDS = ("meta.image_id", "meta.view_index")
 # under this key of its manifest's ``options``, and LD refuses a cache written with another rule.
 LD_VLR_RULES = ("official", "diou")
 LD_VLR_RULE_OPTION = "ld_vlr_rule"
+DEFAULT_VLR_RULE = "official"   # the rule the official LD code ran; precompute's and the online teacher's default
+
+# Per-cache artefacts (stored once, not per view) that every precompute run writes.
+INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* weights ("inherit")
+# The per-image hash table (image ids (n,) int64 sorted, sha256 digests (n, 32) uint8 of the image
+# files); the declaration's dataset.image_hashes holds its digest (detectors.data.image_hash_digest).
+IMAGE_HASHES_ARTIFACT = "image_hashes"
 
 
 @dataclass(frozen=True)

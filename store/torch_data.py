@@ -9,7 +9,7 @@ With ``decode="compact"`` the workers only decompress; payloads are tensors (sha
 processes) and the main process expands them on the accelerator:
 
     cache = open_cache(url, expect=...)
-    loader = DataLoader(cache.dataset(fields=["fpn"], decode="compact"), batch_size=None, num_workers=4)
+    loader = DataLoader(CacheIterableDataset(url, fields=["fpn"], decode="compact"), batch_size=None, num_workers=4)
     for sample in loader:
         teacher = cache.dequantize(sample, device="cuda")          # {"fpn.p3": (C, H, W) float32, ...}
 """

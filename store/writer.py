@@ -20,6 +20,10 @@ shard has a receipt and every declared artefact is stored, ``close()`` folds the
             with writer.shard(task.index) as shard:
                 for position in task.positions:
                     shard.write(sample_at(position))        # dict: field name -> array
+
+or, with samples arriving in any order (precompute), ``writer.put(position, sample)``: it routes
+the sample to its shard and commits the shard with its last sample (``write(sample)`` is ``put`` at
+the next position). File and directory names are in store/layout.py.
 """
 from __future__ import annotations
 
@@ -36,14 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fsutil
-from .backends import Backend, make_backend, shard_name
-from .errors import CacheError, CorruptShardError, ForeignShardError, SchemaError
-from .integrity import blob_checksum, seal, unseal
+from .backends import make_backend
+from .errors import CacheError, SchemaError
+from .integrity import blob_checksum, seal
+from .layout import (INDEX, MANIFEST, artifact_data_name, artifact_record_name, key_index, read_artifacts,
+                     read_receipts, receipt_path, shard_files, shard_summary)
 from .lock import check_owner
-from .manifest import Manifest
+from .manifest import Manifest, read_manifest
 from .schema import FIELDS, field_spec, group_of, sample_key, validate_sample
 
-MANIFEST = "manifest.json"
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -83,15 +88,6 @@ def _raw_nbytes(name: str, arr: np.ndarray) -> int:
     return arr.size * 2 if FIELDS[name].kind == "float" else arr.nbytes
 
 
-def read_manifest(fs, root: str) -> Manifest | None:
-    path = fsutil.join(root, MANIFEST)
-    try:
-        text = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    return Manifest.from_json(text, where=path)
-
-
 def load_manifest(url: str) -> Manifest | None:
     """The manifest of the cache at ``url``, or None if there is none yet. To resume a precompute,
     reuse it (its fitted codecs are what the written shards need) after ``manifest.check(expect)``:
@@ -105,67 +101,6 @@ def load_manifest(url: str) -> Manifest | None:
     """
     fs, root = fsutil.resolve(url)
     return read_manifest(fs, root)
-
-
-def receipt_path(root: str, index: int) -> str:
-    return fsutil.join(root, "shards", shard_name(index) + ".json")
-
-
-RECEIPT_KEYS = ("index", "start", "num_samples", "keys", "groups", "files", "committed", "declaration")
-
-
-def read_receipt(fs, root: str, index: int, declaration: str) -> dict:
-    """A shard's receipt, checked: sealed (store/integrity.py), complete, and written under
-    ``declaration`` (the cache's declaration id); anything else is refused naming the file."""
-    path = receipt_path(root, index)
-    try:
-        text = fs.cat_file(path)
-    except FileNotFoundError:
-        raise CacheError(f"shard {index}: receipt {path} is missing") from None
-    receipt = unseal(text, where=f"shard {index}: receipt {path}")
-    missing = [k for k in RECEIPT_KEYS if k not in receipt]
-    if missing:
-        raise CorruptShardError(f"shard {index}: receipt {path} lacks {missing}")
-    if receipt["index"] != index:
-        raise CorruptShardError(f"shard {index}: receipt {path} describes shard {receipt['index']}")
-    if receipt["declaration"] != declaration:
-        raise ForeignShardError(f"shard {index}: receipt {path} was written under another cache declaration "
-                                f"({str(receipt['declaration'])[:12]}, this cache's is {declaration[:12]})")
-    return receipt
-
-
-def _receipt_indices(fs, root: str) -> list[int]:
-    return sorted(int(name[:-5]) for name in fsutil.list_names(fs, fsutil.join(root, "shards"))
-                  if re.fullmatch(r"\d{6,}\.json", name))
-
-
-def read_receipts(fs, root: str, declaration: str, only=None, discard: bool = False) -> dict[int, dict]:
-    """The committed shards' receipts (of the indices in ``only``, default all), each checked by
-    ``read_receipt``. A receipt that fails (damaged, of another declaration, or with none) is never
-    adopted: it is refused with ForeignShardError naming the files, or, with ``discard``, deleted
-    with its shard's files so that the shard is computed again."""
-    wanted = None if only is None else set(only)
-    receipts, bad = {}, []
-    for index in _receipt_indices(fs, root):
-        if wanted is not None and index not in wanted:
-            continue
-        try:
-            receipts[index] = read_receipt(fs, root, index, declaration)
-        except CacheError as e:           # damaged, foreign, or not written by this store version
-            bad.append((index, str(e)))
-    if bad and discard:
-        backend = Backend(fs, root, root)
-        for index, _ in bad:
-            for rel in backend.leftovers(index):
-                fsutil.remove(fs, backend.path(rel))
-            fsutil.remove(fs, receipt_path(root, index))
-    elif bad:
-        listed = "; ".join(text for _, text in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise ForeignShardError(f"{root}: {len(bad)} shard receipt(s) cannot be adopted by this cache: {listed}. "
-                                "Nothing was read or written. Write to a new location, or rerun with "
-                                "--discard-foreign-shards (python -m precompute) to delete those shards and "
-                                "compute them again")
-    return receipts
 
 
 def committed_shards(fs, root: str, declaration: str, only=None, discard: bool = False) -> set[int]:
@@ -184,16 +119,6 @@ def finalize(url: str) -> Manifest:
     receipts = read_receipts(fs, root, manifest.declaration_id)
     _finalize(fs, root, manifest, receipts, expected=manifest.num_shards)
     return manifest
-
-
-INDEX = "index.npy"
-INDEX_DTYPE = np.dtype([("image_id", "<i8"), ("view_index", "<i4"), ("shard", "<i4"), ("row", "<i4")])
-
-
-def shard_summary(receipt: dict) -> dict:
-    """What the manifest keeps of a receipt: enough to verify files, not the per-blob layout."""
-    summary = {k: receipt[k] for k in ("index", "start", "num_samples", "files", "committed")}
-    return dict(summary, receipt=receipt["checksum"])
 
 
 def totals(receipts) -> dict:
@@ -216,12 +141,6 @@ def totals(receipts) -> dict:
     seconds = sum(receipt.get("seconds", 0.0) for receipt in receipts)
     return dict(fields=fields, views=dict(sorted(views.items(), key=lambda kv: int(kv[0]))),
                 seconds=round(seconds, 3))
-
-
-def key_index(receipts) -> np.ndarray:
-    rows = [(image_id, view_index, r["index"], row) for r in receipts for row, (image_id, view_index) in
-            enumerate(r["keys"])]
-    return np.array(rows, dtype=INDEX_DTYPE)
 
 
 def _finalize(fs, root, manifest: Manifest, receipts: dict, expected: int | None) -> None:
@@ -247,16 +166,6 @@ def _finalize(fs, root, manifest: Manifest, receipts: dict, expected: int | None
     manifest.data["artifacts"] = artifacts
     manifest.data["complete"] = True
     fsutil.write_atomic(fs, fsutil.join(root, MANIFEST), manifest.to_json().encode())
-
-
-def read_artifacts(fs, root) -> dict:
-    """Artefact records (``artifacts/NAME.json``, sealed) by name."""
-    out = {}
-    for name in fsutil.list_names(fs, fsutil.join(root, "artifacts")):
-        if name.endswith(".json") and fsutil.TMP_MARK not in name:
-            path = fsutil.join(root, "artifacts", name)
-            out[name[:-5]] = unseal(fs.cat_file(path), where=f"artefact record {path}")
-    return out
 
 
 class ShardWriter:
@@ -322,7 +231,7 @@ class ShardWriter:
                                 for key, blobs in zip(self.keys, rows)]
         writer.check_owner()
         backend = writer.backend
-        for rel in backend.leftovers(self.index):
+        for rel in shard_files(writer.fs, writer.root, self.index):    # what an interrupted writer left
             fsutil.remove(writer.fs, backend.path(rel))
         built, layout = backend.build(self.index, self.keys, built_groups)
         for group, fields in groups.items():
@@ -406,7 +315,7 @@ class CacheWriter:
         self._pool = ThreadPoolExecutor(encode_threads) if encode_threads > 0 else None
         self._position = 0
         self._clock = time.perf_counter()
-        self._current: ShardWriter | None = None
+        self._open: dict[int, ShardWriter] = {}         # shards put() has begun and not committed
         self.skipped = 0
 
     def check_owner(self) -> None:
@@ -440,6 +349,29 @@ class CacheWriter:
         expected = task.stop - task.start if self.manifest.num_samples is not None else None
         return ShardWriter(self, task, index, expected)
 
+    # ------------------------------------------------------------------ positioned API
+    def put(self, position: int, sample: dict) -> dict | None:
+        """Write the sample at ``position`` into its shard (begun on its first sample) and commit
+        the shard when this is its last: returns that shard's receipt, else None. Positions may
+        come in any order and several shards may be open at once (precompute batches views of a
+        few shards together); each shard must be owned by this writer and not committed."""
+        index = position // self.manifest.shard_size
+        shard = self._open.get(index)
+        if shard is None:
+            shard = self.shard(index)
+            task = self.task(index)
+            shard.expected = task.stop - task.start    # open-ended too: close() commits the trailing one
+        shard.write(sample)
+        self._open[index] = shard                       # only once it holds a sample: a refused one opens none
+        if not shard.full:
+            return None
+        del self._open[index]
+        return shard.commit()
+
+    def unfinished_shards(self) -> list[int]:
+        """Shards that put() has begun and that still lack samples."""
+        return sorted(self._open)
+
     # ------------------------------------------------------------------ sequential API
     def write(self, sample: dict) -> bool:
         """Write the sample at the next position (single writer). Returns False when that
@@ -447,31 +379,15 @@ class CacheWriter:
         if self.world_size != 1:
             raise CacheError("write() is for a single writer; with several ranks use pending_shards()/shard()")
         position = self._position
-        index = position // self.manifest.shard_size
         if self.manifest.num_samples is not None and position >= self.manifest.num_samples:
             raise CacheError(f"sample at position {position} is beyond {num_samples_text(self.manifest)}")
-        if index in self.committed:
+        if position // self.manifest.shard_size in self.committed:
             self._position += 1
             self.skipped += 1
             return False
-        if self._current is None or self._current.index != index:
-            self._commit_current(partial_ok=False)
-            task = self.task(index)
-            self._current = ShardWriter(self, task, index, task.stop - task.start)
-        self._current.write(sample)           # a refused sample does not take the position
+        self.put(position, sample)            # a refused sample does not take the position
         self._position += 1
-        if self._current.full:
-            self._current.commit()
-            self._current = None
         return True
-
-    def _commit_current(self, partial_ok: bool) -> None:
-        current, self._current = self._current, None
-        if current is None or current.committed or not len(current):
-            return
-        if partial_ok and self.manifest.num_samples is None:
-            current.expected = len(current)
-        current.commit()
 
     # ------------------------------------------------------------------ global artifacts
     def put_artifact(self, name: str, arrays, meta: dict | None = None) -> dict:
@@ -491,13 +407,13 @@ class CacheWriter:
         np.savez(out, **plain)
         data = out.getvalue()
         self.check_owner()
-        rel = fsutil.join("artifacts", name + ".npz")
+        rel = artifact_data_name(name)
         fsutil.write_atomic(self.fs, fsutil.join(self.root, rel), data)
         info = dict(path=rel, nbytes=len(data), sha256=fsutil.sha256_bytes(data),
                     arrays={k: dict(shape=list(v.shape), dtype=v.dtype.str) for k, v in plain.items()},
                     meta=meta or {})
         info = seal(info)
-        fsutil.write_atomic(self.fs, fsutil.join(self.root, "artifacts", name + ".json"),
+        fsutil.write_atomic(self.fs, fsutil.join(self.root, artifact_record_name(name)),
                             json.dumps(info, indent=1).encode())
         current = read_manifest(self.fs, self.root)
         if current["complete"]:                    # already finalized: list the artifact there too
@@ -509,8 +425,16 @@ class CacheWriter:
     def close(self, finalize: bool = True) -> bool:
         """Commit a trailing partial shard (open-ended writer), and finalize the cache if every
         shard is committed. Returns whether the cache is complete. ``finalize=False`` leaves the
-        finalization to one process (``store.finalize(url)`` once every rank has closed)."""
-        self._commit_current(partial_ok=True)
+        finalization to one process (``store.finalize(url)`` once every rank has closed), and
+        leaves a begun shard that lacks samples uncommitted (``unfinished_shards()``; a rerun
+        computes it again) where ``close()`` refuses it."""
+        open_ended = self.manifest.num_samples is None
+        if finalize or open_ended:
+            for index in self.unfinished_shards():
+                shard = self._open.pop(index)
+                if open_ended:
+                    shard.expected = len(shard)      # the trailing shard holds what arrived
+                shard.commit()                       # refuses a shard that lacks samples
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

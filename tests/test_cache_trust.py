@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from bench.bench_faults import OUTCOMES, build_cache, read_everything, run_trials, same
-from store import CacheError, CorruptShardError, Manifest, open_cache, open_writer
+from store import BACKENDS, CacheError, CorruptShardError, Manifest, open_cache, open_writer
 from store.errors import ForeignShardError
 from store.integrity import seal
-from store.lock import LOCK, CacheLock, CacheLockedError, check_owner
+from store.layout import LOCK
+from store.lock import CacheLock, CacheLockedError, check_owner
 from store.report import verify
 from store.synthetic import make_sample
 
@@ -46,7 +47,7 @@ VIEWS_A = [{"flip": False, "short": 64}, {"flip": True, "short": 64}]
 VIEWS_B = [{"flip": False, "short": 96}, {"flip": True, "short": 96}]
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reduced_fault_injection_ends_detected_or_harmless(tmp_path, backend):
     """Every file deleted and truncated once, plus random byte flips: nothing is read wrong in silence,
     and verify names the damaged file."""

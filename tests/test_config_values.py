@@ -11,12 +11,13 @@ tracebacks.
 import dataclasses
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from train.__main__ import main as train_main
-from train.__main__ import train_option_rules
+from train.config import TrainConfig, train_option_rules
 from train.methods import METHODS, build_method, parse_overrides
 from train.methods.base import METHOD_LIMITS, SettingError, config_rules
 from train.sweep import main as sweep_main
@@ -95,10 +96,49 @@ def test_every_method_field_has_a_rule_its_defaults_fit(name):
 
 
 def test_every_trainer_option_has_a_rule_its_defaults_fit():
-    from train.trainer import TrainConfig
     rules = train_option_rules()
     for key, value in TrainConfig(data="d", out="o", cache="c").to_dict().items():
         rules[key].check(tuple(value) if isinstance(value, list) else value, key)
+
+
+# ---------------------------------------------------------------------------------------------- parsers from configs
+def test_a_bare_command_line_gives_the_configs_defaults():
+    from precompute.__main__ import build_parser as precompute_parser
+    from precompute.config import PrecomputeConfig
+    from train.__main__ import build_parser as train_parser
+    from train.config import config_from_args
+    from train.options import config_values
+    args = train_parser().parse_args(["--data", "d", "--out", "o", "--cache", "c"])
+    assert TrainConfig(**config_from_args(args)) == TrainConfig(data="d", out="o", cache="c")
+    options = config_values(precompute_parser().parse_args(["--ckpt", "t", "--data", "d", "--cache", "c"]),
+                            PrecomputeConfig)
+    assert PrecomputeConfig(**{**options, "codecs": {}}) == PrecomputeConfig(ckpt="t", data="d", cache="c")
+
+
+def test_options_are_named_by_their_config_keys():
+    from train.__main__ import build_parser
+    from train.recipes import explicit_dests
+    argv = ["--data", "d", "--out", "o", "--cache", "c", "--no-eval", "--set", "frs.feat_weight=1",
+            "--student-config", "norm=bn", "--no-inherit", "--milestones", "4", "5"]
+    assert explicit_dests(build_parser(), argv) == {"data", "out", "cache", "eval", "overrides", "student_config",
+                                                    "inherit", "milestones"}
+    args = build_parser().parse_args(argv)
+    assert (args.eval, args.tensorboard, args.inherit, args.milestones) == (False, True, False, [4.0, 5.0])
+
+
+def test_the_amp_choices_are_the_runtimes_dtypes():
+    """The configs spell the --amp names so that --help imports no torch; they must stay the runtime's."""
+    from detectors.runtime import AMP_DTYPES
+    from precompute.config import AMP_CHOICES
+    from train.config import AMP_MODES
+    assert AMP_CHOICES == tuple(AMP_DTYPES) and AMP_MODES == ("auto", *AMP_DTYPES)
+
+
+def test_help_imports_no_torch():
+    for package in ("train", "precompute"):
+        code = f"import sys; from {package}.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
+        run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert run.stdout.strip() == "False", (package, run.stderr[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------- python -m train

@@ -11,7 +11,6 @@
 """
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from detectors.data import (CocoDetection, DataError, ImageChangedError, image_f
                             image_hash_table, scan_images)
 from detectors.synth import SynthConfig, generate
 from detectors.views import ViewSpec
-from precompute.plan import IMAGE_HASHES_ARTIFACT
 from store import ManifestMismatch, open_cache
+from store.schema import IMAGE_HASHES_ARTIFACT
 from train.student_data import StudentBatches, make_loader
 
 VIEWS = "64:96,64:96:flip"
@@ -142,7 +141,8 @@ def test_a_bad_image_in_a_training_batch_follows_the_policy_in_one_line(tmp_path
 
 # ---------------------------------------------------------------------------------------------- precompute + train
 def _precompute(root: Path, name: str, **options) -> str:
-    from precompute.pipeline import PrecomputeConfig, run_precompute
+    from precompute.config import PrecomputeConfig
+    from precompute.pipeline import run_precompute
     config = PrecomputeConfig(ckpt=str(root / "teacher.pt"), data=str(root / "data"), cache=str(root / name),
                               views=VIEWS, fields="frs", device="cpu", shard_size=4, batch_size=4, workers=0,
                               calibration=4, maskd_iters=0, progress=False, **options)
@@ -200,7 +200,7 @@ def test_precompute_raise_policy_refuses_in_one_line(world, tmp_path, capsys):
 
 
 def _trainer_config(world, out, **options):
-    from train.trainer import TrainConfig
+    from train.config import TrainConfig
     values = dict(data=world["data"], cache=world["cache"], out=str(out), method="frs", student="gfl-nano",
                   batch_size=2, workers=0, eval=False, tensorboard=False, progress=False, warmup_iters=1, max_iters=2)
     values.update(options)
@@ -267,7 +267,8 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def test_a_resumed_precompute_that_finds_other_bad_images_is_refused(world, tmp_path):
-    from precompute.pipeline import PrecomputeConfig, run_precompute
+    from precompute.config import PrecomputeConfig
+    from precompute.pipeline import run_precompute
     data = tmp_path / "data"
     _copy_tree(Path(world["data"]), data)
     other = data / "train2017" / f"{world['ids'][4]:012d}.jpg"

@@ -14,8 +14,8 @@ import torch
 from detectors import build_detector, valid_level_sizes
 from detectors.outputs import DetectorOutput
 from detectors.views import Batch, padded_size
-from precompute.fields import FIELD_GROUPS_FOR_METHOD, extract_fields, resolve_fields
-from store import FIELDS, Manifest, SchemaError, expand_fields, open_cache, open_writer
+from precompute.fields import extract_fields, resolve_fields
+from store import BACKENDS, FIELDS, Manifest, SchemaError, expand_fields, open_cache, open_writer
 from store.schema import validate_sample
 from train.methods import DeFeat, build_method
 from train.teacher_batch import TeacherBatch, collate_teacher
@@ -132,7 +132,7 @@ def test_bf16_autocast_stage_maps_are_float32_and_close():
 
 
 def test_field_specs_keep_the_released_defeat_and_add_the_coco_preset():
-    assert FIELD_GROUPS_FOR_METHOD["defeat"] == ("fpn", "meta.gt_boxes_xyxy", "meta.gt_labels")
+    assert DeFeat.FIELDS == ("fpn",)  # the released config; its GT masks come from the student's targets
     assert not any(n.startswith("backbone.") for n in resolve_fields("defeat") + resolve_fields("all"))
     coco = resolve_fields("defeat-coco")
     assert set(coco) == set(resolve_fields("defeat")) | set(expand_fields(["head.cls", "backbone"]))
@@ -298,7 +298,7 @@ def test_trainer_model_asks_the_student_for_stage_maps_only_when_read():
 
 
 # ---------------------------------------------------------------------------------------------- store
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backbone_fields_round_trip_through_the_cache(backend):
     torch.manual_seed(4)
     model = build_detector("retina-nano", num_classes=3).eval()

@@ -13,8 +13,10 @@ from detectors import build_detector, flatten_levels
 from detectors.outputs import DetectorOutput, valid_level_sizes
 from precompute.maskd_tokens import ReceptiveTokens
 from store.schema import LEVELS, REGION_POSITIVE, REGION_VLR
-from train.methods import (FRS, ICD, LD, METHODS, DatasetStats, DeFeat, MasKD, NoDistillation, build_method,
-                           parse_method_names)
+from precompute.fields import resolve_fields
+from store import expand_fields
+from train.methods import (FRS, ICD, LD, METHODS, DatasetStats, DeFeat, MasKD, MethodSpec, NoDistillation,
+                           build_method, named_field_sets)
 from train.methods.icd import InstanceQueries, num_queries, sample_queries
 from train.methods.ld import gather_region_rows
 from train.teacher_batch import TeacherBatch, collate_teacher
@@ -170,7 +172,7 @@ def test_maskd_matches_hand_computation(iteration):
 
 def test_maskd_gfl_choice_and_tokens_stay_frozen():
     tokens = ReceptiveTokens(channels=8, num_levels=2)
-    method = build_method("maskd", "gfl", student_channels=4, teacher_channels=8, num_levels=2, maskd_tokens=tokens)
+    method = build_method("maskd", "gfl", student_channels=4, teacher_channels=8, num_levels=2, prepared={"maskd": tokens})
     assert (method.config.loss_weight, method.config.student_mask_warmup, method.config.head_weight) == (10, 5000, 0)
     assert method.fields == ("fpn",)
     trainable = {id(p) for group in method.param_groups() for p in group.params}
@@ -598,13 +600,13 @@ def build(spec, family, **overrides):
     tokens = ReceptiveTokens(channels=C_T, num_levels=2)
     torch.manual_seed(0)
     return build_method(spec, family, overrides, student_channels=C_S, teacher_channels=C_T, num_classes=K,
-                        num_levels=2, maskd_tokens=tokens)
+                        num_levels=2, prepared={"maskd": tokens})
 
 
-CASES = [("frs", "retina"), ("frs", "gfl"), ("icd", "retina"), ("maskd", "retina"), ("maskd", "gfl"), ("ld", "gfl"),
-         ("defeat", "retina"), ("defeat", "gfl")]
-HEAD_OVERRIDES = {"defeat": {"head_fg_weight": 2.0, "head_bg_weight": 2.0},
-                  "icd": {"num_heads": 2}}  # C_T = 8: 8 heads would leave 1 dim per head
+# Every method that reads the teacher, with every detector family it has official settings for.
+CASES = [(name, family) for name, cls in METHODS.items() if cls.FIELDS for family in cls.Config.FAMILY_DEFAULTS]
+SHAPE_OVERRIDES = {"icd": {"num_heads": 2}}  # C_T = 8: 8 heads would leave 1 dim per head
+HEAD_OVERRIDES = {**SHAPE_OVERRIDES, "defeat": {"head_fg_weight": 2.0, "head_bg_weight": 2.0}}
 ITERATION = 8000  # past every warmup: ramps done, ICD's student features attached, MasKD's student masks on
 
 
@@ -615,12 +617,12 @@ def test_gradients_reach_student_outputs_and_learnable_parts(name, family):
     terms = method(student, teacher, targets, ITERATION)
     assert terms and all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
     sum(terms.values()).backward()
-    uses_features = name != "ld"
-    if uses_features:
+    reads = set(method.fields)  # the student outputs a method compares follow from the teacher fields it reads
+    if "fpn" in reads:
         assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in student.features)
-    if name in ("frs", "ld", "defeat"):
+    if reads & {"head.cls", "region"}:
         assert any(c.grad is not None and c.grad.abs().sum() > 0 for c in student.cls_logits)
-    if name in ("ld",) or (name == "maskd" and family == "retina"):
+    if reads & {"head.box", "region"}:
         assert any(b.grad is not None and b.grad.abs().sum() > 0 for b in student.box_outputs)
     for group in method.param_groups():
         assert group.params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in group.params), group.name
@@ -667,10 +669,22 @@ def test_overrides_are_routed_and_unknown_keys_rejected():
     with pytest.raises(ValueError, match="ambiguous.*frs.warmup_iters.*icd.warmup_iters"):
         build_method("frs+icd", "retina", {"warmup_iters": 10})
     with pytest.raises(ValueError, match="unknown distillation method"):
-        parse_method_names("frs+kd")
+        MethodSpec.parse("frs+kd")
     with pytest.raises(ValueError, match="cannot be combined"):
-        parse_method_names("none+frs")
-    assert set(METHODS) == {"none", "frs", "icd", "maskd", "ld", "defeat"}
+        MethodSpec.parse("none+frs")
+    spec = MethodSpec.parse(" LD+frs")
+    assert spec.names == ("ld", "frs") and str(spec) == "ld+frs" and "frs" in spec and MethodSpec.parse(spec) is spec
+    assert all(cls.NAME == name for name, cls in METHODS.items())
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_a_cache_written_for_a_method_holds_what_its_default_config_reads(name, family):
+    """``precompute --fields NAME`` caches the class's FIELDS: every field the default instance reads."""
+    method = build(name, family, **SHAPE_OVERRIDES.get(name, {}))
+    assert set(expand_fields(list(method.fields))) <= set(resolve_fields(name))
+    assert named_field_sets()[name] == METHODS[name].FIELDS
+    for preset, groups in METHODS[name].FIELD_PRESETS.items():  # a preset is a superset of the default reads
+        assert set(resolve_fields(name)) <= set(resolve_fields(preset)) == set(resolve_fields(list(groups)))
 
 
 # ---------------------------------------------------------------------------------------------- real detectors
@@ -718,7 +732,7 @@ def test_every_method_runs_on_real_detector_outputs_and_cached_samples():
     teacher = collate_teacher(samples, [tuple(f.shape[-2:]) for f in student.features], "cpu", image_sizes=sizes)
     method = build_method("frs+icd+maskd+ld+defeat", "gfl", {"maskd.head_weight": 1.0},
                           student_channels=student_model.config.fpn_channels,
-                          teacher_channels=128, num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
+                          teacher_channels=128, num_classes=3, prepared={"maskd": ReceptiveTokens(channels=128)})
     terms = method(student, teacher, targets, ITERATION)
     assert {"frs_feat", "frs_cls", "icd_distill", "icd_aux_cls", "icd_aux_box", "maskd_feat", "maskd_head", "ld_main",
             "ld_vlr", "ld_kd", "defeat_fg", "defeat_bg"} == set(terms)
@@ -766,7 +780,7 @@ def test_precompute_samples_collate_and_drive_every_method():
     batch = Batch(images=images, image_sizes=sizes, targets=targets, image_ids=[1, 2], view_indices=[0, 0],
                   views=[ViewSpec(), ViewSpec()], orig_sizes=sizes)
     method = build_method("frs+icd+maskd+ld+defeat", "gfl", student_channels=student_model.config.fpn_channels,
-                          teacher_channels=teacher_model.config.fpn_channels, num_classes=3, maskd_tokens=ReceptiveTokens(channels=128))
+                          teacher_channels=teacher_model.config.fpn_channels, num_classes=3, prepared={"maskd": ReceptiveTokens(channels=128)})
     samples = fields_module.extract_fields(teacher_model, batch, method.fields)
     student = student_model(images, sizes, targets)
     teacher = collate_teacher(samples, [tuple(f.shape[-2:]) for f in student.features], "cpu")
@@ -780,7 +794,7 @@ def test_precompute_samples_collate_and_drive_every_method():
 
 
 def test_schedule_warnings_name_the_iteration_counts_a_short_run_swallows():
-    from train.methods import iteration_settings, schedule_warnings
+    from train.methods import default_iteration_settings, iteration_settings, schedule_warnings
     method = build_method("icd+frs", "gfl", {"icd.detach_student_iters": 10, "icd.warmup_iters": 1000},
                           student_channels=16,
                           teacher_channels=16, num_classes=3)
@@ -792,3 +806,5 @@ def test_schedule_warnings_name_the_iteration_counts_a_short_run_swallows():
     assert "--set icd.warmup_iters=10 " in texts[0] and "--set frs.warmup_iters=5 " in texts[1]
     assert schedule_warnings(method, 90_000) == []
     assert schedule_warnings(build_method("none", "gfl"), 10) == []
+    # the same counts from the official configs alone (bench_train zeroes them for its steady state)
+    assert default_iteration_settings("icd+frs", "gfl") == {"icd.detach_student_iters": 1000, "frs.warmup_iters": 500}

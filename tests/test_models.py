@@ -124,6 +124,27 @@ def test_batch_without_any_gt_has_finite_losses_and_gradients(name):
     assert all(p.grad is not None for p in model.head.parameters())
 
 
+@pytest.mark.parametrize("name", ["gfl-nano", "retina-nano"])
+def test_amp_forward_keeps_anchors_assignment_and_losses_in_float32(name):
+    """amp_dtype: backbone and head under bf16 autocast; maps float32 copies, anchors exactly float32's."""
+    torch.manual_seed(0)
+    model = build_detector(name, num_classes=3)
+    images, image_sizes = torch.randn(2, 3, 64, 96), [(64, 96), (50, 60)]
+    with torch.no_grad():
+        full = model(images, image_sizes, make_targets(), return_backbone=True)
+        amp = model(images, image_sizes, make_targets(), return_backbone=True, amp_dtype=torch.bfloat16)
+    maps = amp.features + amp.cls_logits + amp.box_outputs + amp.backbone_features
+    assert all(m.dtype == torch.float32 for m in maps)
+    assert all(torch.equal(a, b) for a, b in zip(amp.anchors, full.anchors))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in amp.losses.values())
+    assert set(amp.losses) == set(full.losses)
+    for reduced, reference in zip(amp.features, full.features):
+        assert not torch.equal(reduced, reference)  # autocast did run
+        assert float((reduced - reference).norm() / reference.norm()) < 0.05  # bf16: 2-3% here
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model(torch.randn(1, 3, 60, 96), [(60, 96)], amp_dtype=torch.bfloat16)  # inputs checked on this path too
+
+
 def test_valid_level_sizes():
     assert valid_level_sizes((64, 96)) == [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
     # canonical padding first (50x60 -> 64x64), then ceil halving for P6/P7

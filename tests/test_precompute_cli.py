@@ -15,12 +15,13 @@ import torch
 from detectors import build_detector, save_checkpoint
 from detectors.data import CocoDetection
 from detectors.synth import SynthConfig, generate
-from detectors.views import collate
+from detectors.views import collate, parse_view_list
 from precompute.__main__ import main
-from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT, extract_fields, resolve_fields
-from precompute.plan import IMAGE_HASHES_ARTIFACT, parse_view_list
+from precompute.fields import extract_fields, resolve_fields
+from precompute.maskd_tokens import MASKD_ARTIFACT
 from store import FIELDS, measure_error, open_cache
 from store.report import verify
+from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]

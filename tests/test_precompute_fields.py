@@ -7,8 +7,8 @@ import torch
 
 from detectors import build_detector, valid_level_sizes
 from detectors.views import Batch, padded_size
-from precompute.fields import (ALWAYS_META, FIELD_GROUPS_FOR_METHOD, GT_META, canonical_anchors, diou_matrix,
-                               extract_fields, fields_for_methods, ld_regions, resolve_fields)
+from precompute.fields import (ALWAYS_META, GT_META, artifacts_for, canonical_anchors, diou_matrix, extract_fields,
+                               ld_regions, resolve_fields)
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
 
 torch.set_num_threads(2)
@@ -218,12 +218,15 @@ def test_resolve_fields_methods_groups_and_always_meta():
     everything = resolve_fields("all")
     assert set(everything) == set(expand_fields(["fpn", "head", "region", "meta"]))
     assert set(resolve_fields("frs,ld,icd,maskd,defeat")) == set(everything)
-    assert fields_for_methods(["maskd"]) == resolve_fields("maskd")
-    assert set(FIELD_GROUPS_FOR_METHOD) == {"none", "frs", "icd", "maskd", "ld", "defeat"}
     with pytest.raises(Exception, match="not a field"):
         resolve_fields("fpn,bogus")
-    with pytest.raises(ValueError, match="unknown method"):
-        fields_for_methods(["kd"])
+    with pytest.raises(Exception, match="not a field"):
+        resolve_fields("kd")  # neither a method of the registry nor a field
+
+
+def test_method_names_bring_their_artefacts():
+    assert artifacts_for("all") == artifacts_for("maskd") == ["maskd_tokens"]
+    assert artifacts_for("frs,ld,fpn") == artifacts_for("defeat-coco") == []
 
 
 def test_cache_options_record_the_vlr_rule_only_with_regions():

@@ -1,23 +1,9 @@
-"""precompute.plan: view lists, task order, batches of one padded shape, codec choices."""
+"""precompute.plan: task order, batches of one padded shape, codec choices."""
 import pytest
 
-from detectors.views import ViewSpec
 from precompute.pipeline import field_codecs
-from precompute.plan import TaskOrder, calibration_positions, parse_view_list, plan_batches, plan_windows
+from precompute.plan import TaskOrder, calibration_positions, plan_batches, plan_windows
 from precompute.fields import resolve_fields
-
-
-def test_parse_view_list():
-    assert parse_view_list("default") == [ViewSpec(False, 800, 1333), ViewSpec(True, 800, 1333)]
-    assert parse_view_list("160:256,160:256:flip") == [ViewSpec(False, 160, 256), ViewSpec(True, 160, 256)]
-    multi = parse_view_list("ms:4:640-800", seed=3)
-    assert len(multi) == 4 and all(640 <= v.short <= 800 and v.max_size == 1333 for v in multi)
-    assert multi == parse_view_list("ms:4:640-800", seed=3)  # deterministic
-    assert not any(v.flip for v in parse_view_list("ms:3:640-800:1000:noflip"))
-    with pytest.raises(ValueError, match="ms:K:LO-HI"):
-        parse_view_list("ms:4:640")
-    with pytest.raises(ValueError, match="repeat"):
-        parse_view_list("800,800")
 
 
 def test_task_order_is_image_major():

@@ -15,7 +15,7 @@ from bench.bench_kill import children, env, kill_and_reap, precompute, start_pau
 from detectors import build_detector, save_checkpoint
 from detectors.synth import SynthConfig, generate
 from store import open_cache
-from store.lock import LOCK
+from store.layout import LOCK
 from store.report import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_a_second_run_on_a_cache_being_written_is_refused_in_one_line(setup):
     try:
         run = precompute(_args(setup, cache))
         assert run.returncode != 0 and "Traceback" not in run.stderr
-        assert f"being written by another precompute run" in run.stderr and f"pid {child.pid}" in run.stderr
+        assert "being written by another precompute run" in run.stderr and f"pid {child.pid}" in run.stderr
     finally:
         child.kill()
         child.wait()

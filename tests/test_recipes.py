@@ -12,15 +12,16 @@ from detectors import build_detector, list_models, save_checkpoint
 from detectors.backbone import resnet_stage_channels
 from detectors.convert import mmdet_config_overrides
 from detectors.synth import SynthConfig, generate
+from detectors.views import parse_view_list
 from detectors.zoo import get_config
-from precompute.fields import MASKD_ARTIFACT, artifacts_for, resolve_fields
-from precompute.pipeline import PrecomputeConfig
-from precompute.plan import parse_view_list
-from train.__main__ import resolve_config, train_option_rules
-from train.methods import METHODS, build_method, check_overrides, parse_method_names
+from precompute.config import PrecomputeConfig
+from precompute.fields import artifacts_for, resolve_fields
+from precompute.maskd_tokens import MASKD_ARTIFACT
+from train.config import TrainConfig, train_option_rules
+from train.methods import METHODS, MethodSpec, build_method, check_overrides
 from train.recipes import EVAL_VIEW, RECIPES, TEACHER_NECKS, get_recipe
+from train.run import resolve_config
 from train.sweep import apply_recipe, build_parser as sweep_parser, plan_runs
-from train.trainer import TrainConfig
 
 METHODS_MD = Path(__file__).resolve().parents[2] / "shared" / "METHODS.md"
 SCHEDULES = {"1x": 12, "2x": 24}
@@ -61,8 +62,8 @@ def test_recipe_is_a_complete_valid_configuration(name):
 
     # method: overrides pass the config rules of the recipe's family; the cache holds what the method reads
     check_overrides(r.method, r.overrides)
-    assert all(key.split(".", 1)[0] in parse_method_names(r.method) for key in r.overrides)
-    method = build_method(r.method, r.family, r.overrides, maskd_tokens=StubTokens(),
+    assert all(key.split(".", 1)[0] in MethodSpec.parse(r.method) for key in r.overrides)
+    method = build_method(r.method, r.family, r.overrides, prepared={"maskd": StubTokens()},
                           student_backbone_channels=resnet_stage_channels(student.depth, student.widths),
                           teacher_backbone_channels=resnet_stage_channels(teacher.depth, teacher.widths))
     PrecomputeConfig(ckpt="teacher.pth", data="d", cache="c", **r.precompute_options())

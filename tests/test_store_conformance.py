@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from store import (CacheError, CorruptShardError, IncompleteCacheError, Manifest, SchemaError, open_cache,
-                   open_writer)
+from store import (BACKENDS, CacheError, CorruptShardError, IncompleteCacheError, Manifest, SchemaError,
+                   open_cache, open_writer)
 from store.synthetic import make_sample
+from store.torch_data import CacheIterableDataset, CacheMapDataset, collate_list
 
 VIEWS = [{"flip": False, "short": 96, "max_size": 160}, {"flip": True, "short": 96, "max_size": 160}]
 TEACHER = {"arch": "gfl-small", "checkpoint_sha256": "ab" * 32}
@@ -26,7 +27,7 @@ def manifest(backend, items, shard_size=4, codecs=CODECS, num_samples="all"):
                            num_samples=len(items) if num_samples == "all" else num_samples)
 
 
-@pytest.fixture(params=["zarr", "wds"])
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
 
@@ -147,11 +148,10 @@ def test_torch_loaders(written):
     url, _, items = written
     cache = open_cache(url)
     for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(cache.dataset(fields=["meta", "fpn.p7"]), batch_size=None,
+        loader = torch.utils.data.DataLoader(CacheIterableDataset(url, fields=["meta", "fpn.p7"]), batch_size=None,
                                              num_workers=workers)
         keys = [tuple(s["__key__"]) for s in loader]          # default_convert makes lists
         assert sorted(keys) == sorted(cache.keys()), workers
-    from store.torch_data import CacheMapDataset, collate_list
     loader = torch.utils.data.DataLoader(CacheMapDataset(url, fields=["region"]), batch_size=4, num_workers=2,
                                          collate_fn=collate_list)
     assert sum(len(batch) for batch in loader) == len(items)
@@ -205,6 +205,31 @@ def test_incomplete_cache_is_refused_and_names_the_missing_shards(backend, url):
     partial = open_cache(url, allow_incomplete=True)
     assert len(partial) == 8
     assert [t.index for t in open_writer(url, m).pending_shards()] == [2, 3, 4]
+
+
+def test_put_routes_samples_in_any_order_and_commits_each_shard_with_its_last(backend, url):
+    items = samples(2)
+    m = manifest(backend, items, shard_size=2)
+    writer = open_writer(url, m)
+    receipts = {position: writer.put(position, items[position]) for position in [2, 0, 3]}  # shard 0 lacks 1
+    assert [p for p, r in receipts.items() if r is not None] == [3]
+    assert receipts[3]["index"] == 1 and writer.unfinished_shards() == [0]
+    with pytest.raises(CacheError, match="shard 1 is already complete"):
+        writer.put(2, items[2])
+    assert writer.close(finalize=False) is False and writer.unfinished_shards() == [0]   # left uncommitted
+    resumed = open_writer(url, m)
+    assert [task.index for task in resumed.pending_shards()] == [0]
+    assert resumed.put(1, items[1]) is None
+    with pytest.raises(CacheError, match=r"shard 0: 1 samples written, 2 expected; not committed"):
+        resumed.close()
+    resumed = open_writer(url, m)
+    assert resumed.put(1, items[1]) is None and resumed.put(0, items[0])["index"] == 0
+    assert resumed.close()
+    cache = open_cache(url)
+    for item in items:
+        key = (int(item["meta.image_id"]), int(item["meta.view_index"]))
+        assert cache.locate(*key)[0] == items.index(item) // 2             # in the shard of its position
+        np.testing.assert_array_equal(cache.get(*key, fields=["meta"])["meta.valid_hw"], item["meta.valid_hw"])
 
 
 def test_writer_refuses_bad_samples(backend, url):
@@ -268,8 +293,8 @@ def test_truncated_shard_is_named(written_on_disk, tmp_path):
 def test_compact_samples_cross_loader_workers_and_dequantize(written):
     url, m, items = written
     cache = open_cache(url)
-    loader = torch.utils.data.DataLoader(cache.dataset(fields=["fpn", "head.box", "meta.valid_hw"],
-                                                       decode="compact"), batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(CacheIterableDataset(url, fields=["fpn", "head.box", "meta.valid_hw"],
+                                                              decode="compact"), batch_size=None, num_workers=2)
     count = 0
     for sample in loader:
         dense = cache.dequantize(sample, device="cpu")

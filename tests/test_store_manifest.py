@@ -111,6 +111,20 @@ def test_resume_with_a_different_declaration_is_refused(cache_url):
         open_writer(cache_url, other)
 
 
+def test_declaration_difference_names_the_first_setting_that_differs():
+    m, _ = make(dataset=dict(DATASET, skipped_image_ids=[7]), extra={"precompute": {"codecs": {"fpn.p3": "klt"}}})
+    same = dict(teacher=TEACHER, dataset=dict(DATASET, skipped_image_ids=[7]), views=[View(False), View(True)],
+                fields=list(reversed(m.fields)), shard_size=4, num_samples=8)     # fields: names, any order
+    assert m.declaration_difference(same, recorded={"precompute.codecs": {"fpn.p3": "klt"}}) is None
+    other = dict(same, dataset=dict(DATASET, num_images=5, skipped_image_ids=[7, 8]))
+    assert m.declaration_difference(other) == "dataset.skipped_image_ids: the cache has 1 entries, expected 2"
+    assert m.declaration_difference(dict(same, shard_size=8)) == "shard_size: the cache has 4, expected 8"
+    assert (m.declaration_difference(same, recorded={"precompute.codecs": {"fpn.p3": "int8"}}) ==
+            "extra.precompute.codecs.fpn.p3: the cache has 'klt', expected 'int8'")
+    with pytest.raises(CacheError, match=r"unknown declaration keys \['codecs'\]"):
+        m.declaration_difference(dict(same, codecs={}))
+
+
 def test_reader_refuses_unknown_fields_and_keys(cache_url):
     cache = open_cache(cache_url)
     with pytest.raises(CacheError, match="has no field\\(s\\) head.box.p3"):

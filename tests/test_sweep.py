@@ -18,10 +18,11 @@ from PIL import Image
 
 from detectors import build_detector, save_checkpoint
 from detectors.synth import SynthConfig, generate
-from precompute.pipeline import PrecomputeConfig, run_precompute
+from precompute.config import PrecomputeConfig
+from precompute.pipeline import run_precompute
 from train import report as report_module
+from train.config import TrainConfig
 from train.sweep import check_reusable, execute, parse_grid, parse_seeds, plan_runs, sweep, write_run_file
-from train.trainer import TrainConfig
 
 # ---------------------------------------------------------------------------------------------- planning
 

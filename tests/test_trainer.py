@@ -17,12 +17,14 @@ import torch
 from detectors import build_detector, load_checkpoint, save_checkpoint
 from detectors.synth import SynthConfig, generate
 from detectors.views import collate
-from precompute.fields import INHERIT_ARTIFACT
-from precompute.pipeline import PrecomputeConfig, run_precompute
+from precompute.config import PrecomputeConfig
+from precompute.pipeline import run_precompute
 from store import CacheError, ManifestMismatch, open_cache
+from store.schema import INHERIT_ARTIFACT
+from train.config import TrainConfig
 from train.sources import CachedTeacher, OnlineTeacher, manifest_id
 from train.student_data import epoch_plan, steps_per_epoch
-from train.trainer import StudentTrainer, TrainConfig, total_loss
+from train.trainer import StudentTrainer, total_loss
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = "64:96,64:96:flip"
@@ -258,15 +260,19 @@ def _weights(path):
 
 
 def test_a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(world, tmp_path):
-    """icd+frs: ICD's own AdamW (clipped) and query sampling (global RNG), FRS's adapters in the
-    student's SGD, a warmup and a step inside the run; stopped mid-epoch, resumed with a loader worker."""
-    options = dict(method="icd+frs", epochs=2, milestones=(1.5,), ckpt_every=2, log_every=1)
+    """icd+frs: ICD's own AdamW (clipped), query sampling (global RNG) and teacher-side warm-up, FRS's
+    adapters in the student's SGD, a warmup and a step inside the run; stopped mid-epoch, resumed with
+    a loader worker (the resumed run does not warm up again: its checkpoint holds the warmed-up parts)."""
+    options = dict(method="icd+frs", epochs=2, milestones=(1.5,), ckpt_every=2, log_every=1,
+                   overrides={"icd.pretrain_batches": 3})
     full = StudentTrainer(config(world, tmp_path / "full", **options)).train()
     assert full["iterations"] == 2 * steps_per_epoch(NUM_TRAIN, 2) == 6
+    assert set(full["warm_up"]) == {"icd_aux_cls", "icd_aux_box"}
     stopped = StudentTrainer(config(world, tmp_path / "cut", stop_after=4, **options)).train()
     assert stopped == {"status": "stopped", "iteration": 4, "epoch": 1, "step": 1}
     resumed = StudentTrainer(config(world, tmp_path / "cut", resume=True, workers=1, **options))
     assert (resumed.iteration, resumed.epoch, resumed.step) == (4, 1, 1)
+    assert resumed.warm_up_report == full["warm_up"]
     resumed.train()
     student_full, method_full = _weights(tmp_path / "full" / "last.pt")
     student_cut, method_cut = _weights(tmp_path / "cut" / "last.pt")

@@ -10,7 +10,7 @@ from detectors.views import (
     collate,
     multiscale_views,
     padded_size,
-    parse_views,
+    parse_view_list,
     view_boxes_to_original,
     view_size,
 )
@@ -115,13 +115,27 @@ def test_viewspec_dict_round_trip_and_key():
         ViewSpec(short=0)
 
 
-def test_parse_views():
+def test_parse_view_list():
     expected = [ViewSpec(False, 800, 1333), ViewSpec(True, 800, 1333)]
-    assert parse_views("800:1333,800:1333:flip") == expected
-    assert parse_views("default") == expected
-    assert parse_views("160:213, 160:flip") == [ViewSpec(False, 160, 213), ViewSpec(True, 160, 1333)]
+    assert parse_view_list("800:1333,800:1333:flip") == expected
+    assert parse_view_list("default") == expected
+    assert parse_view_list("160:213, 160:flip") == [ViewSpec(False, 160, 213), ViewSpec(True, 160, 1333)]
+    assert parse_view_list("160:256,160:256:flip") == [ViewSpec(False, 160, 256), ViewSpec(True, 160, 256)]
     with pytest.raises(ValueError, match="800x1333"):
-        parse_views("800x1333")
+        parse_view_list("800x1333")
+    with pytest.raises(ValueError, match="repeat"):
+        parse_view_list("800,800")
+    with pytest.raises(ValueError, match="no views"):
+        parse_view_list(" , ")
+
+
+def test_parse_view_list_multiscale():
+    multi = parse_view_list("ms:4:640-800", seed=3)
+    assert len(multi) == 4 and all(640 <= v.short <= 800 and v.max_size == 1333 for v in multi)
+    assert multi == parse_view_list("ms:4:640-800", seed=3)  # deterministic
+    assert not any(v.flip for v in parse_view_list("ms:3:640-800:1000:noflip"))
+    with pytest.raises(ValueError, match="ms:K:LO-HI"):
+        parse_view_list("ms:4:640")
 
 
 def test_multiscale_views_are_deterministic_by_seed():

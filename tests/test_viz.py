@@ -14,8 +14,10 @@ from PIL import Image
 
 from detectors import build_detector, save_checkpoint
 from detectors.synth import SynthConfig, generate
-from precompute.pipeline import PrecomputeConfig, run_precompute
-from train.trainer import StudentTrainer, TrainConfig
+from precompute.config import PrecomputeConfig
+from precompute.pipeline import run_precompute
+from train.config import TrainConfig
+from train.trainer import StudentTrainer
 from train.viz import PICTURES, draw, level_map_to_pixels, main
 
 VIEWS = "64:96,64:96:flip"

@@ -24,7 +24,6 @@ from train import teacher
 
 DEMO_TEACHER = "gfl-small"
 DEMO_STUDENT = "gfl-nano"
-METHODS = ["none", "frs", "icd", "maskd", "ld", "defeat"]
 # Images load in the main process: a loader worker beside torch's two threads on two cores stalls
 # the thread pool.
 DEMO_SCHEDULE = ["--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--warmup-iters", "100",
@@ -78,9 +77,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"precompute failed (exit {code}); rerun make demo to resume it")
     step("cache", t)
 
+    from train.methods import METHODS
     from train.sweep import sweep
     t = time.time()
-    result = sweep(args.out / "sweep", METHODS, [0], str(data), str(cache), DEMO_STUDENT,
+    result = sweep(args.out / "sweep", list(METHODS), [0], str(data), str(cache), DEMO_STUDENT,
                    settings=STUDENT_SETTINGS, jobs=args.jobs, progress=not args.no_progress)
     step("sweep + report", t)
     failed = result["outcome"]["failed"]

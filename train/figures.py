@@ -1,7 +1,7 @@
 """The sweep report's figures (matplotlib, written as PNG files).
 
     ap_per_method.png   mean AP per method with the seeds' standard deviation, each seed as a dot,
-                        the none baseline and the teacher as lines
+                        the baseline (no distillation) and the teacher as lines
     loss_curves.png     training loss against iteration (mean over seeds), and the distillation
                         terms alone
     ap_vs_time.png      AP against wall time per run with the one-off precompute cost shared by the
@@ -19,15 +19,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from train.methods import METHODS  # noqa: E402
+from train.methods import BASELINE, METHODS  # noqa: E402
 
-COLORS = {"none": "#7f7f7f", "frs": "#1f77b4", "icd": "#ff7f0e", "maskd": "#2ca02c", "ld": "#d62728",
-          "defeat": "#9467bd"}
-OTHER_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf")
+BASELINE_COLOR = "#7f7f7f"
+# matplotlib's tab10 without its grey: the methods in registry order, then the combinations.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+DISTILLERS = [name for name in METHODS if name != BASELINE]
 
 
 def color(method: str, index: int = 0) -> str:
-    return COLORS.get(method, OTHER_COLORS[index % len(OTHER_COLORS)])
+    """A method's own colour (the same in every figure); a combination's by its position ``index``."""
+    if method == BASELINE:
+        return BASELINE_COLOR
+    if method in DISTILLERS and DISTILLERS.index(method) < len(PALETTE):
+        return PALETTE[DISTILLERS.index(method)]
+    others = PALETTE[len(DISTILLERS):] or PALETTE
+    return others[index % len(others)]
 
 
 def draw_all(groups, cache, out: Path) -> dict[str, Path]:
@@ -51,9 +58,10 @@ def ap_per_method(groups, cache, path: Path) -> Path:
         ax.scatter([x + o for o in offsets], values, color="black", s=12, zorder=3)
         top = max([mean + (std or 0.0), *values])
         ax.annotate(f"{mean:.1f}", (x, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
-    baseline = next((g for g in groups if g.method == "none" and g.mean("AP") is not None), None)
+    baseline = next((g for g in groups if g.method == BASELINE and g.mean("AP") is not None), None)
     if baseline is not None:
-        ax.axhline(baseline.mean("AP"), color=color("none"), linestyle=":", label=f"none ({baseline.mean('AP'):.1f})")
+        ax.axhline(baseline.mean("AP"), color=BASELINE_COLOR, linestyle=":",
+                   label=f"{BASELINE} ({baseline.mean('AP'):.1f})")
     teacher_ap = (cache.teacher_metrics or {}).get("AP")
     if teacher_ap is not None and not math.isnan(teacher_ap):
         ax.axhline(teacher_ap, color="black", linestyle="--", label=f"teacher {cache.teacher} ({teacher_ap:.1f})")

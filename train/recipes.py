@@ -28,10 +28,9 @@ named there) and, for details it leaves out, the official configs read at those 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # ImageNet initialisation of the students: mmdetection's 'torchvision://resnet50' (ICD's detectron2
@@ -116,8 +115,8 @@ class Recipe:
         override the recipe's per key; ``--student-config`` keys likewise, but a student other than
         the recipe's gets none of the recipe's student config (it belongs to the recipe's student).
         On ``world_size`` > 1 ranks the recipe's total batch is split between them."""
-        from train.__main__ import train_option_rules
-        from train.methods import check_overrides, parse_method_names, split_overrides
+        from train.config import train_option_rules
+        from train.methods import MethodSpec, check_overrides, split_overrides
 
         out = dict(config)
         for key, value in self.train.items():
@@ -130,13 +129,13 @@ class Recipe:
                 out[key] = getattr(self, key)
         student_config = dict(self.student_config) if out["student"] == self.student else {}
         out["student_config"] = {**student_config, **config.get("student_config", {})}
-        names = parse_method_names(out["method"])
-        own = {key: value for key, value in self.overrides.items() if key.split(".", 1)[0] in names}
+        spec = MethodSpec.parse(out["method"])
+        own = {key: value for key, value in self.overrides.items() if key.split(".", 1)[0] in spec}
         given = {f"{name}.{key}": value
-                 for name, part in split_overrides(names, dict(config.get("overrides", {}))).items()
+                 for name, part in split_overrides(spec, dict(config.get("overrides", {}))).items()
                  for key, value in part.items()}
         out["overrides"] = {**own, **given}
-        check_overrides(out["method"], out["overrides"])
+        check_overrides(spec, out["overrides"])
         if out.get("teacher") and "views" not in explicit:  # online teacher: train on the recipe's views
             out["views"] = self.precompute["views"]
         world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -166,9 +165,9 @@ class Recipe:
         """``train.sweep`` --set settings: the recipe's trainer options and the hyperparameters of the swept
         methods, with the command line's ``given`` settings over them. Another number of epochs moves the
         lr steps to the same fractions of the run (an epochs grid axis: the trainer's default steps)."""
-        from train.methods import parse_method_names
+        from train.methods import MethodSpec
         given, grid = dict(given or {}), dict(grid or {})
-        swept = {name for method in methods for name in parse_method_names(method)}
+        swept = {name for method in methods for name in MethodSpec.parse(method).names}
         settings: dict[str, Any] = dict(self.train)
         if "milestones" not in given and "milestones" not in grid:
             if "epochs" in grid:

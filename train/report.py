@@ -3,11 +3,11 @@
     python -m train.report runs/sweep            # results.csv, results.md, runs.csv, figures/*.png
 
 Runs whose configurations differ only in the seed form one row: the mean and sample standard
-deviation over seeds of AP, AP50, AP75, APs, APm and APl, the gain in AP over the ``none`` run
-with the same trainer options, train time per run and cache bytes read per run. The teacher's row
-comes from the metrics its checkpoint recorded (carried in the cache manifest); the one-off
-precompute cost (the writers' seconds plus MasKD stage 1) comes from the cache manifest too.
-Unfinished runs are listed, never averaged in.
+deviation over seeds of AP, AP50, AP75, APs, APm and APl, the gain in AP over the baseline run
+(``train.methods.BASELINE``, no distillation) with the same trainer options, train time per run
+and cache bytes read per run. The teacher's row comes from the metrics its checkpoint recorded
+(carried in the cache manifest); the one-off precompute cost (the writers' seconds plus MasKD
+stage 1) comes from the cache manifest too. Unfinished runs are listed, never averaged in.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.trainer import RESUME_FREE_KEYS
+from train.methods import BASELINE, METHODS
+from train.checkpoint import RESUME_FREE_KEYS
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Config keys that do not make two runs different experiments: the seed, where the inputs are, and
-# what a resumed run may change (the trainer's RESUME_FREE_KEYS).
+# what a resumed run may change (train.checkpoint's RESUME_FREE_KEYS).
 NOT_A_SETTING = ("seed", "data", "cache", "teacher", *RESUME_FREE_KEYS)
 
 
@@ -75,7 +76,7 @@ class Group:
     label: str
     settings: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
-    gain: float | None = None       # mean AP minus the matching none group's mean AP
+    gain: float | None = None       # mean AP minus the matching baseline group's mean AP
 
     def values(self, metric: str) -> list[float]:
         return [r.final[metric] for r in self.runs if r.final.get(metric) is not None]
@@ -176,17 +177,18 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
 
 
 def _baseline(group: Group, groups: list[Group]) -> Group | None:
-    """The none group trained with the same trainer options (method hyperparameters aside)."""
+    """The baseline group trained with the same trainer options (method hyperparameters aside)."""
     common = {k: v for k, v in group.runs[0].settings.items() if "." not in k and k != "method"}
     for other in groups:
-        if other.method == "none" and {k: v for k, v in other.runs[0].settings.items()
-                                       if "." not in k and k != "method"} == common:
+        if other.method == BASELINE and {k: v for k, v in other.runs[0].settings.items()
+                                         if "." not in k and k != "method"} == common:
             return other
     return None
 
 
 def _method_order(method: str) -> tuple[int, str]:
-    known = ("none", "frs", "icd", "maskd", "ld", "defeat")
+    """The registry's order (the baseline first); combinations after the single methods."""
+    known = list(METHODS)
     return (known.index(method) if method in known else len(known), method)
 
 
@@ -210,7 +212,7 @@ def _seconds(seconds: float | None) -> str:
 
 
 def markdown_table(groups: list[Group], cache: CacheInfo) -> str:
-    header = ["method", "seeds", *METRICS, "ΔAP vs none", "train time / run", "cache read / run"]
+    header = ["method", "seeds", *METRICS, f"ΔAP vs {BASELINE}", "train time / run", "cache read / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if cache.teacher_metrics:
         row = [f"teacher ({cache.teacher})", "—"] + [
@@ -219,7 +221,7 @@ def markdown_table(groups: list[Group], cache: CacheInfo) -> str:
                 cache.precompute_seconds) + " precompute", "—"]
         lines.append("| " + " | ".join(row) + " |")
     for group in groups:
-        gain = "—" if group.gain is None or group.method == "none" else f"{group.gain:+.1f}"
+        gain = "—" if group.gain is None or group.method == BASELINE else f"{group.gain:+.1f}"
         row = [group.label, str(len(group.runs)), *(_mean_std(group, m) for m in METRICS), gain,
                _seconds(group.train_seconds), _megabytes(group.cache_bytes_read)]
         lines.append("| " + " | ".join(row) + " |")
@@ -231,7 +233,7 @@ def write_csvs(out: Path, groups: list[Group]) -> tuple[Path, Path]:
     with results.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "label", "settings", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-                         "AP_gain_over_none", "train_seconds_mean", "cache_bytes_read_mean", "runs"])
+                         f"AP_gain_over_{BASELINE}", "train_seconds_mean", "cache_bytes_read_mean", "runs"])
         for g in groups:
             writer.writerow([g.method, g.label, json.dumps(g.settings, sort_keys=True), len(g.runs),
                              *(_num(v) for m in METRICS for v in (g.mean(m), g.std(m))), _num(g.gain),
@@ -282,8 +284,8 @@ def write_report(sweep_dir: str | Path, figures: bool = True) -> dict[str, Any]:
                      f"{_seconds(cache.precompute_seconds)}")
     lines += [" · ".join(facts), "", markdown_table(groups, cache), ""]
     lines.append("AP is COCO box AP in percent on the val split, mean ± sample std over seeds; ΔAP is the gain over "
-                 "`none` trained with the same options; cache read counts the stored (compressed) bytes each run "
-                 "pulled from the cache.")
+                 f"`{BASELINE}` trained with the same options; cache read counts the stored (compressed) bytes each "
+                 "run pulled from the cache.")
     if unfinished:
         lines += ["", "Unfinished (not in the table): " + ", ".join(p.name for p in unfinished)]
     if figure_paths:

@@ -34,11 +34,10 @@ from torch import Tensor
 from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest
 from detectors.outputs import Detector
 from detectors.views import Batch
-from precompute.fields import DEFAULT_VLR_RULE, extract_fields
-from precompute.plan import IMAGE_HASHES_ARTIFACT
+from precompute.fields import extract_fields
 from store import Cache, CacheError, Manifest, ManifestMismatch, expand_fields, open_cache
 from store.codecs import to_torch
-from store.schema import LD_VLR_RULE_OPTION
+from store.schema import DEFAULT_VLR_RULE, IMAGE_HASHES_ARTIFACT, LD_VLR_RULE_OPTION
 
 KEY = "__key__"
 NBYTES = "__nbytes__"

@@ -19,7 +19,7 @@ only the new ones. A finished run configured differently from what the sweep now
 refused, never silently reused.
 
 Every --set and --grid value is parsed and checked against its field's type and range before any
-run starts (trainer options: TrainConfig and ``train.__main__.TRAIN_LIMITS``; METHOD.KEY: the
+run starts (trainer options: TrainConfig and ``train.config.TRAIN_LIMITS``; METHOD.KEY: the
 method's config): an empty, non-numeric or non-finite number, 2.5 for an int, a negative weight,
 an unknown key, or a METHOD.KEY for a method no run trains is an error (exit status 2).
 
@@ -48,10 +48,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from train.__main__ import run_training, split_assignments, train_option_rules
-from train.methods import ValueRule, check_overrides, override_rule, parse_method_names
+from train.checkpoint import RESUME_FREE_KEYS
+from train.config import TrainConfig, train_option_rules
+from train.methods import METHODS, MethodSpec, ValueRule, check_overrides, override_rule
+from train.options import split_assignments
 from train.recipes import RECIPE_HELP
-from train.trainer import RESUME_FREE_KEYS, TrainConfig
+from train.run import run_training
 
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "run.json"
@@ -106,9 +108,9 @@ def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return options, method_keys
 
 
-def applies(key: str, method: str) -> bool:
+def applies(key: str, spec: MethodSpec) -> bool:
     """A ``frs.feat_weight`` setting applies to runs whose method includes frs."""
-    return "." not in key or key.split(".", 1)[0] in parse_method_names(method)
+    return "." not in key or key.split(".", 1)[0] in spec
 
 
 def run_name(method: str, grid: dict[str, Any], seed: int) -> str:
@@ -134,7 +136,7 @@ def check_settings(methods: list[str], settings: dict[str, Any], grid: dict[str,
     options, method_keys = split_settings(settings)
     if not methods:
         raise ValueError("no methods to sweep")
-    swept = {name for method in methods for name in parse_method_names(method)}
+    swept = {name for method in methods for name in MethodSpec.parse(method).names}
     idle = [key for key in [*method_keys, *grid] if "." in key and key.split(".", 1)[0] not in swept]
     if idle:
         raise ValueError(f"{idle} would apply to no run: none of the methods {methods} includes "
@@ -151,13 +153,13 @@ def plan_runs(out: str | Path, methods: list[str], seeds: list[int], data: str, 
         raise ValueError(f"seeds {seeds} repeat")
     runs, names = [], set()
     for method in methods:
-        parse_method_names(method)
-        axes = {key: values for key, values in grid.items() if applies(key, method)}
+        spec = MethodSpec.parse(method)
+        axes = {key: values for key, values in grid.items() if applies(key, spec)}
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values))
             run_options = {**options, **{k: v for k, v in point.items() if "." not in k}}
-            overrides = {k: v for k, v in {**method_keys, **point}.items() if "." in k and applies(k, method)}
-            check_overrides(method, overrides)
+            overrides = {k: v for k, v in {**method_keys, **point}.items() if "." in k and applies(k, spec)}
+            check_overrides(spec, overrides)
             for seed in seeds:
                 name = run_name(method, point, seed)
                 if name in names:
@@ -394,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="the teacher cache every run reads (python -m precompute)")
     p.add_argument("--data", help="COCO-layout root the cache was written for")
     p.add_argument("--student", default="gfl-nano", help="student zoo name [gfl-nano]")
-    p.add_argument("--methods", nargs="+", default=["none", "frs", "icd", "maskd", "ld", "defeat"],
-                   help="methods (and combinations such as ld+frs) [none frs icd maskd ld defeat]")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help=f"methods (and combinations such as ld+frs) [{' '.join(METHODS)}]")
     p.add_argument("--seeds", default="1", help="a count (2: seeds 0 and 1) or a list (0,5,7) [1]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="for every run: a trainer option (epochs=6, lr=0.02, batch_size=8, milestones=(4,5)) or a "

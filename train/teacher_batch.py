@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detectors.outputs import STRIDES, valid_level_sizes
-from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS
+from detectors.outputs import valid_level_sizes
+from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS, STRIDES
 
 # Dense field prefixes and the TeacherBatch attribute each fills.
 DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box"}

@@ -21,8 +21,9 @@ One training step (:meth:`StudentTrainer.run_step`):
 
 The run state saved in ``out/last.pt`` (a detector checkpoint of the student whose ``extra`` holds
 the rest: distiller parts, optimisers, schedulers, AMP scaler, RNG states, and the data position
-``(epoch, step)``) resumes to exactly the weights an uninterrupted run reaches (CPU,
-deterministic kernels). Logs: ``log.csv`` and TensorBoard (``out/tensorboard``); the end of a run
+``(epoch, step)``; ``train.checkpoint``) resumes to exactly the weights an uninterrupted run reaches
+(CPU, deterministic kernels). Logs (``train.run_log``): ``log.csv``, ``eval.csv`` and TensorBoard
+(``out/tensorboard``); the end of a run
 writes ``results.json`` (final COCO metrics, method, config, train time, cache manifest id) and
 ``student.pt`` (``detectors.load_checkpoint`` reads it).
 
@@ -32,15 +33,12 @@ rank 0 evaluates, logs and saves.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
 import datetime
 import json
 import math
-import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,140 +47,27 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detectors import build_detector, save_checkpoint
+from detectors import build_detector
 from detectors.backbone import resnet_stage_channels
 from detectors.data import CocoDetection, DataError
-from detectors.outputs import Detector, DetectorOutput
-from detectors.views import Batch, ViewSpec
-from precompute.fields import INHERIT_ARTIFACT, MASKD_ARTIFACT
-from precompute.maskd_tokens import load_receptive_tokens
-from precompute.pipeline import dist_env, resolve_device
-from precompute.plan import parse_view_list
+from detectors.outputs import Detector, DetectorOutput, valid_level_sizes
+from detectors.runtime import dist_env, resolve_amp, resolve_device
+from detectors.views import Batch, ViewSpec, parse_view_list
 from store import CacheError, load_manifest, open_cache
+from store.schema import INHERIT_ARTIFACT
+from train.checkpoint import read_run_state, run_state, set_rng_state, write_checkpoint
+from train.config import TrainConfig
 from train.evaluate import evaluate_detector
-from train.methods import (DatasetStats, DistillationMethod, ParamGroupSpec, build_method, parse_method_names,
+from train.methods import (DistillationMethod, MethodSpec, ParamGroupSpec, RunResources, build_method,
                            schedule_warnings)
+from train.run_log import RunLog
 from train.schedule import ScheduleConfig, build_scheduler, build_sgd
 from train.sources import CachedTeacher, OnlineTeacher, adopt_cache_images, field_names, manifest_id
 from train.student_data import epoch_plan, make_loader, steps_per_epoch
 from train.teacher import seed_everything
-from train.teacher_batch import collate_teacher
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATE_FORMAT = "detkd-student-train/1"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a student run is told (the CLI's options, ``python -m train --help``)."""
-
-    data: str                                  # COCO-layout root
-    out: str                                   # run directory
-    method: str = "none"                       # none | frs | icd | maskd | ld | defeat | a+b
-    student: str = "gfl-r50"                   # zoo name
-    cache: str | None = None                   # teacher cache (the normal path) ...
-    teacher: str | None = None                 # ... or a teacher checkpoint (online teacher)
-    teacher_arch: str = "auto"                 # online: zoo name / rNN / auto (precompute.teacher)
-    views: str | None = None                   # cache: the views it must hold (default: its own);
-    #                                            online: the views to train on (default "default")
-    split: str = "train2017"
-    val_split: str = "val2017"
-    on_error: str = "skip"                     # a bad training image: skip (replaced, counted) | raise
-    overrides: dict[str, Any] = field(default_factory=dict)        # method hyperparameters
-    student_config: dict[str, Any] = field(default_factory=dict)   # DetectorConfig overrides
-    inherit: bool = False                      # student neck + head from the teacher's weights
-    maskd_tokens: str | None = None            # online MasKD: a cache holding the tokens artefact
-    maskd_iters: int = 2000                    # online MasKD without --maskd-tokens: stage 1 here
-    epochs: int = 12
-    batch_size: int = 8                        # per rank
-    optimizer: str = "sgd"                     # sgd | adamw
-    lr: float | None = None                    # default: sgd 0.01, adamw 1e-4
-    momentum: float = 0.9
-    weight_decay: float | None = None          # default: sgd 1e-4, adamw 0.05
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    schedule: str = "step"                     # step | cosine
-    milestones: tuple[float, ...] | None = None    # epochs (step); default 8/12 and 11/12 of the run
-    clip_grad: float = 35.0                    # max grad norm of the student + its adapters (0: off)
-    amp: str = "auto"                          # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16
-    device: str = "auto"
-    workers: int = 2                           # loader processes per rank
-    eval: bool = True
-    eval_every: int = 0                        # epochs; 0: only at the end
-    eval_batch_size: int = 8
-    eval_view: str | None = None               # SHORT:MAX of the val view (default: the first train view's)
-    ckpt_every: int = 0                        # iterations between checkpoints (0: at epoch ends only)
-    max_iters: int = 0                         # cap on the schedule's length (0: epochs decide)
-    stop_after: int = 0                        # stop this invocation after N iterations (checkpointed)
-    resume: bool = False                       # continue from out/last.pt when it exists
-    seed: int = 0
-    log_every: int = 10
-    tensorboard: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.cache is None) == (self.teacher is None):
-            raise ValueError("give exactly one teacher source: cache (the teacher cache) or teacher (a checkpoint, "
-                             "online teacher)")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("step", "cosine"):
-            raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.amp not in ("auto", *AMP_DTYPES):
-            raise ValueError(f"amp must be one of auto, {', '.join(AMP_DTYPES)}; got {self.amp!r}")
-        for name in ("epochs", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "eval_every", "ckpt_every", "max_iters", "stop_after", "warmup_iters", "maskd_iters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        parse_method_names(self.method)
-        if self.lr is None:
-            self.lr = 0.01 if self.optimizer == "sgd" else 1e-4
-        if self.weight_decay is None:
-            self.weight_decay = 1e-4 if self.optimizer == "sgd" else 0.05
-        if self.milestones is None:
-            self.milestones = (self.epochs * 8 / 12, self.epochs * 11 / 12)
-        self.milestones = tuple(float(m) for m in self.milestones)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-# Options that may change between a run and its resumption: they do not change the weights' trajectory.
-RESUME_FREE_KEYS = ("out", "on_error", "workers", "eval", "eval_every", "eval_batch_size", "ckpt_every",
-                    "stop_after", "resume", "log_every", "tensorboard", "progress", "device")
-
+from train.teacher_batch import TeacherBatch, collate_teacher
 
 # ---------------------------------------------------------------------------------------------- the model
-def student_forward(student: Detector, images: Tensor, image_sizes: list[tuple[int, int]],
-                    targets: list[dict[str, Tensor]], amp_dtype: torch.dtype | None,
-                    return_backbone: bool = False) -> DetectorOutput:
-    """The student's outputs, assignment and losses; backbone and head under autocast when ``amp_dtype``.
-
-    Under autocast only the convolutions run in reduced precision: anchors (pixel coordinates),
-    assignment and losses are computed in float32 on float32 copies of the outputs (the same split
-    as ``precompute.fields``' teacher forward). ``return_backbone``: also the C3..C5 stage maps
-    (``backbone_features``), for a method that reads the teacher's ``backbone`` fields.
-    """
-    if amp_dtype is None:
-        return student(images, image_sizes, targets, return_backbone=return_backbone)
-    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-    student._check_inputs(images, image_sizes, targets)
-    with torch.autocast(images.device.type, dtype=amp_dtype):
-        features, stages = student.extract_features(images, return_backbone)  # P3..P7; C3..C5 or None
-        cls_logits, box_outputs = student.head(features)
-    features, cls_logits, box_outputs = ([m.float() for m in maps] for maps in (features, cls_logits, box_outputs))
-    anchors = student.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
-    out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(student.strides), image_sizes)
-    out.backbone_features = None if stages is None else [m.float() for m in stages]
-    out.assignment = student.assign(out, targets)
-    out.losses = student.compute_losses(out, targets)
-    return out
-
-
 class DistillationModel(nn.Module):
     """The student and the distiller's learnable parts as one module: one DDP wrapper, one state dict."""
 
@@ -197,8 +82,8 @@ class DistillationModel(nn.Module):
     def forward(self, batch: Batch, teacher_samples: list[dict[str, Tensor]] | None, iteration: int,
                 amp_dtype: torch.dtype | None = None) -> tuple[DetectorOutput, dict[str, Tensor]]:
         """Student outputs (with ``losses``) and the method's named, weighted terms on one batch."""
-        out = student_forward(self.student, batch.images, batch.image_sizes, batch.targets, amp_dtype,
-                              self.return_backbone)
+        out = self.student(batch.images, batch.image_sizes, batch.targets, return_backbone=self.return_backbone,
+                           amp_dtype=amp_dtype)
         if teacher_samples is None:  # a method that reads no teacher field
             return out, self.method(out, None, batch.targets, iteration)
         teacher = collate_teacher(teacher_samples, [tuple(f.shape[-2:]) for f in out.features],
@@ -281,7 +166,7 @@ class StudentTrainer:
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                                  rank=self.rank, world_size=self.world_size,
                                                  timeout=datetime.timedelta(hours=2))
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = resolve_amp(c.amp, self.device)
         self.out = Path(c.out)
         seed_everything(c.seed)
 
@@ -307,16 +192,16 @@ class StudentTrainer:
 
         # --- student and method (refusals: artefacts, fields, pairing, inherit). The student and the
         # distiller's parts are initialised from the seed alone, whatever the teacher source did before.
-        tokens = self._maskd_tokens(cache, teacher_model) if "maskd" in parse_method_names(c.method) else None
+        spec = MethodSpec.parse(c.method)
         seed_everything(c.seed)
         self.student = build_detector(c.student, num_classes=self.num_classes, **c.student_config)
         family = self.student.config.family
         teacher_channels = self._teacher_channels(cache)
-        self.method = build_method(c.method, family, c.overrides, student_channels=self.student.config.fpn_channels,
+        self.method = build_method(spec, family, c.overrides, student_channels=self.student.config.fpn_channels,
                                    teacher_channels=teacher_channels, num_classes=self.num_classes,
-                                   maskd_tokens=tokens, dataset_stats=DatasetStats.from_dataset(self.train_set),
                                    student_backbone_channels=self.student.backbone.stage_channels,
-                                   teacher_backbone_channels=self._teacher_backbone_channels())
+                                   teacher_backbone_channels=self._teacher_backbone_channels(),
+                                   run=self._run_resources(cache, teacher_model))
         self.fields = field_names(self.method.fields)  # the only groups the trainer reads
         where = c.cache if cache is not None else c.teacher
         if cache is not None:
@@ -342,14 +227,18 @@ class StudentTrainer:
 
         # --- model, optimisers, schedules
         self.model = DistillationModel(self.student, self.method).to(self.device)
-        self.ddp_model: nn.Module = self.model
-        if self.distributed:
-            # device_ids=None: the module already lives on its one device; inputs are moved by compute()
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=None)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set.image_ids), c.batch_size, self.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{c.data}/{c.split}: {len(self.train_set.image_ids)} images make no batch of "
                              f"{c.batch_size} per rank on {self.world_size} rank(s)")
+        # Parts that learn from the teacher alone warm up before DDP wraps the model (DDP starts every
+        # rank from rank 0's weights); a resumed run finds them warmed up in its checkpoint.
+        resuming = c.resume and (self.out / "last.pt").is_file()
+        self.warm_up_report = None if resuming else self.method.warm_up(self._teacher_batches)
+        self.ddp_model: nn.Module = self.model
+        if self.distributed:
+            # device_ids=None: the module already lives on its one device; inputs are moved by compute()
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=None)
         self.total_iters = self.steps_per_epoch * c.epochs
         if c.max_iters:
             self.total_iters = min(self.total_iters, c.max_iters)
@@ -372,14 +261,6 @@ class StudentTrainer:
             self.load(self.out / "last.pt")
 
     # ------------------------------------------------------------------ setup pieces
-    def _amp_dtype(self) -> torch.dtype | None:
-        amp = self.config.amp
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-        if amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device (bf16 works on CPU)")
-        return AMP_DTYPES[amp]
-
     def _views_and_cache(self):
         c = self.config
         if c.cache is None:
@@ -408,18 +289,40 @@ class StudentTrainer:
             return None
         return resnet_stage_channels(config.get("depth"), config.get("widths"))
 
-    def _maskd_tokens(self, cache, teacher_model):
+    def _run_resources(self, cache, teacher_model) -> RunResources:
+        """What the methods' prepare steps may read: the training split, the cache's artefacts (online:
+        those of ``--maskd-tokens``' cache, if given), the online teacher."""
         c = self.config
-        why = "MasKD reads the receptive tokens learnt in precompute (python -m precompute --fields all or maskd)"
-        if cache is not None:
-            return load_receptive_tokens(CachedTeacher(c.cache, [], cache=cache).artifact(MASKD_ARTIFACT, why))
-        if c.maskd_tokens:
-            return load_receptive_tokens(CachedTeacher(c.maskd_tokens, []).artifact(MASKD_ARTIFACT, why))
-        from precompute.maskd_tokens import learn_receptive_tokens
-        stage1_data = CocoDetection(c.data, c.split, views=self.views, view_policy="random")
-        result = learn_receptive_tokens(teacher_model, stage1_data, iters=max(1, c.maskd_iters), device=self.device,
-                                        progress=c.progress and self.is_main, seed=c.seed, num_workers=c.workers)
-        return load_receptive_tokens(result)
+        artifact_cache = (CachedTeacher(c.cache, [], cache=cache) if cache is not None
+                          else CachedTeacher(c.maskd_tokens, []) if c.maskd_tokens else None)
+        return RunResources(dataset=self.train_set, artifact=artifact_cache.artifact if artifact_cache else None,
+                            teacher_model=teacher_model, online_iters=c.maskd_iters, device=self.device,
+                            seed=c.seed, workers=c.workers, progress=c.progress and self.is_main)
+
+    def _teacher_batches(self, count: int, what: str) -> Iterator[tuple[Batch, TeacherBatch]]:
+        """``count`` (student batch, teacher batch) pairs on the training device, for a method's warm-up:
+        this rank's share of the training views in an image order of their own (seed + 1), so the
+        student's epochs are the same with and without a warm-up."""
+        c = self.config
+        prefetching = self.source if isinstance(self.source, CachedTeacher) and self.fields else None
+        bar = tqdm(total=count, desc=f"warm up: {what}", disable=not (c.progress and self.is_main), dynamic_ncols=True)
+        done, epoch = 0, 0
+        while done < count:
+            plan = epoch_plan(len(self.train_set.image_ids), len(self.views), c.seed + 1, epoch, c.batch_size,
+                              self.rank, self.world_size)
+            for item in make_loader(self.train_set, plan[:count - done], prefetching, c.workers, c.seed + 1, epoch,
+                                    pin_memory=self.device.type == "cuda"):
+                if item.error is not None:
+                    raise DataError(item.error)
+                batch = item.batch.to(self.device, non_blocking=True)
+                samples = self.source.fetch(batch, item.teacher, self.device)
+                level_sizes = valid_level_sizes(tuple(batch.images.shape[-2:]), tuple(self.student.strides))
+                yield batch, collate_teacher(samples, level_sizes, self.device, image_sizes=batch.image_sizes,
+                                             strides=tuple(self.student.strides))
+                done += 1
+                bar.update(1)
+            epoch += 1
+        bar.close()
 
     def _eval_view(self) -> ViewSpec:
         if self.config.eval_view:
@@ -501,7 +404,7 @@ class StudentTrainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        logger = _Logger(self.out, self.iteration, c.tensorboard, resumed=self.resumed_from is not None) \
+        logger = RunLog(self.out, self.iteration, c.tensorboard, resumed=self.resumed_from is not None) \
             if self.is_main else None
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {c.student} [{c.method}]",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
@@ -565,7 +468,7 @@ class StudentTrainer:
         results = self._results(final)
         if self.is_main:
             self.save(self.out / "last.pt")
-            _save_checkpoint(self.out / "student.pt", self.student, method=c.method, iteration=self.iteration,
+            write_checkpoint(self.out / "student.pt", self.student, method=c.method, iteration=self.iteration,
                              metrics=final, label_to_cat_id=self.train_set.label_to_cat_id)
             (self.out / "results.json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
         if self.distributed:
@@ -621,26 +524,23 @@ class StudentTrainer:
             "final": final, "best_AP": self.best_ap if self.history else None, "history": self.history,
             "last_losses": self.last_values, "config": c.to_dict(),
             "images_replaced": sorted(set(self.images_replaced)),
-            "schedule_warnings": self.schedule_warnings, "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+            "schedule_warnings": self.schedule_warnings, "warm_up": self.warm_up_report, "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
         }
 
     # ------------------------------------------------------------------ checkpoint and resume
     def state(self) -> dict:
         """Everything but the student's weights needed to continue exactly where the run is."""
-        return {
-            "format": STATE_FORMAT,
-            "config": {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE_KEYS},
-            "cache_manifest_id": self.manifest_id,
-            "iteration": self.iteration, "epoch": self.epoch, "step": self.step,
-            "train_seconds": self.train_seconds, "best_ap": self.best_ap, "history": self.history,
-            "cache_bytes_read": self.cache_bytes_read,
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "aux_optimizers": [o.state_dict() for o in self.aux_optimizers],
-            "aux_schedulers": [s.state_dict() for s in self.aux_schedulers],
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(),
-        }
+        return run_state(
+            self.config.to_dict(), cache_manifest_id=self.manifest_id,
+            iteration=self.iteration, epoch=self.epoch, step=self.step,
+            train_seconds=self.train_seconds, best_ap=self.best_ap, history=self.history,
+            cache_bytes_read=self.cache_bytes_read, warm_up=self.warm_up_report,
+            method=self.method.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            aux_optimizers=[o.state_dict() for o in self.aux_optimizers],
+            aux_schedulers=[s.state_dict() for s in self.aux_schedulers],
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+        )
 
     def save(self, path: Path) -> None:
         """``path``: the student (a detector checkpoint) with the run state in its extra (rank 0 only)."""
@@ -648,23 +548,14 @@ class StudentTrainer:
             return
         state = self.state()
         state["train_seconds"] += self._session_seconds()
-        _save_checkpoint(path, self.student, train_state=state)
+        write_checkpoint(path, self.student, train_state=state)
 
     def load(self, path: Path) -> None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("extra", {}).get("train_state")
-        if state is None or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a student training checkpoint ({STATE_FORMAT})")
-        mine = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE_KEYS}
-        differ = [f"{k}: checkpoint {state['config'].get(k)!r}, now {v!r}" for k, v in mine.items()
-                  if json.dumps(state["config"].get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
-        if state["cache_manifest_id"] != self.manifest_id:
-            differ.append(f"cache manifest id: checkpoint {state['cache_manifest_id']}, now {self.manifest_id}")
-        if differ:
-            raise ValueError(f"cannot resume {path}: the run was configured differently (" + "; ".join(differ)
-                             + "). Resume with the same options, or write to a new --out")
-        self.student.load_state_dict(checkpoint["state_dict"])
+        """Continue the run saved in ``path`` (refused when it was configured otherwise)."""
+        weights, state = read_run_state(path, self.config.to_dict(), self.manifest_id)
+        self.student.load_state_dict(weights)
         self.method.load_state_dict(state["method"])
+        self.warm_up_report = state.get("warm_up")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for optimizer, saved in zip(self.aux_optimizers, state["aux_optimizers"]):
@@ -676,25 +567,8 @@ class StudentTrainer:
         self.iteration, self.epoch, self.step = state["iteration"], state["epoch"], state["step"]
         self.train_seconds, self.best_ap, self.history = state["train_seconds"], state["best_ap"], state["history"]
         self.bytes_read_before = state.get("cache_bytes_read", 0)
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.resumed_from = self.iteration
-
-
-def _save_checkpoint(path: Path, model: Detector, **extra: Any) -> None:
-    """``save_checkpoint``, whose failure (e.g. a full disk) names the path and leaves no temporary file."""
-    temporary = Path(path).with_name(Path(path).name + ".tmp")   # save_checkpoint's temporary name
-    try:
-        save_checkpoint(path, model, **extra)
-    except (OSError, RuntimeError) as error:   # torch.save reports a failed write as a RuntimeError
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError:
-            pass
-        reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
-        message = f"cannot save the checkpoint {path}: {reason} (the previous {Path(path).name}, if any, is intact)"
-        if isinstance(error, OSError):
-            raise OSError(error.errno, message) from None
-        raise RuntimeError(message) from None
 
 
 def _finite(value):
@@ -712,92 +586,3 @@ def _neck_head_state(model: Detector) -> dict[str, Tensor]:
     from precompute.teacher import neck_head_state
     return neck_head_state(model)
 
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                       "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-class _Logger:
-    """``log.csv`` (one row per logged iteration) and TensorBoard scalars, resumable."""
-
-    def __init__(self, out: Path, iteration: int, tensorboard: bool, resumed: bool) -> None:
-        self.path = out / "log.csv"
-        self.rows: list[dict] = []
-        self.columns: list[str] | None = None
-        if resumed and self.path.is_file():  # keep what the interrupted run logged up to its checkpoint
-            with self.path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = reader.fieldnames
-                self.rows = [row for row in reader if int(row["iteration"]) <= iteration]
-        self._rewrite()
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=iteration if resumed else None)
-            except ImportError as error:  # tensorboard is a dependency; tolerate its absence
-                warnings.warn(f"TensorBoard logging is off: {error}")
-
-    def _rewrite(self) -> None:
-        with self.path.open("w", newline="") as f:
-            if self.columns:
-                writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows)
-
-    def log(self, iteration: int, epoch: int, step: int, values: dict[str, float], seconds: float,
-            waited: float) -> None:
-        row = {"iteration": iteration, "epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in values.items()},
-               "sec_per_iter": f"{seconds:.4f}", "data_sec": f"{waited:.4f}"}
-        missing = [k for k in row if k not in (self.columns or [])]
-        if self.columns is None or missing:  # the first row, or a term that appeared later: (re)write the header
-            self.columns = (self.columns or []) + missing
-            self.rows.append(row)
-            self._rewrite()
-        else:
-            self.rows.append(row)
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"train/{name}", value, iteration)
-            self.writer.add_scalar("time/sec_per_iter", seconds, iteration)
-
-    def eval(self, iteration: int, metrics: dict[str, float]) -> None:
-        with (self.path.parent / "eval.csv").open("a", newline="") as f:
-            writer = csv.DictWriter(f, ["iteration", *metrics])
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow({"iteration": iteration, **metrics})
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"val/{name}", value, iteration)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def train_student(config: TrainConfig) -> dict:
-    """Build the trainer (every refusal happens here) and run it."""
-    return StudentTrainer(config).train()

@@ -5,24 +5,34 @@
     terms = method(student_out, teacher, targets, iteration)     # {"ld_main": ..., "frs_feat": ...}
     loss = sum(student_out.losses.values()) + sum(terms.values())
 
-Names: none, frs, icd, maskd, ld, defeat (``METHODS``). ``"a+b"`` combines methods: their terms
-are added side by side (term names are unique per method) and their fields and parameter groups
-are joined. Overrides are config keys, either plain (``"feat_weight"``) when exactly one of the
-combined methods has that key, or qualified (``"frs.feat_weight"``); unknown keys are rejected
-with the known ones listed. Defaults are the official values for the detector family (``retina``
+Names: ``METHODS``, in the order tables and figures list them. ``"a+b"`` combines methods
+(:class:`MethodSpec`, the one parser of the method string): their terms are added side by side
+(term names are unique per method) and their fields and parameter groups are joined. Overrides
+are config keys, either plain (``"feat_weight"``) when exactly one of the combined methods has
+that key, or qualified (``"frs.feat_weight"``); unknown keys are rejected with the known ones
+listed. Defaults are the official values for the detector family (``retina``
 or ``gfl``), see each method's ``Config``. Values must fit their field's type and range
 (``base.config_rules``); command-line text is parsed by the same rules (:func:`parse_overrides`).
+
+Everyone else asks the registry what a method needs: precompute's ``--fields NAME`` resolves
+through :func:`named_field_sets` and :func:`artifacts_of` (each class's ``FIELDS``,
+``FIELD_PRESETS`` and ``ARTIFACTS``), ``train.viz`` draws each class's picture, and the sweep,
+its report and the benchmarks list :data:`METHODS`.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
 from train.methods.base import (FAMILIES, METHOD_LIMITS, BuildContext, DistillationMethod, MethodConfig,
-                                ParamGroupSpec, SettingError, ValueRule, config_keys, config_rules)
+                                ParamGroupSpec, RunResources, SettingError, TeacherBatches, ValueRule, config_keys,
+                                config_rules)
 from train.methods.defeat import DeFeat
 from train.methods.frs import FRS
 from train.methods.icd import ICD, DatasetStats
@@ -34,60 +44,103 @@ from train.teacher_batch import TeacherBatch
 METHODS: dict[str, type[DistillationMethod]] = {
     cls.NAME: cls for cls in (NoDistillation, FRS, ICD, MasKD, LD, DeFeat)
 }
+# The run every method is compared with (the sweep report's ΔAP).
+BASELINE = NoDistillation.NAME
 
-__all__ = ["METHODS", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat", "DistillationMethod", "FRS", "ICD",
-           "LD", "MasKD", "MethodConfig", "NoDistillation", "ParamGroupSpec", "SettingError", "ValueRule",
-           "build_method", "check_overrides", "list_methods", "override_rule", "parse_method_names",
-           "parse_overrides"]
-
-
-def list_methods() -> list[str]:
-    return list(METHODS)
-
-
-def parse_method_names(spec: str) -> list[str]:
-    """``"ld+frs"`` -> ``["ld", "frs"]``, checked against the registry."""
-    names = [name.strip().lower() for name in spec.split("+")]
-    unknown = [name for name in names if name not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"unknown distillation method(s) {unknown} in {spec!r}; known: {list(METHODS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"method {spec!r} names a method twice")
-    if len(names) > 1 and "none" in names:
-        raise ValueError(f"'none' cannot be combined with other methods ({spec!r})")
-    return names
+__all__ = ["BASELINE", "METHODS", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat", "DistillationMethod",
+           "FRS", "ICD", "LD", "MasKD", "MethodConfig", "MethodSpec", "NoDistillation", "ParamGroupSpec", "RunResources",
+           "SettingError", "ValueRule", "artifacts_of", "build_method", "check_overrides", "default_iteration_settings",
+           "iteration_settings", "named_field_sets", "override_rule", "parse_overrides", "schedule_warnings",
+           "split_overrides"]
 
 
-def build_method(spec: str, family: str, overrides: dict[str, Any] | None = None, *,
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method string parsed once: ``MethodSpec.parse("ld+frs").names == ("ld", "frs")``; ``str()``
+    gives the string back. Every function here takes either, so a caller that holds a spec never
+    has it parsed again."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, spec: str | MethodSpec) -> MethodSpec:
+        """``"ld+frs"`` -> ``MethodSpec(("ld", "frs"))``, checked against the registry; a spec as it is."""
+        if isinstance(spec, MethodSpec):
+            return spec
+        names = tuple(name.strip().lower() for name in spec.split("+"))
+        unknown = [name for name in names if name not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown distillation method(s) {unknown} in {spec!r}; known: {list(METHODS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {spec!r} names a method twice")
+        if len(names) > 1 and BASELINE in names:
+            raise ValueError(f"{BASELINE!r} cannot be combined with other methods ({spec!r})")
+        return cls(names)
+
+    def __str__(self) -> str:
+        return "+".join(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+
+def named_field_sets() -> dict[str, tuple[str, ...]]:
+    """The names ``precompute --fields`` takes for what methods read, with their field groups: each
+    method's name (its ``FIELDS``, what the default config reads) and each method's ``FIELD_PRESETS``."""
+    sets: dict[str, tuple[str, ...]] = {}
+    for name, cls in METHODS.items():
+        sets[name] = cls.FIELDS
+        sets.update(cls.FIELD_PRESETS)
+    return sets
+
+
+def artifacts_of(names: Iterable[str]) -> list[str]:
+    """Per-cache artefacts (``ARTIFACTS``) of the methods named in ``names``, by method name or one of
+    its field presets; other names (field groups) are ignored."""
+    names, out = list(names), []
+    for cls in METHODS.values():
+        if any(name == cls.NAME or name in cls.FIELD_PRESETS for name in names):
+            out += [artifact for artifact in cls.ARTIFACTS if artifact not in out]
+    return out
+
+
+def build_method(spec: str | MethodSpec, family: str, overrides: dict[str, Any] | None = None, *,
                  student_channels: int = 256, teacher_channels: int = 256, num_classes: int = 80,
-                 num_levels: int = 5, maskd_tokens: Any = None, dataset_stats: DatasetStats | None = None,
-                 student_backbone_channels: tuple[int, int, int] | None = None,
-                 teacher_backbone_channels: tuple[int, int, int] | None = None) -> DistillationMethod:
+                 num_levels: int = 5, student_backbone_channels: tuple[int, int, int] | None = None,
+                 teacher_backbone_channels: tuple[int, int, int] | None = None, run: RunResources | None = None,
+                 prepared: dict[str, Any] | None = None) -> DistillationMethod:
     """Builds a method (or a ``+`` combination) with the official defaults of ``family`` and ``overrides``.
 
     Args:
-        spec: ``"frs"``, ``"ld+frs"``, ...
+        spec: ``"frs"``, ``"ld+frs"``, ... or its :class:`MethodSpec`.
         family: the student's (and teacher's) detector family, ``"retina"`` or ``"gfl"``.
         overrides: config keys -> values (plain or ``"<method>.<key>"``).
         student_channels, teacher_channels: FPN widths, for adapters and projections.
         num_classes: the detector's classes (ICD's query one-hots).
-        maskd_tokens: MasKD's stage-1 receptive tokens (``precompute.maskd_tokens.load_receptive_tokens``).
-        dataset_stats: ICD's class and box-size statistics (``DatasetStats.from_dataset``); default
-            uniform, the official fallback for datasets other than COCO.
         student_backbone_channels, teacher_backbone_channels: C3..C5 widths (DeFeat's backbone terms).
+        run: the training run's data, artefacts and online teacher: each method's ``prepare`` step
+            reads what it needs from it (MasKD's tokens, ICD's dataset statistics).
+        prepared: method name -> what its ``prepare`` would return, given directly (tests; it wins
+            over ``run``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown detector family {family!r}; expected one of {FAMILIES}")
-    names = parse_method_names(spec)
-    per_method = split_overrides(names, dict(overrides or {}))
+    spec = MethodSpec.parse(spec)
+    per_method = split_overrides(spec, dict(overrides or {}))
+    configs = {name: METHODS[name].Config.for_family(family, **per_method[name]) for name in spec.names}
+    prepared = dict(prepared or {})
+    # A prepare step may draw random numbers (MasKD's stage 1): the methods' initial weights must
+    # depend on the seed alone, so it runs on a forked generator.
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        for name, config in configs.items():
+            if name not in prepared and run is not None:
+                prepared[name] = METHODS[name].prepare(config, run)
     context = BuildContext(student_channels=student_channels, teacher_channels=teacher_channels,
-                           num_classes=num_classes, num_levels=num_levels, maskd_tokens=maskd_tokens,
-                           dataset_stats=dataset_stats, student_backbone_channels=student_backbone_channels,
-                           teacher_backbone_channels=teacher_backbone_channels)
-    parts = []
-    for name in names:
-        cls = METHODS[name]
-        parts.append(cls.build(cls.Config.for_family(family, **per_method[name]), context))
+                           num_classes=num_classes, num_levels=num_levels,
+                           student_backbone_channels=student_backbone_channels,
+                           teacher_backbone_channels=teacher_backbone_channels, prepared=prepared)
+    parts = [METHODS[name].build(config, context) for name, config in configs.items()]
     return parts[0] if len(parts) == 1 else CombinedMethod(parts)
 
 
@@ -99,6 +152,17 @@ REFERENCE_ITERS = 90_000
 def iteration_settings(method: DistillationMethod) -> dict[str, int]:
     """The method's hyperparameters counted in iterations (ramps, warmups, detach phases), qualified."""
     configs = method.config if isinstance(method, CombinedMethod) else {method.NAME: method.config}
+    return _iteration_settings(configs)
+
+
+def default_iteration_settings(spec: str | MethodSpec, family: str) -> dict[str, int]:
+    """:func:`iteration_settings` of the official configs of ``family``, without building the method."""
+    spec = MethodSpec.parse(spec)
+    configs = {name: METHODS[name].Config.for_family(family) for name in spec.names}
+    return _iteration_settings(configs)
+
+
+def _iteration_settings(configs: dict[str, Any]) -> dict[str, int]:
     out = {}
     for name, config in configs.items():
         if dataclasses.is_dataclass(config):
@@ -122,8 +186,9 @@ def schedule_warnings(method: DistillationMethod, total_iters: int) -> list[str]
     return warnings
 
 
-def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def split_overrides(spec: str | MethodSpec, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Overrides of a (combined) method, per part: ``{"frs": {"feat_weight": 0.2}, "ld": {}}``."""
+    names = MethodSpec.parse(spec).names
     keys = {name: config_keys(METHODS[name].Config) for name in names}
     per_method: dict[str, dict[str, Any]] = {name: {} for name in names}
     unknown, ambiguous = [], []
@@ -162,7 +227,7 @@ def override_rule(key: str) -> ValueRule:
     return rules[plain]
 
 
-def parse_overrides(spec: str, texts: dict[str, str], flag: str = "--set") -> dict[str, Any]:
+def parse_overrides(spec: str | MethodSpec, texts: dict[str, str], flag: str = "--set") -> dict[str, Any]:
     """Command-line overrides of a (combined) method, parsed: ``{"frs.feat_weight": "0.2"}`` ->
     ``{"frs.feat_weight": 0.2}`` (keys as given, plain or qualified).
 
@@ -170,11 +235,11 @@ def parse_overrides(spec: str, texts: dict[str, str], flag: str = "--set") -> di
     built once so that its own checks run too. Raises ValueError, one line, naming the flag, key and
     value (:class:`SettingError`), or listing the known keys for an unknown or ambiguous one.
     """
-    names = parse_method_names(spec)
-    split_overrides(names, texts)  # every unknown and ambiguous key at once, with the known keys
+    spec = MethodSpec.parse(spec)
+    split_overrides(spec, texts)  # every unknown and ambiguous key at once, with the known keys
     values = {}
     for key, text in texts.items():
-        [(name, plain)] = [(name, plain) for name, part in split_overrides(names, {key: text}).items()
+        [(name, plain)] = [(name, plain) for name, part in split_overrides(spec, {key: text}).items()
                            for plain in part]
         values[key] = override_rule(f"{name}.{plain}").parse(text, key, flag)
     try:
@@ -184,12 +249,11 @@ def parse_overrides(spec: str, texts: dict[str, str], flag: str = "--set") -> di
     return values
 
 
-def check_overrides(spec: str, overrides: dict[str, Any]) -> None:
+def check_overrides(spec: str | MethodSpec, overrides: dict[str, Any]) -> None:
     """Builds each part's config with its ``overrides`` (official defaults of the first family it
     supports), so that the values' rules and the config's own checks (LD's ``vlr_rule`` choices,
     ...) run before any work; raises ValueError, one line."""
-    names = parse_method_names(spec)
-    for name, part in split_overrides(names, overrides).items():
+    for name, part in split_overrides(spec, overrides).items():
         config_cls = METHODS[name].Config
         if part:
             try:
@@ -226,6 +290,11 @@ class CombinedMethod(DistillationMethod):
 
     def param_groups(self) -> list[ParamGroupSpec]:
         return [group for part in self.parts.values() for group in part.param_groups()]
+
+    def warm_up(self, teacher_batches: TeacherBatches) -> dict[str, float] | None:
+        reports = [part.warm_up(teacher_batches) for part in self.parts.values()]
+        merged = {key: value for report in reports if report for key, value in report.items()}
+        return merged or None
 
     def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
                 iteration: int) -> dict[str, Tensor]:

@@ -2,9 +2,14 @@
 
 A method is an ``nn.Module`` with
 
-- ``NAME`` (registry name) and ``FIELDS`` (the store field groups or prefixes it may read, as
-  ``store.schema.expand_fields`` understands them); the instance property ``fields`` narrows
-  ``FIELDS`` to what the configured terms actually need (a term with weight 0 reads nothing);
+- ``NAME`` (registry name) and ``FIELDS``: the store field groups or prefixes (as
+  ``store.schema.expand_fields`` understands them) that the official default config reads, which
+  is what ``precompute --fields NAME`` caches; the instance property ``fields`` says what a
+  configured instance reads (a term with weight 0 reads nothing, an opt-in term adds its fields);
+- ``FIELD_PRESETS``: named field sets for other configurations (``--fields defeat-coco``), and
+  ``ARTIFACTS``: the per-cache artefacts it reads (MasKD's receptive tokens);
+- what ``python -m train.viz`` draws for it: ``PICTURE_FIELDS`` (None: no picture),
+  ``PICTURE_HELP``, ``PICTURE_OPTIONS`` and :meth:`DistillationMethod.draw_picture`;
 - ``Config``: a frozen dataclass of hyperparameters whose defaults are the official values for
   RetinaNet; ``Config.for_family(family, **overrides)`` applies the per-family official values
   (``FAMILY_DEFAULTS``) and then the overrides, rejecting unknown keys and values outside a
@@ -25,7 +30,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -247,6 +252,25 @@ METHOD_LIMITS: dict[str, dict[str, Any]] = {
 }
 
 
+# (count, what) -> count (student batch, teacher batch) pairs: a warm-up's data (DistillationMethod.warm_up).
+TeacherBatches = Callable[[int, str], Iterable[tuple[Any, TeacherBatch]]]
+
+
+@dataclass
+class RunResources:
+    """What a training run offers a method's :meth:`DistillationMethod.prepare` beyond the per-view
+    teacher fields: the training data, the cache's artefacts, the online teacher."""
+
+    dataset: Any = None                  # the training split (detectors.data.CocoDetection), its views applied
+    artifact: Callable[[str, str], dict] | None = None   # (name, why) -> a cache artefact; raises saying why
+    teacher_model: Any = None            # the online teacher (None when the teacher is a cache)
+    online_iters: int = 2000             # iterations of a stage a cache would have held (MasKD stage 1)
+    device: Any = "cpu"
+    seed: int = 0
+    workers: int = 0
+    progress: bool = False
+
+
 @dataclass
 class BuildContext:
     """What a method needs to know about the models to build its learnable parts."""
@@ -255,10 +279,9 @@ class BuildContext:
     teacher_channels: int = 256          # teacher FPN channels
     num_classes: int = 80
     num_levels: int = 5                  # P3..P7
-    maskd_tokens: Any = None             # MasKD: the receptive tokens learnt in precompute (stage 1)
-    dataset_stats: Any = None            # ICD: class and box-size statistics (train.methods.icd.DatasetStats)
     student_backbone_channels: tuple[int, int, int] | None = None   # C3..C5 widths (DeFeat's backbone terms)
     teacher_backbone_channels: tuple[int, int, int] | None = None
+    prepared: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # method NAME -> its prepare()'s result
 
 
 @dataclass
@@ -301,12 +324,24 @@ class DistillationMethod(nn.Module):
     """Base class; see the module docstring for the contract."""
 
     NAME: ClassVar[str] = ""
-    FIELDS: ClassVar[tuple[str, ...]] = ()
+    FIELDS: ClassVar[tuple[str, ...]] = ()                       # what the default config reads
+    FIELD_PRESETS: ClassVar[dict[str, tuple[str, ...]]] = {}     # precompute --fields names of other configs
+    ARTIFACTS: ClassVar[tuple[str, ...]] = ()                    # per-cache artefacts it reads
     Config: ClassVar[type] = MethodConfig
+    PICTURE_FIELDS: ClassVar[tuple[str, ...] | None] = None     # cache fields its viz picture reads
+    PICTURE_HELP: ClassVar[str] = ""                             # the picture, for python -m train.viz --help
+    PICTURE_OPTIONS: ClassVar[tuple[PictureOption, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+
+    @classmethod
+    def prepare(cls, config: Any, run: RunResources) -> Any:
+        """What the method needs from the run before it is built (a cache artefact, dataset
+        statistics, a stage the online teacher runs first); :meth:`build` finds it in
+        ``context.prepared[NAME]``. None by default."""
+        return None
 
     @classmethod
     def build(cls, config: Any, context: BuildContext) -> DistillationMethod:
@@ -336,9 +371,44 @@ class DistillationMethod(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [ParamGroupSpec(f"{self.NAME}", params)] if params else []
 
+    def warm_up(self, teacher_batches: TeacherBatches) -> dict[str, float] | None:
+        """Trains parts that learn from the teacher alone, before the student's first step (ICD's
+        ``pretrain_batches``); ``teacher_batches(n, what)`` yields n (student batch, TeacherBatch)
+        pairs on the training device. Returns what to report, None when there was nothing to do."""
+        return None
+
     def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
                 iteration: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def prepare_picture(cls, painter: Any) -> None:
+        """Loads once what the picture needs from its options (``painter.options``) before any view is
+        drawn, so that a bad option fails first; keeps it in ``painter.state[NAME]``."""
+
+    @classmethod
+    def draw_picture(cls, painter: Any, view: Any) -> Any:
+        """Draws the method's ``train.viz`` picture of one ``train.viz.ImageView`` with the
+        ``train.viz.Painter``'s helpers and returns the PNG's path; raises ``train.viz.Skipped``
+        naming what is missing. Imports train.viz (and so matplotlib) only when called."""
+        raise NotImplementedError(f"{cls.NAME} has no picture")
+
+
+@dataclass(frozen=True)
+class PictureOption:
+    """A ``python -m train.viz`` option of a method's picture (``--maskd-level``); ``train.viz.draw``
+    takes it as the keyword :attr:`dest` and the picture reads ``painter.options[dest]``."""
+
+    flag: str
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[Any, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

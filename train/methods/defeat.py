@@ -145,7 +145,10 @@ class DeFeatConfig(MethodConfig):
 
 class DeFeat(DistillationMethod):
     NAME = "defeat"
-    FIELDS = ("fpn", "head.cls", "backbone")
+    # The released config reads the FPN maps alone (its GT masks come from the student's own targets);
+    # the author's COCO recipe adds the class-head and backbone terms (module docstring).
+    FIELDS = ("fpn",)
+    FIELD_PRESETS = {"defeat-coco": ("fpn", "head.cls", "backbone")}
     Config = DeFeatConfig
 
     def __init__(self, config: DeFeatConfig, student_channels: int = 256, teacher_channels: int = 256,

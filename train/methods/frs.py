@@ -41,11 +41,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
+from store.schema import STRIDES
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
                                 require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
@@ -72,6 +72,9 @@ class FRS(DistillationMethod):
     NAME = "frs"
     FIELDS = ("fpn", "head.cls")
     Config = FRSConfig
+    PICTURE_FIELDS = ("head.cls",)
+    PICTURE_HELP = ("FRS feature richness S = max over classes of σ(teacher class logits), per level P3..P7, "
+                    "over the image (cached head.cls)")
 
     def __init__(self, config: FRSConfig, student_channels: int = 256, teacher_channels: int = 256,
                  num_levels: int = 5) -> None:
@@ -117,3 +120,27 @@ class FRS(DistillationMethod):
         if config.cls_weight:
             terms["frs_cls"] = config.cls_weight * ramp * cls_loss.mean()
         return terms
+
+    @classmethod
+    def draw_picture(cls, painter, view):
+        """The richness S of each level over the view image, from the cached class logits."""
+        from matplotlib.colors import Normalize
+
+        from train import viz
+        painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
+        maps = [richness_score(logits[None])[0, 0].numpy() for logits in view.level_maps("head.cls")]  # (h_l, w_l)
+        fig, axes = viz.new_figure(2, 3, view.image_hw)
+        viz.show_view(axes[0, 0], view)
+        painter.draw_gt(axes[0, 0], view)
+        axes[0, 0].set_title("view image, GT dashed", fontsize=9)
+        norm = Normalize(0, 1)
+        mappable = None
+        for level, (ax, grid) in enumerate(zip(axes.flat[1:], maps)):
+            viz.show_view(ax, view, grey=True)
+            mappable = viz.overlay_map(ax, grid, STRIDES[level], view, norm)
+            painter.draw_gt(ax, view, with_labels=False)
+            ax.set_title(f"{viz.level_title(level, view)}\nmax S {grid.max():.2f}, mean {grid.mean():.2f}", fontsize=9)
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="richness S")
+        fig.suptitle(f"FRS feature richness S = max over classes of σ(teacher class logits), per FPN level\n"
+                     f"{view.describe()}; from the cached head.cls", fontsize=10)
+        return painter.save(fig, view, cls.NAME)

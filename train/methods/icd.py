@@ -95,7 +95,7 @@ frequency and size belong to another class, and the fake labels' distribution is
 variation) from the class frequencies (label 2, "car": 0.2 % instead of 4.8 %). Here labels,
 frequencies and sizes agree (``DatasetStats.from_dataset``). For any other number of classes the
 official code ignores the dataset: uniform classes, sizes N(0.2, 0.2) (``DatasetStats.uniform``);
-the trainer uses ``from_dataset`` for every dataset. Padded query slots (beyond an image's
+:meth:`ICD.prepare` uses ``from_dataset`` for every training set. Padded query slots (beyond an image's
 queries) are zero descriptors here, one-hot(0) ⊕ sine(0) in the official code; they reach no loss.
 
 Short schedules (BENCHMARKS.md, "ICD in short schedules"): over 900 iterations of 8 images the
@@ -107,6 +107,7 @@ higher lr costs AP. The official runs give it 90k iterations.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,10 +115,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import STRIDES, DetectorOutput, valid_level_sizes
+from detectors.outputs import DetectorOutput, valid_level_sizes
 from detectors.views import padded_size
+from store.schema import LEVELS, STRIDES
 from train.methods.base import (IMAGES_PER_GPU, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,
-                                require, sum_per_gpu_batch)
+                                PictureOption, RunResources, TeacherBatches, require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 if TYPE_CHECKING:
@@ -415,6 +417,8 @@ class ICDConfig(MethodConfig):
     scale_bins: str = "official"        # "official" floor(1.44·ln(side) − 5) | "log2"
     scale_image: str = "pair_last"      # "pair_last" (official) | "own": whose (h, w) turns sides into pixels
     key_region: str = "official"        # "official" mask_out_padding | "canonical" (teacher.valid)
+    pretrain_batches: int = 0           # teacher side trained alone on N batches before the student starts
+    #                                     (not in the official code; for short schedules, see the docstring)
 
     def __post_init__(self) -> None:
         for key, allowed in (("scale_bins", SCALE_BIN_RULES), ("scale_image", SCALE_IMAGE_RULES),
@@ -427,6 +431,14 @@ class ICD(DistillationMethod):
     NAME = "icd"
     FIELDS = ("fpn",)
     Config = ICDConfig
+    PICTURE_FIELDS = ("fpn",)
+    PICTURE_HELP = ("ICD: the attention of one GT instance's query (--icd-instance, default the largest box) over "
+                    "the teacher's P3..P7, from the instance decoder of an ICD run (--icd-run); without one the "
+                    "decoder is untrained (random init), as the title says")
+    PICTURE_OPTIONS = (
+        PictureOption("--icd-run", "ICD student run directory: its last.pt holds the trained decoder", metavar="DIR"),
+        PictureOption("--icd-instance", "GT index (among the view's GT boxes) whose ICD attention is drawn "
+                      "[the largest box]", type=int, metavar="K"))
 
     def __init__(self, config: ICDConfig, num_classes: int = 80, student_channels: int = 256,
                  teacher_channels: int = 256, stats: DatasetStats | None = None) -> None:
@@ -445,15 +457,41 @@ class ICD(DistillationMethod):
         _xavier_as_packed(self.student_value, 3 * dim)
 
     @classmethod
+    def prepare(cls, config: ICDConfig, run: RunResources) -> DatasetStats | None:
+        """The training split's class frequencies and box sizes (the fake queries' distribution)."""
+        return DatasetStats.from_dataset(run.dataset) if run.dataset is not None else None
+
+    @classmethod
     def build(cls, config: ICDConfig, context: BuildContext) -> ICD:
         return cls(config, context.num_classes, context.student_channels, context.teacher_channels,
-                   context.dataset_stats)
+                   context.prepared.get(cls.NAME))
 
     def param_groups(self) -> list[ParamGroupSpec]:
         config = self.config
         return [ParamGroupSpec("icd", [p for p in self.parameters() if p.requires_grad], optimizer="adamw",
                                lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
                                warmup_iters=config.warmup_iters)]
+
+    def warm_up(self, teacher_batches: TeacherBatches) -> dict[str, float] | None:
+        """``config.pretrain_batches`` steps of the teacher side alone (query encoder, decoder, auxiliary
+        head) before the student's first step, with ICD's own AdamW settings at a constant lr; returns
+        the auxiliary losses averaged over the last tenth of them (None when the count is 0)."""
+        config = self.config
+        if config.pretrain_batches == 0:
+            return None
+        params = [p for module in (self.query_encoder, self.decoder, self.aux_head) for p in module.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        history: deque[tuple[float, float]] = deque(maxlen=max(1, config.pretrain_batches // 10))
+        for batch, teacher in teacher_batches(config.pretrain_batches, "ICD teacher side"):
+            aux_cls, aux_box, _, _ = self.auxiliary_task(teacher, self.make_queries(batch.targets, batch.image_sizes))
+            aux_cls, aux_box = config.aux_cls_weight * aux_cls.mean(), config.aux_box_weight * aux_box.mean()
+            optimizer.zero_grad(set_to_none=True)
+            (aux_cls + aux_box).backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            history.append((float(aux_cls.detach()), float(aux_box.detach())))
+        return {"icd_aux_cls": sum(h[0] for h in history) / len(history),
+                "icd_aux_box": sum(h[1] for h in history) / len(history)}
 
     def make_queries(self, targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]) -> InstanceQueries:
         config = self.config
@@ -500,18 +538,15 @@ class ICD(DistillationMethod):
             return teacher.valid_sizes
         return official_key_sizes(image_sizes, STRIDES[:len(teacher.valid)])
 
-    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
-                iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
-        """``queries``: fixed queries instead of sampling them (tests)."""
-        config = self.config
-        teacher_fpn = require(teacher.fpn, "fpn", "ICD")
-        device = teacher_fpn[0].device
-        if queries is None:
-            queries = self.make_queries(targets, student.image_sizes)
+    def auxiliary_task(self, teacher: TeacherBatch, queries: InstanceQueries) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The teacher side on one batch: decode the queries over F_t and score the auxiliary task.
+
+        Returns ``aux_cls`` and ``aux_box`` per official per-GPU batch (G,), unweighted, and the
+        decoder's attention logits (N, heads, Q, S) and projected teacher values (N, S, heads, C/heads).
+        """
+        device = require(teacher.fpn, "fpn", "ICD")[0].device
         labels, boxes, centers = queries.labels.to(device), queries.boxes.to(device), queries.centers.to(device)
         is_real, is_query = queries.is_real.to(device), queries.is_query.to(device)
-
-        # Teacher side: decode the instance queries and train on the auxiliary task.
         decoded, logits, teacher_values = self.decode_instances(
             teacher, InstanceQueries(labels, boxes, centers, is_real, is_query, queries.image_sizes))
         prediction = self.aux_head(decoded)  # (N, Q, 5)
@@ -525,6 +560,17 @@ class ICD(DistillationMethod):
         box_error = ((prediction[..., 1:].sigmoid() - edges).abs() / box_sizes).sum(dim=2)  # (N, Q)
         aux_box = sum_per_gpu_batch((box_error * is_real_f).sum(dim=1)) / \
             sum_per_gpu_batch(is_real_f.sum(dim=1)).clamp(min=1e-6)  # (G,)
+        return aux_cls, aux_box, logits, teacher_values
+
+    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
+                iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
+        """``queries``: fixed queries instead of sampling them (tests)."""
+        config = self.config
+        teacher_fpn = require(teacher.fpn, "fpn", "ICD")
+        if queries is None:
+            queries = self.make_queries(targets, student.image_sizes)
+        aux_cls, aux_box, logits, teacher_values = self.auxiliary_task(teacher, queries)
+        is_real_f = queries.is_real.to(teacher_fpn[0].device).float()
 
         # Distillation: the student's values where the teacher's real-instance attention looks.
         with torch.no_grad():
@@ -551,3 +597,113 @@ class ICD(DistillationMethod):
         return {"icd_distill": config.distill_weight * distill.mean(),
                 "icd_aux_cls": config.aux_cls_weight * aux_cls.mean(),
                 "icd_aux_box": config.aux_box_weight * aux_box.mean()}
+
+    @classmethod
+    def prepare_picture(cls, painter) -> None:
+        """The teacher side of an ICD run (``--icd-run``: ``last.pt``'s ``extra.train_state.method``)."""
+        from pathlib import Path
+
+        from train.methods import MethodSpec, build_method, split_overrides
+        from train.sources import manifest_id
+        run_dir = painter.options["icd_run"]
+        if run_dir is None:
+            return
+        path = Path(run_dir) / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--icd-run {run_dir}: no last.pt there (the run directory of a "
+                                    f"python -m train --method icd run)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("extra", {}).get("train_state") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict) or "method" not in state:
+            raise ValueError(f"--icd-run {run_dir}: {path} holds no student training state (extra.train_state)")
+        spec = MethodSpec.parse(state["config"]["method"])
+        if cls.NAME not in spec:
+            raise ValueError(f"--icd-run {run_dir} trained method {str(spec)!r}, which has no ICD decoder")
+        prefix = f"parts.{cls.NAME}." if len(spec.names) > 1 else ""
+        weights = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+        overrides = split_overrides(spec, state["config"].get("overrides", {}))[cls.NAME]
+        teacher_channels = int(weights["decoder.q_proj.weight"].shape[0])
+        student_channels = int(weights["student_value.weight"].shape[1])
+        family = (painter.teacher_config or {}).get("family", "gfl")
+        icd = build_method(cls.NAME, family, overrides, student_channels=student_channels,
+                           teacher_channels=teacher_channels, num_classes=painter.dataset.num_classes)
+        try:
+            icd.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ValueError(f"--icd-run {run_dir}: its ICD weights do not fit this data's "
+                             f"{painter.dataset.num_classes} classes: {error}") from None
+        from train import viz
+        note = f"decoder trained for {state.get('iteration', '?')} iterations in {viz.short_path(run_dir)}"
+        if state.get("cache_manifest_id") not in (None, manifest_id(painter.cache.manifest)):
+            note += " (on another cache)"
+            painter.log(f"note: --icd-run {run_dir} was trained on another cache than {painter.cache.url}")
+        painter.state[cls.NAME] = (icd.eval(), note)
+
+    @classmethod
+    def draw_picture(cls, painter, view):
+        """The attention of one GT instance's query over the teacher's P3..P7 (the run's decoder, or an
+        untrained one)."""
+        from matplotlib.colors import PowerNorm
+
+        from train import viz
+        from train.methods import build_method
+        from train.teacher_batch import collate_teacher
+        painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
+        gt_boxes, gt_labels = view.gt_boxes, view.gt_labels
+        if gt_boxes.shape[0] == 0:
+            raise viz.Skipped("the view has no GT box (ICD's instance queries are the GT boxes)")
+        areas = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(dim=1)
+        chosen_instance = painter.options["icd_instance"]
+        instance = int(areas.argmax()) if chosen_instance is None else chosen_instance
+        if not 0 <= instance < gt_boxes.shape[0]:
+            raise viz.Skipped(f"--icd-instance {instance}: the view has {gt_boxes.shape[0]} GT boxes "
+                              f"(0..{gt_boxes.shape[0] - 1})")
+        fpn = view.level_maps("fpn")
+        channels = int(fpn[0].shape[0])
+        if cls.NAME not in painter.state:
+            family = (painter.teacher_config or {}).get("family", "gfl")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                untrained = build_method(cls.NAME, family, student_channels=channels, teacher_channels=channels,
+                                         num_classes=painter.dataset.num_classes)
+            painter.state[cls.NAME] = (untrained.eval(), "decoder UNTRAINED (random init; pass --icd-run DIR for "
+                                                         "a trained one)")
+            painter.log("note: no --icd-run given: the ICD attention comes from an untrained decoder (random init)")
+        icd, note = painter.state[cls.NAME]
+        if icd.decoder.q_proj.in_features != channels:
+            raise ValueError(f"--icd-run {painter.options['icd_run']}: its decoder reads "
+                             f"{icd.decoder.q_proj.in_features}-channel teacher features, the cache holds "
+                             f"{channels}-channel ones")
+        teacher = collate_teacher([{f"fpn.{lvl}": f for lvl, f in zip(LEVELS, fpn)}], view.level_hw, "cpu",
+                                  image_sizes=[view.image_hw])
+        # Real queries only (no fakes), un-jittered centres: each query attends independently of the others.
+        queries = sample_queries([{"boxes": gt_boxes, "labels": gt_labels}], [view.image_hw],
+                                 DatasetStats.uniform(icd.num_classes), fake_ratio=0, center_jitter=0.0,
+                                 generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, logits, _ = icd.decode_instances(teacher, queries)  # (1, heads, Q, S)
+            attention = (logits[0, :, instance] / icd.config.temperature).softmax(dim=-1).mean(dim=0)  # (S,)
+        sizes = [h * w for h, w in view.level_hw]
+        maps = [a.reshape(hw).numpy() for a, hw in zip(attention.split(sizes), view.level_hw)]  # (h_l, w_l)
+
+        fig, axes = viz.new_figure(2, 3, view.image_hw)
+        viz.show_view(axes[0, 0], view)
+        painter.draw_gt(axes[0, 0], view, with_labels=False)
+        chosen = gt_boxes[instance:instance + 1]
+        viz.draw_boxes(axes[0, 0], chosen, "#00e5ff", [painter.class_name(int(gt_labels[instance]))], linewidth=2.0)
+        centre = ((chosen[0, :2] + chosen[0, 2:]) / 2).tolist()
+        axes[0, 0].plot(*centre, marker="+", color="#00e5ff", markersize=10, mew=2)
+        axes[0, 0].set_title(f"query: GT #{instance} (cyan, + = query point)", fontsize=9)
+        norm = PowerNorm(0.5, 0, max(float(m.max()) for m in maps))  # square-root scale: faint spread stays visible
+        mappable = None
+        for level, (ax, grid) in enumerate(zip(axes.flat[1:], maps)):
+            viz.show_view(ax, view, grey=True)
+            mappable = viz.overlay_map(ax, grid, STRIDES[level], view, norm, cmap="magma")
+            viz.draw_boxes(ax, chosen, "#00e5ff", linewidth=1.0, linestyle="--")
+            ax.set_title(f"{viz.level_title(level, view)}\n{grid.sum():.0%} of the attention", fontsize=9)
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8,
+                     label=f"attention weight, mean over {icd.config.num_heads} heads (√ scale)")
+        fig.suptitle(f"ICD: attention of GT instance #{instance} ({painter.class_name(int(gt_labels[instance]))}) "
+                     f"over the teacher's P3–P7 (softmax over all positions)\n{view.describe()}; {note}",
+                     fontsize=10)
+        return painter.save(fig, view, cls.NAME)

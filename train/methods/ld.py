@@ -94,13 +94,17 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from detectors.outputs import DetectorOutput
-from store.schema import LD_VLR_RULE_OPTION, LD_VLR_RULES, REGION_POSITIVE, REGION_VLR
+from store.schema import LD_VLR_RULE_OPTION, LD_VLR_RULES, LEVELS, REGION_POSITIVE, REGION_VLR
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape,
                                 kl_divergence_with_temperature, require, zero_term)
 from train.teacher_batch import TeacherBatch
 
 # 'finegrained' imitation region: IoU with a GT > this ratio · that GT's largest IoU over the image's anchors.
 IMITATION_IOU_RATIO = 0.5
+# The picture (python -m train.viz): row colours by kind, markers by level P3..P7.
+PICTURE_POSITIVE_COLOR = "#2ca02c"
+PICTURE_VLR_COLOR = "#ff7f0e"
+PICTURE_LEVEL_MARKERS = ("o", "s", "^", "D", "P")
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,12 @@ class RegionRows:
 
 class LD(DistillationMethod):
     NAME = "ld"
-    FIELDS = ("region", "fpn")
+    # The region rows; a cache with them also holds the GT meta they index (region.gt). The FPN
+    # maps only with the imitation term, off by default (:attr:`fields`).
+    FIELDS = ("region",)
     Config = LDConfig
+    PICTURE_FIELDS = ("region.level", "region.index", "region.kind", "region.iou")
+    PICTURE_HELP = "LD: the cached region rows, ATSS positives and VLR anchors, and the GT boxes"
 
     @classmethod
     def build(cls, config: LDConfig, context: BuildContext) -> LD:
@@ -231,6 +239,52 @@ class LD(DistillationMethod):
             terms["ld_im"] = (config.imitation_weight * per_group.sum() / num_groups
                               + zero_term(*student.features) + keep_in_graph)
         return terms
+
+    @classmethod
+    def draw_picture(cls, painter, view):
+        """The cached region rows at their anchors (the teacher's anchors: it decodes no weights)."""
+        from matplotlib.lines import Line2D
+
+        from train import viz
+        painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
+        teacher = painter.teacher_detector()
+        anchors = teacher.grid_anchors(view.level_hw, torch.zeros(()))  # per level (h_l·w_l·A, 4), (h, w, a)
+        level, index = view.fields["region.level"].long(), view.fields["region.index"].long()
+        kind = view.fields["region.kind"].long()
+        boxes = torch.stack([anchors[int(lvl)][int(i)] for lvl, i in zip(level, index)]) if len(level) \
+            else torch.zeros(0, 4)  # (R, 4) anchor boxes, view pixels
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (R, 2)
+        positive, vlr = kind == REGION_POSITIVE, kind == REGION_VLR
+
+        fig, axes = viz.new_figure(1, 2, view.image_hw, colorbar=False, panel_inches=viz.WIDE_PANEL_INCHES)
+        left, right = axes[0]
+        for ax in (left, right):
+            viz.show_view(ax, view)
+        # Left: every row's anchor centre; colour = kind, marker = level. VLR under the positives.
+        for mask, color, size in ((vlr, PICTURE_VLR_COLOR, 14), (positive, PICTURE_POSITIVE_COLOR, 22)):
+            for lvl in range(len(LEVELS)):
+                on = mask & (level == lvl)
+                if on.any():
+                    left.scatter(centres[on, 0], centres[on, 1], s=size, c=color, marker=PICTURE_LEVEL_MARKERS[lvl],
+                                 edgecolors="black", linewidths=0.4, zorder=3)
+        painter.draw_gt(left, view)
+        left.set_title(f"anchor centres: {int(positive.sum())} positives, {int(vlr.sum())} VLR rows", fontsize=9)
+        # Right: the positives' anchor boxes (what the teacher's box distributions are read at).
+        viz.draw_boxes(right, boxes[positive], PICTURE_POSITIVE_COLOR, linewidth=0.8, alpha=0.8)
+        painter.draw_gt(right, view)
+        right.set_title("anchor boxes of the positives", fontsize=9)
+
+        handles = [Line2D([], [], color=PICTURE_POSITIVE_COLOR, marker="o", linestyle="", label="ATSS positive"),
+                   Line2D([], [], color=PICTURE_VLR_COLOR, marker="o", linestyle="", label="VLR"),
+                   Line2D([], [], color=viz.GT_COLOR, linestyle="--", label="GT box")]
+        handles += [Line2D([], [], color="grey", marker=PICTURE_LEVEL_MARKERS[lvl], linestyle="",
+                           label=LEVELS[lvl].upper()) for lvl in range(len(LEVELS)) if bool((level == lvl).any())]
+        legend = fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+                            facecolor="#dddddd")
+        legend.get_frame().set_edgecolor("none")
+        fig.suptitle(f"LD region rows (cached region.*): ATSS positives and VLR (DIoU in [0.25·thr, thr))\n"
+                     f"{view.describe()}", fontsize=10)
+        return painter.save(fig, view, cls.NAME)
 
 
 def finegrained_region(anchors: list[Tensor], valid: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:

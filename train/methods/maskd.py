@@ -5,7 +5,9 @@ Official code: https://github.com/hunto/MasKD @b5af34f (``mmrazor/mmrazor/models
 ``mmrazor/configs/distill/maskd/*``, ``mmrazor/mmrazor/models/distillers/single_teacher.py``).
 
 Stage 1 (learning the tokens on the frozen teacher) runs once in precompute
-(:mod:`precompute.maskd_tokens`); this module receives its result, frozen. Per level l, with the
+(:mod:`precompute.maskd_tokens`, the cache's ``maskd_tokens`` artefact), or, with an online teacher
+and no such cache, in :meth:`MasKD.prepare` before the student's first step; this module receives
+its result, frozen. Per level l, with the
 align conv A_l (1×1, C_s → C_t, bias, PyTorch default init, trained with the student):
 
     M_t = σ(token_t · F_t)                                     (N, T, H, W), no gradient
@@ -53,6 +55,7 @@ Tokens module: any object with
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,8 +63,10 @@ import torch
 from torch import Tensor, nn
 
 from detectors.outputs import DetectorOutput
-from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require,
-                                sum_per_gpu_batch)
+from precompute.maskd_tokens import MASKD_ARTIFACT
+from store.schema import LEVELS, STRIDES
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, PictureOption, RunResources,
+                                check_same_shape, require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 
@@ -89,7 +94,13 @@ class MasKDConfig(MethodConfig):
 class MasKD(DistillationMethod):
     NAME = "maskd"
     FIELDS = ("fpn", "head.box")
+    ARTIFACTS = (MASKD_ARTIFACT,)   # stage 1's receptive tokens, learnt once per cache
     Config = MasKDConfig
+    PICTURE_FIELDS = ("fpn",)
+    PICTURE_HELP = ("MasKD: the masks σ(token_t · F_t) of the receptive tokens learnt in precompute (the cache's "
+                    f"{MASKD_ARTIFACT} artefact) on one level (--maskd-level), with their weights")
+    PICTURE_OPTIONS = (PictureOption("--maskd-level", "level of the MasKD token masks [p3]", default="p3",
+                                     choices=LEVELS),)
 
     def __init__(self, config: MasKDConfig, tokens: ReceptiveTokensLike, student_channels: int = 256,
                  teacher_channels: int = 256, num_levels: int = 5) -> None:
@@ -107,8 +118,29 @@ class MasKD(DistillationMethod):
                                     for _ in range(num_levels)])
 
     @classmethod
+    def prepare(cls, config: MasKDConfig, run: RunResources) -> ReceptiveTokensLike:
+        """Stage 1's receptive tokens: the cache's artefact, or learnt here on the online teacher
+        (``run.online_iters`` iterations on the training split, its views drawn at random)."""
+        from detectors.data import CocoDetection
+        from precompute.maskd_tokens import learn_receptive_tokens, load_receptive_tokens
+        if run.artifact is not None:
+            return load_receptive_tokens(run.artifact(
+                MASKD_ARTIFACT, "MasKD reads the receptive tokens learnt in precompute (python -m precompute "
+                                "--fields all or maskd)"))
+        if run.teacher_model is None or run.dataset is None:
+            raise ValueError("MasKD needs its receptive tokens: a teacher cache holding them, or an online teacher "
+                             "and the training data to learn them on")
+        data = run.dataset
+        stage1_data = CocoDetection(data.root, data.split, views=data.views, view_policy="random",
+                                    on_error=data.on_error)
+        result = learn_receptive_tokens(run.teacher_model, stage1_data, iters=max(1, run.online_iters),
+                                        device=run.device, progress=run.progress, seed=run.seed,
+                                        num_workers=run.workers)
+        return load_receptive_tokens(result)
+
+    @classmethod
     def build(cls, config: MasKDConfig, context: BuildContext) -> MasKD:
-        return cls(config, context.maskd_tokens, context.student_channels, context.teacher_channels,
+        return cls(config, context.prepared.get(cls.NAME), context.student_channels, context.teacher_channels,
                    context.num_levels)
 
     @property
@@ -157,3 +189,46 @@ class MasKD(DistillationMethod):
                 head_loss = head_loss + error / count  # (G,): L1Loss's mean over one per-GPU batch
             terms["maskd_head"] = config.head_weight * head_loss.mean()
         return terms
+
+    @classmethod
+    def draw_picture(cls, painter, view):
+        """The token masks and weights on one level (``--maskd-level``), from the cache's tokens artefact."""
+        from matplotlib.colors import Normalize
+
+        from precompute.maskd_tokens import load_receptive_tokens
+        from store import CacheError
+        from train import viz
+        painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
+        if cls.NAME not in painter.state:
+            try:
+                painter.state[cls.NAME] = load_receptive_tokens(painter.cache.artifact(MASKD_ARTIFACT))
+            except CacheError as error:
+                raise viz.Skipped(f"{error} (MasKD stage 1: python -m precompute --fields all or maskd, "
+                                  f"--maskd-iters > 0)") from None
+        tokens, level = painter.state[cls.NAME], LEVELS.index(painter.options["maskd_level"])
+        features = view.level_maps("fpn")[level][None]  # (1, C, h_l, w_l)
+        with torch.no_grad():
+            masks = tokens.masks(features, level)[0].numpy()  # (T, h_l, w_l)
+            weights = tokens.weights(features, level)[0].tolist()  # (T,)
+        num_tokens = masks.shape[0]
+        cols = math.ceil((num_tokens + 1) / 2)
+        fig, axes = viz.new_figure(2, cols, view.image_hw)
+        viz.show_view(axes[0, 0], view)
+        painter.draw_gt(axes[0, 0], view)
+        axes[0, 0].set_title("view image, GT dashed", fontsize=9)
+        norm = Normalize(0, 1)
+        mappable = None
+        for token, ax in enumerate(axes.flat[1:]):
+            if token >= num_tokens:
+                ax.set_axis_off()
+                continue
+            viz.show_view(ax, view, grey=True)
+            mappable = viz.overlay_map(ax, masks[token], STRIDES[level], view, norm, cmap="viridis")
+            painter.draw_gt(ax, view, with_labels=False)
+            ax.set_title(f"token {token}: weight p = {weights[token]:.2f}", fontsize=9)
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="mask M_t")
+        meta = painter.cache.artifacts().get(MASKD_ARTIFACT, {}).get("meta", {})
+        learnt = f", tokens learnt in {meta['iters']} stage-1 iterations" if "iters" in meta else ""
+        fig.suptitle(f"MasKD receptive-token masks M_t = σ(token_t · F_t) at {viz.level_title(level, view)}\n"
+                     f"{view.describe()}; p_t = token weight (softmax of the prob head){learnt}", fontsize=10)
+        return painter.save(fig, view, cls.NAME)
