@@ -38,8 +38,8 @@ def pause(*args, **kwargs):
     print("PAUSED", flush=True)
     time.sleep(600)
 if moment == "maskd":
-    import precompute.maskd_tokens
-    precompute.maskd_tokens.learn_receptive_tokens = pause
+    import train.methods.maskd_tokens
+    train.methods.maskd_tokens.learn_receptive_tokens = pause
 elif moment == "finalize":
     import store.writer
     store.writer._finalize = pause

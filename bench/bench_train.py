@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     p.add_argument("--amp", default="auto", help="student (and online teacher) autocast [auto]")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
-    p.add_argument("--codec", action="append", default=[], metavar="FIELD=PRESET",
-                   help="cache codec override (default: the store's lossy defaults)")
+    p.add_argument("--codec", action="append", default=[], metavar="FIELD=SPEC",
+                   help="cache codec override, e.g. fpn=klt:0.04 (default: the store's lossy defaults)")
     p.add_argument("--maskd-iters", type=int, default=5, help="MasKD stage 1 in precompute [5]")
     p.add_argument("--work", help="working directory (default: a temporary one, removed)")
     return p.parse_args(argv)

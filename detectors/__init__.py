@@ -1,20 +1,26 @@
-"""Detector zoo: ResNet-FPN RetinaNet and GFL with one forward API (see ``detectors.outputs``).
+"""Detector zoo: ResNet-FPN RetinaNet and GFL with one forward API (see ``detectors.detector``).
 
     model = build_detector("gfl-small", num_classes=3)
     out = model(images, image_sizes, targets)      # DetectorOutput: features, logits, anchors, losses ...
     detections = model.postprocess(out)            # per image: boxes (xyxy view pixels), scores, labels
+
+A family is one file (``gfl.py``, ``retinanet.py``: its config, head and model) registered in
+``detectors.zoo.FAMILIES``; ``detector.py`` holds the ``Detector`` base and ``config.py`` the keys
+every family's config shares.
 """
 from detectors.atss import ATSSResult, atss_assign
 from detectors.backbone import ResNetFPN, build_resnet_fpn
-from detectors.gfl import GFL, GFLHead, integral
-from detectors.outputs import BACKGROUND, IGNORE, Detector, DetectorOutput, flatten_levels, valid_level_sizes
-from detectors.retinanet import RetinaNet, RetinaNetHead
-from detectors.zoo import (DetectorConfig, build_detector, convert_torchvision_retinanet, get_config, list_models,
-                           load_checkpoint, save_checkpoint)
+from detectors.config import DetectorConfig
+from detectors.convert import convert_torchvision_retinanet
+from detectors.detector import BACKGROUND, IGNORE, Detector, DetectorOutput, flatten_levels, valid_level_sizes
+from detectors.gfl import GFL, GFLConfig, GFLHead, integral
+from detectors.retinanet import RetinaNet, RetinaNetConfig, RetinaNetHead
+from detectors.zoo import (FAMILIES, build_detector, config_from_dict, get_config, list_models, load_checkpoint,
+                           save_checkpoint)
 
 __all__ = [
-    "ATSSResult", "BACKGROUND", "Detector", "DetectorConfig", "DetectorOutput", "GFL", "GFLHead", "IGNORE",
-    "ResNetFPN", "RetinaNet", "RetinaNetHead", "atss_assign", "build_detector", "build_resnet_fpn",
-    "convert_torchvision_retinanet", "flatten_levels", "get_config", "integral", "list_models",
-    "load_checkpoint", "save_checkpoint", "valid_level_sizes",
+    "ATSSResult", "BACKGROUND", "Detector", "DetectorConfig", "DetectorOutput", "FAMILIES", "GFL", "GFLConfig",
+    "GFLHead", "IGNORE", "ResNetFPN", "RetinaNet", "RetinaNetConfig", "RetinaNetHead", "atss_assign",
+    "build_detector", "build_resnet_fpn", "config_from_dict", "convert_torchvision_retinanet", "flatten_levels",
+    "get_config", "integral", "list_models", "load_checkpoint", "save_checkpoint", "valid_level_sizes",
 ]

@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from detectors.outputs import BACKGROUND
+from detectors.detector import BACKGROUND
 
 # Centre-inside test margin of mmdetection's ATSSAssigner, in pixels.
 INSIDE_EPS = 0.01
+# Candidates per level and GT (mmdetection's ATSSAssigner topk, as GFL and LD use it).
+ATSS_TOPK = 9
 
 
 class ATSSResult(NamedTuple):
@@ -41,7 +43,7 @@ def box_centers(boxes_xyxy: Tensor) -> Tensor:
 
 
 def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_xyxy: Tensor,
-                topk: int = 9) -> ATSSResult:
+                topk: int = ATSS_TOPK) -> ATSSResult:
     """Assigns anchors (A, 4) (levels concatenated, ``num_anchors_per_level`` each) to GTs (n_gt, 4)."""
     num_anchors, num_gt = anchors_xyxy.shape[0], gt_boxes_xyxy.shape[0]
     if sum(num_anchors_per_level) != num_anchors:

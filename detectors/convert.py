@@ -44,8 +44,6 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from detectors.zoo import convert_torchvision_retinanet
-
 MMDET_SOURCE = "mmdet"
 TORCHVISION_SOURCE = "torchvision"
 PROJECT_SOURCE = "project"
@@ -149,6 +147,18 @@ def convert_mmdet_gfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"{_GFL_PROJECT} is not 0..{project.numel() - 1}; this GFL integrates over the "
                              "bins 0..reg_max")
     return _rename(state, _BACKBONE + _NECK + _GFL_HEAD, "mmdetection GFL")
+
+
+def convert_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ``retinanet_resnet50_fpn`` state dict -> this project's ``retina-r50`` keys.
+
+    The keys are the same; only a DataParallel/DDP ``module.`` prefix is dropped. Old (v1) key
+    names of torchvision's released COCO weights are renamed by torchvision's own head and FPN
+    modules when loading. Build the model to match those weights:
+    ``build_detector("retina-r50", num_classes=91, norm_eps=0.0)`` (91 COCO category ids,
+    background at 0; torchvision overwrites the frozen BatchNorm eps with 0 for them).
+    """
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
 def _torchvision_retinanet_filter(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

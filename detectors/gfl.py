@@ -9,11 +9,15 @@ Head: two towers of ``head_convs`` × [3×3 conv without bias, GroupNorm, ReLU] 
 levels; ``gfl_cls`` (K channels) and ``gfl_reg`` (4·(reg_max+1)); one learnable ``Scale`` per level
 on the regression logits. One square anchor of side 8·stride per location, centred at
 (j·stride, i·stride); only ATSS uses the anchor box, regression uses its centre.
+
+This file is the whole family: ``GFLConfig`` (its keys and mmdetection's defaults), the head, and
+``GFL``, the model (matching, losses, box decoding); detectors/zoo.py registers it as "gfl".
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +25,33 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.misc import Conv2dNormActivation
 
-from detectors.atss import atss_assign, box_centers
-from detectors.backbone import build_resnet_fpn, group_norm
+from detectors.atss import ATSS_TOPK, atss_assign, box_centers
+from detectors.backbone import group_norm
+from detectors.config import DetectorConfig
+from detectors.detector import IGNORE, Detector, DetectorOutput, build_backbone, flatten_levels
 from detectors.losses import (aligned_box_iou, distribution_focal_loss, giou_loss, mean_over_ranks,
                               quality_focal_loss)
-from detectors.outputs import IGNORE, Detector, DetectorOutput, flatten_levels
 from store.schema import STRIDES
-
-if TYPE_CHECKING:
-    from detectors.zoo import DetectorConfig
 
 # Anchor side in strides (mmdetection's octave_base_scale with one scale per octave).
 ANCHOR_SCALE = 8
 # Target distances are clamped to [0, reg_max - DFL_TARGET_EPS] so that the right bin exists.
 DFL_TARGET_EPS = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class GFLConfig(DetectorConfig):
+    """GFL's keys on top of the shared ones; defaults are mmdetection's ``gfl_r50_fpn_1x_coco``."""
+
+    family: ClassVar[str] = "gfl"
+    relu_before_p7: bool = False             # mmdetection's neck: no ReLU between P6 and P7
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+    reg_max: int = 16                        # bins per side = reg_max + 1
+    atss_topk: int = ATSS_TOPK               # ATSS candidates per level and GT
+    qfl_weight: float = 1.0
+    dfl_weight: float = 0.25
+    giou_weight: float = 2.0
 
 
 def gfl_anchor_generator(strides: tuple[int, ...] = STRIDES) -> AnchorGenerator:
@@ -111,14 +128,13 @@ class GFLHead(nn.Module):
 class GFL(Detector):
     """GFL on a ResNet-FPN P3–P7 backbone; components default to the config's standard build."""
 
-    def __init__(self, config: DetectorConfig, backbone: nn.Module | None = None,
+    config_class = GFLConfig
+
+    def __init__(self, config: GFLConfig, backbone: nn.Module | None = None,
                  head: nn.Module | None = None) -> None:
-        if config.family != "gfl":
-            raise ValueError(f"GFL needs a config of family 'gfl', got {config.family!r}")
+        self.check_config(config)
         if backbone is None:
-            backbone = build_resnet_fpn(config.depth, config.blocks, config.widths, config.norm, config.norm_eps,
-                                        config.fpn_channels, config.p6_from, config.relu_before_p7,
-                                        config.trainable_layers, config.backbone_weights)
+            backbone = build_backbone(config)
         if head is None:
             head = GFLHead(config.fpn_channels, config.num_classes, config.reg_max, config.head_convs)
         super().__init__(config, backbone, gfl_anchor_generator(self.strides), head)

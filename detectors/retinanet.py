@@ -10,10 +10,14 @@ over the batch, and post-processing (score 0.05, top 1000 per level, NMS 0.5, 30
 
 Differences from torchvision, by design: anchors use the true level strides (see
 ``Detector.grid_anchors``), and anchors outside an image's canonical padding are ignored.
+
+This file is the whole family: ``RetinaNetConfig`` (its keys and torchvision's defaults), the head,
+and ``RetinaNet``, the model (matching, losses, box decoding); detectors/zoo.py registers it as "retina".
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +27,20 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from detectors.backbone import build_resnet_fpn
-from detectors.outputs import BACKGROUND, Detector, DetectorOutput, flatten_levels
+from detectors.config import DetectorConfig
+from detectors.detector import BACKGROUND, Detector, DetectorOutput, build_backbone, flatten_levels
 
-if TYPE_CHECKING:
-    from detectors.zoo import DetectorConfig
+
+@dataclass(frozen=True, kw_only=True)
+class RetinaNetConfig(DetectorConfig):
+    """RetinaNet's keys on top of the shared ones; defaults are torchvision's ``retinanet_resnet50_fpn``."""
+
+    family: ClassVar[str] = "retina"
+    relu_before_p7: bool = True              # torchvision's LastLevelP6P7
+    nms_thresh: float = 0.5
+    detections_per_img: int = 300
+    fg_iou_thresh: float = 0.5               # matcher: foreground at IoU >= fg_iou_thresh,
+    bg_iou_thresh: float = 0.4               # background below bg_iou_thresh, ignored in between
 
 
 def retinanet_anchor_generator() -> AnchorGenerator:
@@ -62,15 +75,14 @@ class RetinaNetHead(nn.Module):
 class RetinaNet(Detector):
     """RetinaNet on a ResNet-FPN P3–P7 backbone; components default to the config's standard build."""
 
-    def __init__(self, config: DetectorConfig, backbone: nn.Module | None = None,
+    config_class = RetinaNetConfig
+
+    def __init__(self, config: RetinaNetConfig, backbone: nn.Module | None = None,
                  head: nn.Module | None = None, matcher: det_utils.Matcher | None = None) -> None:
-        if config.family != "retina":
-            raise ValueError(f"RetinaNet needs a config of family 'retina', got {config.family!r}")
+        self.check_config(config)
         anchor_generator = retinanet_anchor_generator()
         if backbone is None:
-            backbone = build_resnet_fpn(config.depth, config.blocks, config.widths, config.norm, config.norm_eps,
-                                        config.fpn_channels, config.p6_from, config.relu_before_p7,
-                                        config.trainable_layers, config.backbone_weights)
+            backbone = build_backbone(config)
         if head is None:
             head = RetinaNetHead(config.fpn_channels, anchor_generator.num_anchors_per_location()[0],
                                  config.num_classes, config.head_convs)

@@ -8,14 +8,13 @@ Modules:
                     --fields grammar (``resolve_fields``: method names ask train.methods' registry)
     teacher.py      ``load_teacher``: this project's, torchvision and mmdetection checkpoints, frozen
     plan.py         task order (image-major, views minor), shard ranges, batches of one padded shape
-    pipeline.py     the run: loader -> forward -> writer thread, ranks, resume, artefacts, finalize
-    maskd_tokens.py MasKD stage 1 (receptive tokens), stored as a cache artefact
+    pipeline.py     the run: loader -> forward -> writer thread, ranks, resume, artefacts (each made
+                    by its method class, train.methods), finalize
 """
 from importlib import import_module
 
 # Imported on first use (PEP 562), so that `python -m precompute --help` does not import torch.
 _EXPORTS = {
-    "MASKD_ARTIFACT": "precompute.fields",
     "extract_fields": "precompute.fields", "ld_regions": "precompute.fields",
     "resolve_fields": "precompute.fields", "Teacher": "precompute.teacher", "load_teacher": "precompute.teacher",
 }

@@ -15,6 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # After the env (store imports numpy):
 from precompute.config import OPTION_GROUPS, TEACHER, PrecomputeConfig  # noqa: E402
+from store import FIELDS, PRESETS, CacheError, parse_codec_spec  # noqa: E402
 from train.options import add_config_options, config_values, option_groups  # noqa: E402
 from train.recipes import RECIPE_HELP, explicit_dests, get_recipe, print_if_listing  # noqa: E402
 
@@ -24,18 +25,20 @@ outputs to a compressed teacher cache (see `python -m store --help`), so that st
 never load the teacher.
 
 What is cached per view (--fields; store field vocabulary, store/schema.py):
-  fpn       FPN P3-P7 maps (C, H_l, W_l)                 FRS, ICD, MasKD, DeFeat
-  head      dense class logits and box outputs per level  FRS (head.cls), MasKD (head.box)
+  fpn       FPN P3-P7 maps (C, H_l, W_l)
+  head      dense class logits and box outputs per level
   region    LD's ATSS-positive and VLR rows: class logits and box distributions there
   meta      image id, view index, sizes, level sizes (always); GT boxes with regions
-  backbone  backbone stages C3-C5 (CB_l, H_l, W_l)         DeFeat's COCO recipe (opt-in)
+  backbone  backbone stages C3-C5 (CB_l, H_l, W_l) (opt-in)
   image     the source image file bytes (opt-in; for a self-contained WebDataset stream)
-  all       fpn, head, region, meta + the MasKD tokens
-Method names select what a method reads: frs, icd, maskd, ld, defeat (e.g. --fields frs,ld);
-defeat-coco is DeFeat's COCO recipe (defeat + head.cls + backbone).
+  all       fpn, head, region, meta + every method's artefacts
+A method's name selects what it reads, and its field presets what other configurations of it
+read (e.g. --fields frs,ld); `python -m train.methods` lists the methods, their fields, presets
+and artefacts.
 Dense maps cover each view's canonical region (padded on its own to a multiple of 32), so they
 do not depend on batching. Per cache, once: the teacher's neck and head weights (students can
-"inherit" them) and, for maskd/all, MasKD's receptive tokens (stage 1, --maskd-iters).
+"inherit" them) and the artefacts of the methods named (or of all), each made by its method
+(MasKD's receptive tokens: stage 1, --maskd-*).
 
 Teacher weights (--ckpt): this project's checkpoints (train/teacher.py), torchvision RetinaNet
 state dicts, or mmdetection RetinaNet/GFL ResNet-FPN checkpoints (keys converted).
@@ -44,15 +47,30 @@ Resume: rerun the same command; committed shards are skipped. A cache directory 
 another teacher, dataset, views, fields, codecs or shard size is refused, never mixed.
 """
 
+
+
+def codec_help() -> str:
+    """One line per codec of store.codecs.PRESETS, with the fields it is the default of."""
+    lines = []
+    for name, preset in PRESETS.items():
+        defaults = sorted({field.rsplit(".", 1)[0] for field, spec in FIELDS.items()
+                           if spec.default_codec == name and spec.kind == "float"})
+        default = f" [default: {', '.join(defaults)}]" if defaults else ""
+        keys = f"; keys {', '.join(preset.params)}" if preset.params else ""
+        lines.append(f"  {name:9s} {preset.summary}{default}{keys}")
+    return "\n".join(lines)
+
+
 EPILOG = """\
 views (--views, comma-separated):
   default                      800:1333 and 800:1333:flip
   SHORT[:MAX][:flip]           e.g. 160:256,160:256:flip (MAX defaults to 1333)
   ms:K:LO-HI[:MAX][:noflip]    K views, short side uniform in [LO, HI], flipped with p=0.5 (ICD)
 
-codecs (--codec FIELD=PRESET, repeatable; FIELD a group, prefix or field name):
-  raw, fp16, bf16 (lossless / half precision), int8 (per-channel affine), klt (fitted transform
-  coding, FPN default), sparse (class scores under a floor dropped, head.cls default)
+codecs (--codec FIELD=SPEC, repeatable; FIELD a group, prefix or field name; the most specific wins):
+  SPEC is NAME[:VALUE][,KEY=VALUE...]; VALUE is the codec's error bound, e.g. --codec fpn=klt:0.04
+  --codec fpn.p7=klt:0.12 (the manifest records each field's spec, bound and measured error)
+{codec_lines}
 
 examples:
   python -m precompute --teacher r101 --ckpt gfl_r101.pth --data coco --cache runs/cache \\
@@ -72,7 +90,7 @@ recipes (--recipe NAME; python -m train.recipes lists them with the AP each shou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m precompute", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="python -m precompute", description=DESCRIPTION, epilog=EPILOG.replace("{codec_lines}", codec_help()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = option_groups(parser, OPTION_GROUPS)
     groups[TEACHER].add_argument("--recipe", help=RECIPE_HELP)
@@ -81,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_codecs(items: list[str]) -> dict[str, str]:
+    """--codec FIELD=SPEC items -> {field: canonical spec}; a bad spec stops here, in one line."""
     codecs = {}
     for item in items:
-        name, sep, preset = item.partition("=")
-        if not sep or not name or not preset:
-            raise SystemExit(f"--codec {item!r}: expected FIELD=PRESET, e.g. fpn=int8")
-        codecs[name.strip()] = preset.strip()
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise SystemExit(f"error: --codec {item!r}: expected FIELD=SPEC, e.g. fpn=klt:0.04")
+        try:
+            codecs[name.strip()] = str(parse_codec_spec(spec, field=name.strip()))
+        except CacheError as error:
+            raise SystemExit(f"error: --codec {item!r}: {error}") from None
     return codecs
 
 
@@ -107,7 +129,6 @@ def main(argv=None) -> int:
         print(f"error: --ckpt is required: the teacher checkpoint file{official}", file=sys.stderr)
         return 2
     from precompute.pipeline import run_precompute
-    from store import CacheError
     options = config_values(args, PrecomputeConfig)
     options["codecs"] = parse_codecs(options["codecs"])
     try:

@@ -45,10 +45,11 @@ class PrecomputeConfig:
     format: str = field(default="zarr", metadata={"group": CACHE, "choices": BACKENDS, "help": "store backend"})
     views: str = field(default="default", metadata={"group": DATA, "help": "views cached per image (see below)"})
     fields: str = field(default="all", metadata={
-        "group": CACHE, "help": "all | method names (frs,icd,maskd,ld,defeat,defeat-coco) | groups/prefixes/fields"})
+        "group": CACHE, "help": "all | method names and field presets (python -m train.methods lists them) | "
+                                "groups/prefixes/fields"})
     codecs: dict[str, str] = field(default_factory=dict, metadata={
-        "group": CACHE, "flag": "--codec", "metavar": "FIELD=PRESET",
-        "help": "codec of a field group, prefix or field (repeatable)"})
+        "group": CACHE, "flag": "--codec", "metavar": "FIELD=SPEC",
+        "help": "codec of a field group, prefix or field, e.g. fpn=klt:0.04 (repeatable; see below)"})
     ld_vlr_rule: str = field(default="official", metadata={
         "group": CACHE, "choices": LD_VLR_RULES,
         "help": "which 'DIoU' picks LD's VLR rows: official (overlap / anchor area - rho^2/c^2, as the official LD "

@@ -43,17 +43,19 @@ FRS's richness map (max over classes of σ(class logits)) is not a field: it is 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from detectors.atss import atss_assign
-from detectors.outputs import Detector, valid_level_sizes
+from detectors.atss import ATSS_TOPK, atss_assign
+from detectors.detector import Detector, valid_level_sizes
 from detectors.views import Batch, padded_size
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES
-from train.methods import METHODS, artifacts_of, named_field_sets  # what each method reads: its class says
+from train.methods import (METHODS, DistillationMethod, artifact_makers,  # what each method reads: its class says
+                           named_field_sets)
 
 # Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
 ALL_GROUPS = ("fpn", "head", "region", "meta")
@@ -98,11 +100,13 @@ def resolve_fields(spec: str | Iterable[str]) -> list[str]:
     return [name for name in order if name in names]
 
 
-def artifacts_for(spec: str | Iterable[str]) -> list[str]:
-    """Per-cache artefacts a field spec asks for: those of the methods it names (by name or preset),
-    every method's for "all" (the MasKD tokens)."""
+def artifacts_for(spec: str | Iterable[str], options: Mapping[str, Any] | None = None
+                  ) -> dict[str, type[DistillationMethod]]:
+    """Per-cache artefact -> the method class that makes it, for a field spec: the artefacts of the
+    methods it names (by name or preset), every method's for "all"; with a precompute run's
+    ``options``, those made with them (``train.methods.artifact_makers``)."""
     items = _items(spec)
-    return artifacts_of(METHODS if "all" in items else items)
+    return artifact_makers(METHODS if "all" in items else items, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def cache_options(fields: Iterable[str], ld_vlr_rule: str = DEFAULT_VLR_RULE) ->
 
 
 def ld_regions(anchors_xyxy: Tensor, num_anchors_per_level: list[int], gt_boxes_xyxy: Tensor,
-               topk: int = 9, vlr_rule: str = DEFAULT_VLR_RULE) -> dict[str, Tensor]:
+               topk: int = ATSS_TOPK, vlr_rule: str = DEFAULT_VLR_RULE) -> dict[str, Tensor]:
     """LD's positive and VLR rows for one image (see the module docstring).
 
     Args:
@@ -302,7 +306,9 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
             if want_region:
                 canonical, counts = canonical_anchors(anchors, map_sizes, valid, num_anchors)
                 gt_boxes = batch.targets[index]["boxes"].to(device)
-                rows = ld_regions(canonical, counts, gt_boxes, model.config.atss_topk, vlr_rule=ld_vlr_rule)
+                # a teacher without ATSS of its own (RetinaNet) takes LD's topk
+                topk = getattr(model.config, "atss_topk", ATSS_TOPK)
+                rows = ld_regions(canonical, counts, gt_boxes, topk, vlr_rule=ld_vlr_rule)
                 widths = [w for _, w in valid]
                 region = {
                     "region.level": rows["level"].to(torch.int8),

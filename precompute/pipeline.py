@@ -32,15 +32,15 @@ from detectors.runtime import dist_env, resolve_amp, resolve_device
 from detectors.views import ViewSpec, collate, parse_view_list
 from precompute.config import PrecomputeConfig
 from precompute.fields import artifacts_for, cache_options, extract_fields, resolve_fields
-from precompute.maskd_tokens import MASKD_ARTIFACT
 from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn, plan_batches,
                              plan_windows)
 from precompute.sinks import ProcessSink, ThreadSink, die_with_parent
-from precompute.teacher import Teacher, load_teacher, neck_head_meta, neck_head_state
+from precompute.teacher import Teacher, as_recorded, load_teacher, neck_head_meta, neck_head_state
 from store import (FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, fsutil, load_manifest, open_cache,
-                   open_writer)
+                   open_writer, parse_codec_spec)
 from store.lock import CacheLock, read_lock
 from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT
+from train.methods import ArtifactInputs, method_sources, register_method_sources
 
 
 @dataclass
@@ -78,9 +78,10 @@ class Run:
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)
         self.fields = resolve_fields(config.fields)
-        self.artifacts = [a for a in artifacts_for(config.fields) if not (a == MASKD_ARTIFACT and
-                                                                            config.maskd_iters == 0)]
-        self.artifacts.append(IMAGE_HASHES_ARTIFACT)   # declared: the cache is complete only with the hash table
+        # The methods' artefacts (name -> the method class that makes it) that these options make
+        self.artifact_makers = artifacts_for(config.fields, asdict(config))
+        # declared: the cache is complete only with the hash table
+        self.artifacts = [*self.artifact_makers, IMAGE_HASHES_ARTIFACT]
         self.codecs = field_codecs(self.fields, config.codecs)
         self.rank = rank
         self.run_id: str | None = None    # the writer run holding the cache's lock (store/lock.py)
@@ -116,7 +117,8 @@ class Run:
         """Refuse to add to a cache declared differently (not mixed): first difference named."""
         declared = dict(self.declared(), backend=self.config.format, shard_size=self.config.shard_size,
                         num_samples=self.order.num_samples)
-        # the codec presets chosen (the declaration holds the codecs fitted from them)
+        declared["teacher"] = as_recorded(declared["teacher"], manifest["teacher"])
+        # the codec specs chosen (the declaration holds the codecs fitted from them)
         diff = manifest.declaration_difference(declared, recorded={"precompute.codecs": self.codecs})
         if diff:
             raise ManifestMismatch(
@@ -131,7 +133,7 @@ class Run:
         if existing is not None:
             self.check_existing(existing)
             return existing
-        calibration = self.calibration_samples() if any(c == "klt" for c in self.codecs.values()) else None
+        calibration = self.calibration_samples() if self.calibrated_fields() else None
         declared = self.declared()
         manifest = Manifest.create(teacher=declared["teacher"], dataset=declared["dataset"], views=declared["views"],
                                    fields={name: self.codecs[name] for name in self.fields},
@@ -142,15 +144,19 @@ class Run:
                     discard_foreign=self.config.discard_foreign_shards).close(finalize=False)
         return load_manifest(self.config.cache)
 
+    def calibrated_fields(self) -> list[str]:
+        """The fields with a lossy codec: calibration views fit the KLT codecs among them, and the
+        manifest records every one's measured error on those views."""
+        return [name for name, spec in self.codecs.items() if not parse_codec_spec(spec).preset.lossless]
+
     def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
-        """Teacher fields of a few views spread over the task order (to fit the KLT codecs)."""
+        """Teacher fields of a few views spread over the task order (see ``calibrated_fields``)."""
         positions = calibration_positions(self.order.num_samples, self.config.calibration)
-        klt_fields = [name for name, codec in self.codecs.items() if codec == "klt"]
         shape_of = padded_shape_fn(self.dataset, self.order)
         samples = []
         for batch_positions in plan_batches(positions, shape_of, self.config.batch_size):
             batch = collate([self.dataset.load(*self.order.task(p)) for p in batch_positions])
-            samples += extract_fields(self.teacher.model, batch, klt_fields, amp_dtype=self.amp_dtype,
+            samples += extract_fields(self.teacher.model, batch, self.calibrated_fields(), amp_dtype=self.amp_dtype,
                                       ld_vlr_rule=self.config.ld_vlr_rule,
                                       output_device="cpu")
         if self.device.type == "cuda":
@@ -159,20 +165,22 @@ class Run:
 
 
 def field_codecs(fields: list[str], overrides: dict[str, str]) -> dict[str, str]:
-    """Codec preset per field: the schema default, or the most specific override (name > prefix > group).
-
-    Integer fields (region indices, meta) always keep their exact default codec.
+    """Codec spec per field (canonical, ``store.parse_codec_spec``): the schema default, or the most
+    specific override (name > prefix > group). Integer fields (region indices, meta) always keep
+    their exact default codec. A bad field name or spec is refused here, before any view is computed.
     """
-    for key in overrides:
+    canonical = {}
+    for key, spec in overrides.items():
         expand_fields([key])  # unknown names are an error
+        canonical[key] = str(parse_codec_spec(spec, field=key))
     chosen = {}
     for name in fields:
         spec = FIELDS[name]
         codec = spec.default_codec
         if spec.kind == "float":
-            matches = [key for key in overrides if name == key or name.startswith(key + ".")]
+            matches = [key for key in canonical if name == key or name.startswith(key + ".")]
             if matches:
-                codec = overrides[max(matches, key=len)]
+                codec = canonical[max(matches, key=len)]
         chosen[name] = codec
     return chosen
 
@@ -257,7 +265,8 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
 
 
 def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
-    """Store the per-cache artefacts that are missing: teacher neck+head weights, MasKD tokens."""
+    """Store the per-cache artefacts that are missing: the image hash table, the teacher's neck+head
+    weights, and the methods' artefacts, each made by its method's ``make_artifact``."""
     existing = set(open_cache(run.config.cache, allow_incomplete=True).artifacts())
     writer = open_writer(run.config.cache, manifest, shards=[], run_id=run.run_id)
     written = []
@@ -268,32 +277,27 @@ def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
         if INHERIT_ARTIFACT not in existing:
             writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
             written.append(INHERIT_ARTIFACT)
-        if MASKD_ARTIFACT in run.artifacts and MASKD_ARTIFACT not in existing:
+        config = run.config
+        inputs = ArtifactInputs(teacher_model=run.teacher.model, dataset=run.dataset, options=asdict(config),
+                                device=run.device, seed=config.seed, workers=config.workers, progress=config.progress)
+        for name, method in run.artifact_makers.items():
+            if name in existing:
+                continue
             start = time.perf_counter()
-            result = learn_maskd_tokens(run)
-            meta = {**result["meta"], "seconds": round(time.perf_counter() - start, 3)}  # part of the cache's cost
-            writer.put_artifact(MASKD_ARTIFACT, result["state"], meta)
-            written.append(MASKD_ARTIFACT)
+            arrays, meta = method.make_artifact(name, inputs)
+            meta = {**meta, "seconds": round(time.perf_counter() - start, 3)}  # part of the cache's cost
+            writer.put_artifact(name, arrays, meta)
+            written.append(name)
     finally:
         writer.close(finalize=False)
     return written
 
 
-def learn_maskd_tokens(run: Run) -> dict:
-    """MasKD stage 1 (``precompute.maskd_tokens``) on the cached split and views, the teacher frozen."""
-    from precompute.maskd_tokens import learn_receptive_tokens
-
-    config = run.config
-    data = CocoDetection(config.data, config.split, views=run.views, view_policy="random")
-    return learn_receptive_tokens(run.teacher.model, data, iters=config.maskd_iters, lr=config.maskd_lr,
-                                  batch_size=config.maskd_batch_size, device=run.device, progress=config.progress,
-                                  seed=config.seed, num_workers=config.workers)
-
-
 def _spawned_rank(config_dict: dict, rank: int, world_size: int, threads: int, results, run_id: str,
-                  parent: int) -> None:
+                  parent: int, methods: dict[str, str]) -> None:
     die_with_parent(parent)
     torch.set_num_threads(threads)
+    register_method_sources(methods)   # --fields may name a method the parent registered
     config = PrecomputeConfig(**config_dict)
     run = Run(config, rank)
     run.run_id = run_id
@@ -349,8 +353,8 @@ def run_precompute(config: PrecomputeConfig) -> dict[str, Any]:
             _report_rank(stats[0], world)
         if distributed:
             dist.barrier()  # every rank has closed its writer
-            # Leave the group before rank 0 goes on alone: MasKD stage 1 computes the teacher's loss,
-            # whose normalisers are averaged over ranks when a process group exists.
+            # Leave the group before rank 0 goes on alone: an artefact maker may compute the teacher's
+            # loss (MasKD stage 1), whose normalisers are averaged over ranks when a process group exists.
             dist.destroy_process_group()
             distributed = False
         if rank != 0:
@@ -379,7 +383,7 @@ def _run_spawned(config: PrecomputeConfig, manifest: Manifest, run_id: str) -> l
     threads = max(1, (os.cpu_count() or 1) // config.num_procs)
     results = context.SimpleQueue()
     procs = [context.Process(target=_spawned_rank, args=(asdict(config), r, config.num_procs, threads, results,
-                                                         run_id, os.getpid()),
+                                                         run_id, os.getpid(), method_sources()),
                              name=f"precompute-rank{r}") for r in range(config.num_procs)]
     for proc in procs:
         proc.start()

@@ -14,7 +14,6 @@ read from the keys and checked against ``spec``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pickle
@@ -26,8 +25,9 @@ import torch
 from detectors.convert import (MMDET_SOURCE, PROJECT_SOURCE, TORCHVISION_SOURCE, checkpoint_filter_fn,
                                detect_source, infer_resnet_depth, mmdet_config_overrides, num_classes_of,
                                select_retinanet_classes, unwrap_state_dict)
-from detectors.outputs import Detector
-from detectors.zoo import CHECKPOINT_FORMAT, MODELS, DetectorConfig, build_detector, get_config
+from detectors.detector import Detector
+from detectors.config import DetectorConfig
+from detectors.zoo import CHECKPOINT_FORMAT, MODELS, build_detector, config_from_dict, get_config
 from store import sha256_file
 
 SOURCES = ("auto", PROJECT_SOURCE, TORCHVISION_SOURCE, MMDET_SOURCE)
@@ -48,6 +48,20 @@ class Teacher(NamedTuple):
                 "precision": precision, "config": self.model.config.to_dict()}
 
 
+def as_recorded(entry: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (a teacher's :meth:`Teacher.manifest_entry`) with the config spelled as ``recorded``
+    spells it, when both are the same config: caches declared before detectors had per-family
+    configs record the flat layout (every family's keys), and they hold the same teacher."""
+    config = recorded.get("config")
+    if config is None or config == entry.get("config"):
+        return entry
+    try:
+        same = config_from_dict(config).to_dict() == entry.get("config")
+    except (TypeError, ValueError):  # not a config this version reads: a different teacher
+        same = False
+    return dict(entry, config=config) if same else entry
+
+
 def freeze(model: Detector) -> Detector:
     """Eval mode (BatchNorm uses its running statistics) and no parameter gradients."""
     model.eval()
@@ -66,7 +80,7 @@ def load_teacher(spec: str | None, ckpt: str | os.PathLike, num_classes: int | N
             COCO checkpoint with 91 outputs is reduced to the dataset's categories when
             ``category_ids`` (contiguous label -> category id) is given).
         source: "auto" (from the file's layout), "project", "torchvision" or "mmdet".
-        overrides: DetectorConfig options for torchvision/mmdetection weights (e.g. ``norm_eps=0.0``
+        overrides: detector config keys for torchvision/mmdetection weights (e.g. ``norm_eps=0.0``
             for torchvision's released COCO RetinaNet).
     """
     if source not in SOURCES:
@@ -131,12 +145,13 @@ def _family_free(spec: str | None) -> bool:
 
 
 def _load_project(checkpoint: dict, spec: str | None, ckpt: str) -> Detector:
-    config = DetectorConfig.from_dict({**checkpoint["config"], "backbone_weights": None})
+    config = config_from_dict({**checkpoint["config"], "backbone_weights": None})
     wanted = _spec_config(spec)
     if wanted is not None:
         fields = [f for f in _ARCH_FIELDS if not (f == "family" and _family_free(spec))]
-        diff = [f"{f}: checkpoint {getattr(config, f)!r}, {spec} {getattr(wanted, f)!r}" for f in fields
-                if getattr(config, f) != getattr(wanted, f)]
+        have, want = config.to_dict(), wanted.to_dict()  # reg_max: GFL's key only (absent: None)
+        diff = [f"{f}: checkpoint {have.get(f)!r}, {spec} {want.get(f)!r}" for f in fields
+                if have.get(f) != want.get(f)]
         if diff:
             raise ValueError(f"{ckpt} does not hold a {spec}: " + "; ".join(diff))
     model = build_detector(config)
@@ -148,7 +163,7 @@ def _load_bare(state: dict, family: str, spec: str, wanted: DetectorConfig, ckpt
                overrides: dict) -> Detector:
     if wanted.family != family:
         raise ValueError(f"{ckpt} holds a {family} detector, not the {wanted.family} of {spec}")
-    model = build_detector(dataclasses.replace(wanted, num_classes=num_classes_of(state, family), **overrides))
+    model = build_detector(wanted, num_classes=num_classes_of(state, family), **overrides)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt} does not fit {spec}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")

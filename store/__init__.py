@@ -1,7 +1,7 @@
 """The teacher-output cache: schema, codecs, manifest, Zarr v3 and WebDataset backends.
 
 Write (precompute); ``fields`` takes groups, prefixes or names, each with its default codec
-(store/schema.py) or a dict name -> codec preset:
+(store/schema.py) or a dict name -> codec spec (``"fp16"``, ``"klt:0.04"``: store/codecs.py):
 
     from store import Manifest, load_manifest, open_writer, sha256_file
     declared = dict(teacher={"arch": "gfl-r101", "checkpoint_sha256": sha256_file(ckpt)[0]},
@@ -32,8 +32,8 @@ Read (train):
 CLI: ``python -m store inspect CACHE`` / ``python -m store verify CACHE``.
 """
 from .backends import BACKENDS, ReadStats
-from .codecs import (Affine, FieldCodec, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
-                     SparseScoreCodec, dequantize, make_codec, measure_error)
+from .codecs import (PRESETS, Affine, CodecSpec, FieldCodec, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
+                     SparseScoreCodec, dequantize, make_codec, measure_error, parse_codec_spec)
 from .errors import CacheError, CorruptShardError, IncompleteCacheError, ManifestMismatch, SchemaError
 from .fsutil import sha256_file
 from .manifest import Manifest
@@ -43,9 +43,11 @@ from .schema import (FIELDS, GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION
 from .writer import CacheWriter, ShardTask, ShardWriter, finalize, load_manifest, open_writer
 
 __all__ = [
-    "Affine", "BACKENDS", "Cache", "CacheError", "CacheWriter", "CorruptShardError", "FIELDS", "FieldCodec", "FieldSpec",
+    "Affine", "BACKENDS", "Cache", "CacheError", "CacheWriter", "CodecSpec", "CorruptShardError", "FIELDS", "FieldCodec",
+    "FieldSpec",
     "GROUPS", "IncompleteCacheError", "Int8AffineCodec", "KEY_FIELDS", "KLTCodec", "KLTCoeffs", "LEVELS",
     "LosslessCodec", "Manifest", "ManifestMismatch", "REGION_POSITIVE", "REGION_VLR", "ReadStats", "STRIDES",
     "SchemaError", "ShardTask", "ShardWriter", "SparseScoreCodec", "dequantize", "expand_fields", "field_spec",
-    "finalize", "group_of", "load_manifest", "make_codec", "measure_error", "open_cache", "open_writer", "sha256_file",
+    "PRESETS", "finalize", "group_of", "load_manifest", "make_codec", "measure_error", "open_cache", "open_writer",
+    "parse_codec_spec", "sha256_file",
 ]

@@ -20,7 +20,13 @@ only the transforms are written here.
     int8     Int8AffineCodec       no        |x^-x| <= (max_c - min_c) / 510 per channel c
     klt      KLTCodec (fitted)     no        ||x^-x||_2 / ||x||_2 <= max_rel_rmse (0.01), per field
                                              of a sample; checked by the encoder
+    klt-dpcm KLTCodec(dpcm)        no        as klt (decodes to exactly klt's values, in fewer bytes)
+    klt-dct  KLTCodec(dct)         no        as klt
     sparse   SparseScoreCodec      no        |sigmoid(x^) - sigmoid(x)| <= max(floor/2, 1.2e-4)
+
+A field's codec is given as a spec, ``NAME[:VALUE][,KEY=VALUE...]`` (``parse_codec_spec``): VALUE
+sets the preset's main parameter, its error bound (``klt:0.04``, ``sparse:0.001``); KEY=VALUE the
+others (``klt:0.04,clevel=9``). ``PRESETS`` lists each name's parameters and the values they take.
 
 KLT (transform coding across channels): a per-level orthonormal basis U (C x C, eigenvectors of
 the channel covariance of calibration maps, sorted by variance) and mean mu are fitted once and
@@ -40,10 +46,12 @@ Relative RMSE is measured against the field's own norm, ||x^-x||_2 / ||x||_2 = R
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numcodecs
@@ -123,8 +131,7 @@ class KLTCoeffs:
     @property
     def q(self) -> np.ndarray:
         """The signed quantised coefficients, decoded on the CPU (``dequantize`` does it on the device)."""
-        z = np.asarray(self.codes).astype(np.int64)
-        return (z >> 1) ^ -(z & 1)
+        return _unzigzag(np.asarray(self.codes))
 
 
 _DEVICE_CACHE: dict = {}
@@ -434,20 +441,33 @@ def _from_b64(value, shape=None) -> np.ndarray:
 
 
 class KLTCodec(FieldCodec):
-    """Transform coding across channels with a fitted orthonormal basis (see module docstring)."""
+    """Transform coding across channels with a fitted orthonormal basis (see module docstring).
+
+    ``spatial`` decides what happens to each plane of quantised coefficients in space:
+    ``none`` stores them as they are; ``dpcm`` stores each plane's residual against a prediction
+    from its already-decoded neighbours (none, left, up or the floor of their average, whichever is
+    cheapest for that plane), which is lossless on the integers, so the error is exactly KLT's; ``dct``
+    quantises the planes' orthonormal 2-D DCT instead of the planes (3-D transform coding; the error
+    still equals the quantisation error, so the encoder's check stays exact)."""
 
     codec_id = "detkd.klt"
+    SPATIAL = ("none", "dpcm", "dct")
+    _PREDICTORS = ("none", "left", "up", "average")     # dpcm's per-plane choices (2 bits each)
 
-    def __init__(self, mean, basis, max_rel_rmse=0.01, target_rel_rmse=None, clevel=5, variance=None):
+    def __init__(self, mean, basis, max_rel_rmse=0.01, target_rel_rmse=None, clevel=5, variance=None,
+                 spatial="none"):
         self.mean = _from_b64(mean)
         channels = self.mean.size
         self.basis = _from_b64(basis, (channels, channels))
         self.variance = None if variance is None else _from_b64(variance)
         self.max_rel_rmse = float(max_rel_rmse)
         self.target_rel_rmse = float(target_rel_rmse if target_rel_rmse is not None else 0.8 * self.max_rel_rmse)
-        if not 0 < self.target_rel_rmse <= self.max_rel_rmse:
-            raise CacheError(f"KLTCodec needs 0 < target_rel_rmse <= max_rel_rmse, got "
+        if not 0 < self.target_rel_rmse <= self.max_rel_rmse < 1:
+            raise CacheError(f"KLTCodec needs 0 < target_rel_rmse <= max_rel_rmse < 1, got "
                              f"{self.target_rel_rmse} and {self.max_rel_rmse}")
+        if spatial not in self.SPATIAL:
+            raise CacheError(f"KLTCodec spatial must be one of {self.SPATIAL}, got {spatial!r}")
+        self.spatial = spatial
         self.clevel = int(clevel)
         self._projected_mean = (self.basis.T.astype(np.float64) @ self.mean).astype(np.float32)   # U^T mean
 
@@ -475,6 +495,8 @@ class KLTCodec(FieldCodec):
                    max_rel_rmse=self.max_rel_rmse, target_rel_rmse=self.target_rel_rmse, clevel=self.clevel)
         if self.variance is not None:
             cfg["variance"] = _b64(self.variance)
+        if self.spatial != "none":          # configs written before the option decode as they did
+            cfg["spatial"] = self.spatial
         return cfg
 
     def error_bound(self) -> dict:
@@ -491,6 +513,8 @@ class KLTCodec(FieldCodec):
         channels = self.mean.size
         if arr.ndim < 1 or arr.shape[0] != channels:
             raise CacheError(f"KLT codec was fitted on {channels} channels; got shape {tuple(arr.shape)}")
+        if self.spatial != "none" and arr.ndim != 3:
+            raise CacheError(f"KLT codec with spatial={self.spatial} needs (C, H, W) maps; got shape {tuple(arr.shape)}")
         x = np.asarray(arr, dtype=np.float32).reshape(channels, -1)       # (C, HW)
         flat = x.reshape(-1)
         energy = float(np.vdot(flat, flat))
@@ -501,6 +525,8 @@ class KLTCodec(FieldCodec):
         rms = math.sqrt(energy / x.size)
         coeff = self.basis.T @ x                                           # (C, HW) = U^T (x - mean)
         coeff -= self._projected_mean[:, None]
+        if self.spatial == "dct":                                          # orthonormal: same error in both domains
+            coeff = _dct2(coeff.reshape(arr.shape), inverse=False).reshape(channels, -1)
         step = math.sqrt(12.0) * self.target_rel_rmse * rms
         for _ in range(20):                       # the first try nearly always lands under the bound
             scaled = coeff * np.float32(1 / step)
@@ -513,38 +539,54 @@ class KLTCodec(FieldCodec):
             step *= 0.9 * self.max_rel_rmse / rel
         else:
             raise CacheError(f"KLT codec could not reach rel RMSE {self.max_rel_rmse} (got {rel:.4g})")
-        zigzag = np.abs(q)                                                 # zigzag: 0,-1,1,-2.. -> 0,1,2,3..
-        zigzag *= 2
-        zigzag -= q < 0                                                    # (not signbit: rint gives -0.0)
-        top = float(zigzag.max())
+        used = np.flatnonzero(q.any(axis=1))                               # components not all zero
+        if len(used) < channels:
+            q = q[used]
+        parts = []
+        if self.spatial == "dpcm":                # 2 bits per plane: its predictor
+            q, predictors = _predict_planes(q.reshape(len(used), *arr.shape[1:]))
+            q = q.reshape(len(used), -1)
+            parts.append(np.packbits(np.unpackbits(predictors[:, None], axis=1)[:, -2:].reshape(-1)).tobytes())
+        zigzag = _zigzag(q)
+        top = float(zigzag.max(initial=0))
         if top >= 2 ** 24:
             raise CacheError("KLT codec: coefficient range too large for the step size")
-        used = np.flatnonzero(zigzag.any(axis=1))                          # components not all zero
-        if len(used) < channels:
-            zigzag = zigzag[used]
         qdtype = np.uint16 if top < 65536 else np.uint32
         payload = _compress(zigzag.astype(qdtype), "zstd", self.clevel, "bit")
         used_mask = np.zeros(channels, dtype=bool)
         used_mask[used] = True
         return (dict(dtype="float32", step=step, components=np.packbits(used_mask).tobytes().hex(),
-                     qdtype=np.dtype(qdtype).str), [payload])
+                     qdtype=np.dtype(qdtype).str), [payload, *parts])
 
     def _codes(self, header, parts):
-        """Zigzag codes (k, HW) and the component indices they belong to."""
+        """Zigzag codes (k, HW) of the quantised coefficients and the component indices they belong to."""
         mask = np.unpackbits(np.frombuffer(bytes.fromhex(header["components"]), np.uint8), count=self.mean.size)
         components = np.flatnonzero(mask).astype(np.int64)
         hw = int(np.prod(header["shape"][1:], dtype=np.int64))
         codes = _decompress(parts[0], np.dtype(header["qdtype"]), len(components) * hw, "zstd")
-        return codes.reshape(len(components), hw), components
+        codes = codes.reshape(len(components), hw)
+        if self.spatial == "dpcm":                                        # residuals -> coefficients
+            if len(parts) != 2 or len(parts[1]) != (2 * len(components) + 7) // 8:
+                raise CorruptShardError("KLT blob: its predictors do not match its components")
+            bits = np.unpackbits(np.frombuffer(parts[1], np.uint8), count=2 * len(components)).reshape(-1, 2)
+            predictors = 2 * bits[:, 0] + bits[:, 1]
+            planes = _unzigzag(codes).reshape(len(components), *header["shape"][1:])
+            codes = _zigzag(_unpredict_planes(planes, predictors).reshape(len(components), hw))
+            codes = codes.astype(np.uint16 if codes.max(initial=0) < 65536 else np.uint32)
+        return codes, components
 
     def _coeffs(self, header, parts):
         """Coefficients (k, HW) in float32, already multiplied by the step."""
         codes, components = self._codes(header, parts)
         step = np.float32(header["step"])
         if codes.dtype == np.uint16:                                       # one table lookup per value
-            return (_ZIGZAG16 * step).astype(np.float32)[codes], components
-        z = codes.astype(np.int64)
-        return ((z >> 1) ^ -(z & 1)).astype(np.float32) * step, components
+            coeff = (_ZIGZAG16 * step).astype(np.float32)[codes]
+        else:
+            coeff = _unzigzag(codes).astype(np.float32) * step
+        if self.spatial == "dct":
+            coeff = _dct2(coeff.reshape(len(components), *header["shape"][1:]), inverse=True)
+            coeff = coeff.reshape(len(components), -1)
+        return coeff, components
 
     def _decode(self, header, parts):
         if header.get("zero"):
@@ -558,12 +600,86 @@ class KLTCodec(FieldCodec):
         header, parts = self._unpack(buf)
         if header.get("zero"):
             return np.zeros(header["shape"], np.float32)
+        if self.spatial == "dct":       # the inverse DCT runs here: what travels is the map in fp16
+            out = self._decode(header, parts)
+            return out.astype(np.float16) if np.abs(out).max(initial=0) < 65504 else out
         codes, components = self._codes(header, parts)
         return KLTCoeffs(codes=codes, components=components, step=float(header["step"]),
                          shape=tuple(header["shape"]), basis=self.basis, mean=self.mean)
 
 
-_ZIGZAG16 = (lambda z: (z >> 1) ^ -(z & 1))(np.arange(65536, dtype=np.int64))   # uint16 code -> signed value
+def _zigzag(q: np.ndarray) -> np.ndarray:
+    """Signed integers (any dtype) -> 0, 1, 2, 3, ... for 0, -1, 1, -2, ... (same dtype)."""
+    z = np.abs(q)
+    z *= 2
+    z -= q < 0                                                             # (not signbit: rint gives -0.0)
+    return z
+
+
+def _unzigzag(codes: np.ndarray) -> np.ndarray:
+    z = codes.astype(np.int64)
+    return (z >> 1) ^ -(z & 1)
+
+
+def _neighbours(planes: np.ndarray) -> list[np.ndarray]:
+    """The predictions of KLTCodec._PREDICTORS for integer planes (k, H, W), from the left and
+    upper neighbours (zero outside the plane)."""
+    left = np.zeros_like(planes)
+    left[:, :, 1:] = planes[:, :, :-1]
+    up = np.zeros_like(planes)
+    up[:, 1:, :] = planes[:, :-1, :]
+    return [np.zeros_like(planes), left, up, np.floor((left + up) / 2)]
+
+
+def _predict_planes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals (k, H, W) of each integer plane against its cheapest predictor, and the choices (k,) uint8.
+
+    Cost: sum of log2(1 + |residual|), a proxy of the bits an entropy coder spends."""
+    residuals = np.stack([q - prediction for prediction in _neighbours(q)])     # (P, k, H, W)
+    cost = np.log2(1 + np.abs(residuals)).sum(axis=(2, 3))                     # (P, k)
+    choice = cost.argmin(axis=0)
+    return np.take_along_axis(residuals, choice[None, :, None, None], axis=0)[0], choice.astype(np.uint8)
+
+
+def _unpredict_planes(residuals: np.ndarray, predictors: np.ndarray) -> np.ndarray:
+    """Inverse of ``_predict_planes`` on int64 residuals: left and up are undone by running sums;
+    the average needs both neighbours decoded first, so it runs along the anti-diagonals."""
+    q = residuals.copy()
+    rows = predictors == 1
+    q[rows] = np.cumsum(q[rows], axis=2)
+    rows = predictors == 2
+    q[rows] = np.cumsum(q[rows], axis=1)
+    rows = np.flatnonzero(predictors == 3)
+    if len(rows):
+        _, h, w = q.shape
+        padded = np.zeros((len(rows), h + 1, w + 1), np.int64)    # a zero row above, a zero column left
+        for diagonal in range(h + w - 1):
+            i = np.arange(max(0, diagonal - w + 1), min(h - 1, diagonal) + 1)
+            j = diagonal - i
+            padded[:, i + 1, j + 1] = q[rows][:, i, j] + (padded[:, i + 1, j] + padded[:, i, j + 1]) // 2
+        q[rows] = padded[:, 1:, 1:]
+    return q
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix (n, n): rows are the basis functions."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m.astype(np.float32)
+
+
+def _dct2(planes: np.ndarray, inverse: bool) -> np.ndarray:
+    """Orthonormal 2-D DCT-II (or its inverse) of planes (k, H, W)."""
+    dh, dw = _dct_matrix(planes.shape[1]), _dct_matrix(planes.shape[2])
+    if inverse:
+        return np.ascontiguousarray(dh.T @ planes @ dw, dtype=np.float32)      # (k, H, W)
+    return np.ascontiguousarray(dh @ planes @ dw.T, dtype=np.float32)
+
+
+_ZIGZAG16 = _unzigzag(np.arange(65536))   # uint16 code -> signed value
 
 
 class SparseScoreCodec(FieldCodec):
@@ -622,46 +738,145 @@ for _cls in (LosslessCodec, Int8AffineCodec, KLTCodec, SparseScoreCodec):
     numcodecs.register_codec(_cls)
 
 
+# ---------------------------------------------------------------------------------------------
+# codec specs: NAME[:VALUE][,KEY=VALUE...], e.g. "fp16", "klt:0.04", "klt-dpcm:0.12,clevel=9"
+@dataclass(frozen=True)
+class Param:
+    """A parameter a codec spec may set: its type and the values it accepts (``expected`` says which)."""
+    kind: type
+    accepts: Callable[[float], bool]
+    expected: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named codec: how it is built and which parameters its spec may set."""
+    build: Callable[..., FieldCodec]      # build(calibration, **params)
+    params: dict[str, Param]
+    main: str | None                      # the parameter that NAME:VALUE sets (the error bound, where there is one)
+    lossless: bool                        # exact for any input
+    fitted: bool                          # needs calibration maps of the field
+    summary: str                          # one line for --help
+
+
+_REL_RMSE = Param(float, lambda v: 0 < v < 1, "a relative RMSE in (0, 1), e.g. 0.04")
+_CLEVEL = Param(int, lambda v: 0 <= v <= 9, "a Zstd level from 0 to 9")
+_KLT_PARAMS = {"max_rel_rmse": _REL_RMSE, "target_rel_rmse": _REL_RMSE, "clevel": _CLEVEL}
+
+
+def _klt(spatial: str) -> Callable[..., FieldCodec]:
+    def build(calibration, **params):
+        if calibration is None:
+            raise CacheError("needs calibration maps to fit its basis (pass calibration=...)")
+        return KLTCodec.fit(calibration, spatial=spatial, **params)
+    return build
+
+
 PRESETS = {
-    "raw": lambda **kw: LosslessCodec(**kw),
-    "fp16": lambda **kw: LosslessCodec(dtype="float16", **kw),
-    "bf16": lambda **kw: LosslessCodec(dtype="bfloat16", **kw),
-    "stored": lambda **kw: LosslessCodec(cname="none", **kw),
-    "int8": lambda **kw: Int8AffineCodec(**kw),
-    "sparse": lambda **kw: SparseScoreCodec(**kw),
+    "raw": Preset(lambda _, **kw: LosslessCodec(**kw), {"clevel": _CLEVEL}, None, True, False,
+                  "lossless, Zstd"),
+    "fp16": Preset(lambda _, **kw: LosslessCodec(dtype="float16", **kw), {"clevel": _CLEVEL}, None, False, False,
+                   "fp16 (exact for fp16 input), Zstd"),
+    "bf16": Preset(lambda _, **kw: LosslessCodec(dtype="bfloat16", **kw), {"clevel": _CLEVEL}, None, False, False,
+                   "bf16, Zstd"),
+    "stored": Preset(lambda _, **kw: LosslessCodec(cname="none", **kw), {}, None, True, False,
+                     "lossless, uncompressed (image bytes)"),
+    "int8": Preset(lambda _, **kw: Int8AffineCodec(**kw), {"clevel": _CLEVEL}, None, False, False,
+                   "per-channel affine uint8, |err| <= channel range / 510"),
+    "sparse": Preset(lambda _, **kw: SparseScoreCodec(**kw),
+                     {"floor": Param(float, lambda v: 0 < v < 1, "a probability in (0, 1), e.g. 0.01"),
+                      "clevel": _CLEVEL}, "floor", False, False,
+                     "class logits: scores under FLOOR dropped (sparse:0.01)"),
+    "klt": Preset(_klt("none"), _KLT_PARAMS, "max_rel_rmse", False, True,
+                  "fitted channel transform, rel RMSE <= VALUE (klt:0.01)"),
+    "klt-dpcm": Preset(_klt("dpcm"), _KLT_PARAMS, "max_rel_rmse", False, True,
+                       "klt + spatial prediction of its coefficient planes"),
+    "klt-dct": Preset(_klt("dct"), _KLT_PARAMS, "max_rel_rmse", False, True,
+                      "klt + 2-D DCT of its coefficient planes"),
 }
 
 
-def make_codec(spec, calibration=None) -> FieldCodec:
-    """A codec from a preset name ("fp16", "int8", "klt", ...), a numcodecs config dict, or a codec.
+@dataclass(frozen=True)
+class CodecSpec:
+    """A preset and the parameters given to it; ``str()`` is its canonical spelling."""
+    name: str
+    params: tuple[tuple[str, float], ...] = ()      # (key, value), in the preset's order
 
-    ``klt`` needs ``calibration``: a list of (C, H, W) maps of the field to fit the basis on.
-    A dict ``{"preset": "klt", "max_rel_rmse": 0.005}`` passes parameters to a preset.
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.name]
+
+    def __str__(self) -> str:
+        given = dict(self.params)
+        items = [_number(given.pop(self.preset.main))] if self.preset.main in given else []
+        items += [f"{key}={_number(value)}" for key, value in given.items()]
+        return f"{self.name}:{','.join(items)}" if items else self.name
+
+    def build(self, calibration=None) -> FieldCodec:
+        return self.preset.build(calibration, **dict(self.params))
+
+
+def _number(value) -> str:
+    return repr(value) if isinstance(value, int) else f"{value:g}"
+
+
+def parse_codec_spec(text: str, field: str | None = None) -> CodecSpec:
+    """``NAME[:VALUE][,KEY=VALUE...]`` (or ``NAME:KEY=VALUE,...``) -> CodecSpec; VALUE sets the
+    preset's main parameter (its error bound). Errors are one line naming the field and the spec."""
+    where = f"codec {text!r}" + (f" for field {field}" if field else "")
+    name, _, rest = str(text).strip().partition(":")
+    if name not in PRESETS:
+        raise CacheError(f"{where}: unknown codec {name!r}; codecs: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    given: dict[str, float] = {}
+    for position, item in enumerate(rest.split(",") if rest else []):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if position or preset.main is None:
+                takes = f"takes KEY=VALUE parameters ({', '.join(preset.params) or 'none'})" if preset.main is None \
+                    else f"takes one VALUE ({preset.main}), first; the rest as KEY=VALUE"
+                raise CacheError(f"{where}: {item!r} has no '='; {name} {takes}")
+            key, value = preset.main, item
+        key, value = key.strip(), value.strip()
+        if key not in preset.params:
+            raise CacheError(f"{where}: {name} has no parameter {key!r}; it takes: {', '.join(preset.params) or 'none'}")
+        if key in given:
+            raise CacheError(f"{where}: {key} given twice")
+        param = preset.params[key]
+        try:
+            number = param.kind(value)
+        except ValueError:
+            number = None
+        if number is None or not param.accepts(number):
+            raise CacheError(f"{where}: {key} must be {param.expected}, got {value!r}")
+        given[key] = number
+    ordered = tuple((key, given[key]) for key in preset.params if key in given)
+    if {"max_rel_rmse", "target_rel_rmse"} <= set(given) and given["target_rel_rmse"] > given["max_rel_rmse"]:
+        raise CacheError(f"{where}: target_rel_rmse must not exceed max_rel_rmse")
+    return CodecSpec(name, ordered)
+
+
+def make_codec(spec, calibration=None) -> FieldCodec:
+    """A codec from a spec (``"fp16"``, ``"klt:0.04"``, a CodecSpec), a numcodecs config dict, or a codec.
+
+    Fitted codecs (``klt``, ``klt-dpcm``, ``klt-dct``) need ``calibration``: a list of (C, H, W)
+    maps of the field to fit the basis on.
     """
     if isinstance(spec, FieldCodec):
         return spec
-    params = {}
     if isinstance(spec, dict):
-        if "id" in spec:
-            codec = numcodecs.get_codec(dict(spec))
-            if not isinstance(codec, FieldCodec):
-                raise CacheError(f"codec {spec['id']!r} is not a store field codec")
-            return codec
-        params = dict(spec)
-        try:
-            spec = params.pop("preset")
-        except KeyError:
-            raise CacheError(f"codec dict needs 'id' (a numcodecs config) or 'preset': {spec}") from None
-    if spec == "klt":
-        if calibration is None:
-            raise CacheError("codec 'klt' needs calibration maps to fit its basis (pass calibration=...)")
-        return KLTCodec.fit(calibration, **params)
-    if spec not in PRESETS:
-        raise CacheError(f"unknown codec preset {spec!r}; presets: {', '.join([*PRESETS, 'klt'])}")
-    return PRESETS[spec](**params)
+        return codec_from_config(spec)
+    if not isinstance(spec, CodecSpec):
+        spec = parse_codec_spec(spec)
+    try:
+        return spec.build(calibration)
+    except CacheError as e:
+        raise CacheError(f"codec {str(spec)!r}: {e}") from None
 
 
 def codec_from_config(config: dict) -> FieldCodec:
+    if "id" not in config:
+        raise CacheError(f"a codec config needs 'id' (a numcodecs config): {config}")
     codec = numcodecs.get_codec(dict(config))
     if not isinstance(codec, FieldCodec):
         raise CacheError(f"codec {config.get('id')!r} is not a store field codec")
@@ -692,3 +907,14 @@ def measure_error(bound: dict, x, x_hat) -> tuple[float, float]:
         p, p_hat = 1 / (1 + np.exp(-x)), 1 / (1 + np.exp(-x_hat))
         return float(np.abs(p_hat - p).max(initial=0.0)), bound["value"]
     raise CacheError(f"unknown error bound kind {kind!r}")
+
+
+def calibration_error(codec: FieldCodec, maps) -> dict:
+    """The codec's declared error measure (``measure_error``) over maps it round-trips: the worst
+    and mean value, what its bound allows, and how many maps (recorded per field in the manifest)."""
+    measured, allowed = [], 0.0
+    for x in maps:
+        value, allowed = measure_error(codec.error_bound(), x, codec.decode(codec.encode(x)))
+        measured.append(value)
+    return dict(worst=float(f"{max(measured):.4g}"), mean=float(f"{sum(measured) / len(measured):.4g}"),
+                allowed=float(f"{allowed:.4g}"), maps=len(measured))

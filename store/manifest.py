@@ -6,7 +6,10 @@
       "teacher": {"arch": "gfl-r101", "checkpoint_sha256": "...", ...},
       "dataset": {"annotation_sha256": "...", "num_images": 118287, ...},
       "views": [{"flip": false, "short": 800, "max_size": 1333}, ...],
-      "fields": {"fpn.p3": {"codec": {numcodecs config}, "lossless": false, "error_bound": {...}}, ...},
+      "fields": {"fpn.p3": {"codec": {numcodecs config}, "lossless": false, "error_bound": {...},
+                            "spec": "klt:0.04",          # as given (store.codecs.parse_codec_spec), canonical
+                            "measured_error": {"worst": ..., "mean": ..., "allowed": ..., "maps": 16}}, ...},
+                            # the declared bound's measure on the calibration maps (the fit's own maps)
       "options": {"ld_vlr_rule": "official", ...},   # what else decides the stored values (field rules)
       "declared_artifacts": ["teacher_neck_head", ...],   # the cache is complete only once these exist
       "num_samples": 236574 | null, "shard_size": 64,
@@ -40,7 +43,7 @@ import platform
 
 from . import fsutil
 from .backends import BACKENDS
-from .codecs import FieldCodec, codec_from_config, make_codec
+from .codecs import CodecSpec, FieldCodec, calibration_error, codec_from_config, make_codec, parse_codec_spec
 from .errors import CacheError, ManifestMismatch
 from .integrity import declaration_id, seal, unseal
 from .layout import MANIFEST
@@ -136,8 +139,9 @@ class Manifest:
         dataset: a fingerprint, e.g. ``{"annotation_sha256": ..., "num_images": ...}``.
         views: list of view specs (dicts, or objects with ``to_dict()``).
         fields: field/group names (default codec of each, from store/schema.py), or a dict
-            name -> codec (preset name, ``{"preset": ..., **params}``, numcodecs config, or codec).
-        calibration: samples (dicts of field -> array) to fit ``klt`` codecs on.
+            name -> codec (a spec such as ``"klt:0.04"``, a CodecSpec, a numcodecs config, or a codec).
+        calibration: samples (dicts of field -> array) to fit the ``klt`` codecs on; every field
+            found in them also records its codec's measured error on them (``measured_error``).
         options: whatever else decides the stored values (e.g. the rule that picks LD's VLR rows);
             part of the declaration, so a resumed writer or a trainer expecting other options is refused.
         artifacts: names of the per-cache artefacts the writer will store; finalization refuses
@@ -174,8 +178,11 @@ class Manifest:
             if calibration is not None:
                 maps = [sample[name] for sample in calibration if name in sample]
                 maps = [m.detach().cpu().numpy() if hasattr(m, "detach") else m for m in maps] or None
+            spec = fields[name]
+            if isinstance(spec, str):
+                spec = parse_codec_spec(spec, field=name)              # its errors name the field
             try:
-                codec = make_codec(fields[name], calibration=maps)
+                codec = make_codec(spec, calibration=maps)
             except CacheError as e:
                 raise CacheError(f"field {name}: {e}") from None
             if FIELDS[name].kind != "float" and codec.error_bound()["kind"] != "exact":
@@ -183,6 +190,10 @@ class Manifest:
                                  f"(raw or stored), not {codec!r}")
             entries[name] = dict(codec=codec.get_config(), lossless=bool(codec.lossless),
                                  error_bound=codec.error_bound())
+            if isinstance(spec, CodecSpec):
+                entries[name]["spec"] = str(spec)
+            if maps:
+                entries[name]["measured_error"] = calibration_error(codec, maps)
         data = dict(format=FORMAT, format_version=FORMAT_VERSION, backend=backend, teacher=teacher,
                     dataset=dataset, views=views, fields=entries, options=_plain(options or {}),
                     declared_artifacts=sorted(set(artifacts)),
@@ -275,7 +286,7 @@ class Manifest:
         declared: any keys of DECLARATION_KEYS, each compared whole, except that fields are
             compared by name (their codecs are fitted: a KLT basis is never bit-identical).
         recorded: dotted paths into ``extra`` -> the value the writer recorded there (e.g. the
-            codec presets it chose, ``{"precompute.codecs": {...}}``), compared after the declaration.
+            codec specs it chose, ``{"precompute.codecs": {...}}``), compared after the declaration.
         """
         unknown = sorted(set(declared) - set(DECLARATION_KEYS))
         if unknown:

@@ -228,7 +228,8 @@ def summary(url: str) -> dict:
     fields = {}
     for name, entry in manifest["fields"].items():
         codec = manifest.codec(name)
-        fields[name] = dict(codec=repr(codec), lossless=entry["lossless"], error_bound=entry["error_bound"],
+        fields[name] = dict(codec=repr(codec), spec=entry.get("spec"), lossless=entry["lossless"],
+                            error_bound=entry["error_bound"], measured_error=entry.get("measured_error"),
                             stored=per_field.get(name, [0, 0])[0], raw=per_field.get(name, [0, 0])[1])
     return dict(
         url=str(url), backend=manifest.backend, complete=manifest["complete"],
@@ -243,6 +244,12 @@ def summary(url: str) -> dict:
         fields=fields, files_bytes=files_bytes, versions=manifest["versions"], created=manifest["created"],
         artifacts=manifest["artifacts"] if manifest["complete"] else read_artifacts(fs, root),
         extra=manifest["extra"])
+
+
+def _measured(error: dict | None) -> str:
+    if not error:
+        return "-"
+    return f"{error['worst']:.3g} of {error['maps']}; {error['mean']:.3g}"
 
 
 def _ratio(stored: int, raw: int) -> str:
@@ -267,12 +274,15 @@ def inspect_text(url: str) -> str:
     out.append(f"samples    {s['samples_committed']} committed ({declared}), shards {s['shards_committed']}/{shards}, "
                f"shard_size {s['shard_size']}")
     out.append("")
-    out.append(f"{'field':22s} {'stored':>11s} {'raw fp16':>11s} {'ratio':>8s}  lossless  {'bound':26s}  codec")
+    out.append(f"{'field':22s} {'stored':>11s} {'raw fp16':>11s} {'ratio':>8s}  lossless  {'bound':26s}  "
+               f"{'measured':20s}  {'spec':16s}  codec")
     for name, f in s["fields"].items():
         bound = f["error_bound"]
         text = bound["kind"] if bound["kind"] == "exact" else f"{bound['kind']}<={bound['value']:.3g}"
         out.append(f"{name:22s} {_size(f['stored']):>11s} {_size(f['raw']):>11s} {_ratio(f['stored'], f['raw']):>8s}  "
-                   f"{'yes' if f['lossless'] else 'no':8s}  {text:26s}  {f['codec']}")
+                   f"{'yes' if f['lossless'] else 'no':8s}  {text:26s}  {_measured(f['measured_error']):20s}  "
+                   f"{f['spec'] or '-':16s}  {f['codec']}")
+    out.append("measured: the bound's measure on the calibration views (worst of N; mean), recorded at declaration")
     out.append("")
     def row(label, stored, raw, per_sample=True):
         text = f"{label:10s} {_size(stored):>11s} {_size(raw):>11s} {_ratio(stored, raw):>8s}"

@@ -53,7 +53,7 @@ import numpy as np
 from .errors import SchemaError
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
-# Pixels per cell of each level, the one definition: the detectors (detectors.outputs) import it
+# Pixels per cell of each level, the one definition: the detectors (detectors.detector) import it
 # from here, as store stays free of torch.
 STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 GROUPS = ("fpn", "head", "region", "meta", "image", "backbone")
@@ -87,7 +87,7 @@ class FieldSpec:
     kind: str                     # "float": storage dtype chosen by the codec; "int"/"bytes": exact dtype
     dtype: str | None             # exact numpy dtype for kind "int"/"bytes"; None for floats
     shape: tuple[str | int, ...]  # symbolic; "_l" in a symbol is bound per level (H_l -> H_p3)
-    default_codec: str            # a preset name of store.codecs.make_codec
+    default_codec: str            # a codec spec of store.codecs.make_codec ("klt", "klt:0.04")
     doc: str
 
     @property

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detectors import build_detector, valid_level_sizes
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from detectors.views import Batch, padded_size
 from precompute.fields import extract_fields, resolve_fields
 from store import BACKENDS, FIELDS, Manifest, SchemaError, expand_fields, open_cache, open_writer

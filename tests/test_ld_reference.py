@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from detectors import build_detector
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from precompute.fields import canonical_anchors, diou_matrix, gather_rows, ld_regions
 from store import REGION_POSITIVE, REGION_VLR
 from store.schema import LEVELS

@@ -12,7 +12,7 @@ from detectors import build_detector
 from detectors.data import CocoDetection
 from detectors.synth import SynthConfig, generate
 from detectors.views import ViewSpec
-from precompute.maskd_tokens import learn_receptive_tokens
+from train.methods.maskd_tokens import learn_receptive_tokens
 
 SEED = 5
 

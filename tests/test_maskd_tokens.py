@@ -1,4 +1,4 @@
-"""MasKD stage 1 (precompute/maskd_tokens.py) and the ``Detector.forward_features`` hook it uses."""
+"""MasKD stage 1 (train/methods/maskd_tokens.py) and the ``Detector.forward_features`` hook it uses."""
 import copy
 
 import numpy as np
@@ -10,10 +10,10 @@ from detectors.zoo import MODELS
 from detectors.data import CocoDetection
 from detectors.synth import SynthConfig, generate
 from detectors.views import Batch, ViewSpec
-from precompute.maskd_tokens import (MASKD_ARTIFACT, ReceptiveTokens, cosine_lr, dice_diversity,
-                                     learn_receptive_tokens, load_receptive_tokens, stage1_losses)
 from store import Manifest, open_cache, open_writer
 from store.synthetic import make_sample
+from train.methods.maskd_tokens import (MASKD_ARTIFACT, ReceptiveTokens, cosine_lr, dice_diversity,
+                                        learn_receptive_tokens, load_receptive_tokens, stage1_losses)
 
 CHANNELS = MODELS["gfl-nano"].fpn_channels  # fpn_channels of the nano models
 

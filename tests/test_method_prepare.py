@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detectors.data import CocoDetection
-from detectors.outputs import valid_level_sizes
+from detectors.detector import valid_level_sizes
 from detectors.synth import SynthConfig, generate
 from train.methods import ICD, DatasetStats, MasKD, RunResources, build_method
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from detectors import build_detector, flatten_levels
-from detectors.outputs import DetectorOutput, valid_level_sizes
-from precompute.maskd_tokens import ReceptiveTokens
+from detectors.detector import DetectorOutput, valid_level_sizes
 from store.schema import LEVELS, REGION_POSITIVE, REGION_VLR
 from precompute.fields import resolve_fields
 from store import expand_fields
@@ -19,6 +18,7 @@ from train.methods import (FRS, ICD, LD, METHODS, DatasetStats, DeFeat, MasKD, M
                            build_method, named_field_sets)
 from train.methods.icd import InstanceQueries, num_queries, sample_queries
 from train.methods.ld import gather_region_rows
+from train.methods.maskd_tokens import ReceptiveTokens
 from train.teacher_batch import TeacherBatch, collate_teacher
 
 sig = torch.sigmoid

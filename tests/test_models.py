@@ -4,8 +4,10 @@ import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
 
-from detectors import (IGNORE, DetectorConfig, DetectorOutput, build_detector, convert_torchvision_retinanet,
-                       flatten_levels, list_models, load_checkpoint, save_checkpoint, valid_level_sizes)
+from detectors import (FAMILIES, IGNORE, DetectorConfig, DetectorOutput, GFLConfig, RetinaNetConfig, build_detector,
+                       config_from_dict, convert_torchvision_retinanet, flatten_levels, get_config, list_models,
+                       load_checkpoint, save_checkpoint, valid_level_sizes)
+from detectors.zoo import CHECKPOINT_FORMAT
 from detectors.atss import atss_assign
 from detectors.gfl import integral
 
@@ -212,8 +214,8 @@ def test_gfl_anchors_one_square_per_location():
 
 def test_neck_options():
     torch.manual_seed(0)
-    config = DetectorConfig(family="gfl", depth=None, blocks=(1, 1, 1, 1), widths=(8, 16, 24, 32), norm="gn",
-                            fpn_channels=16, head_convs=1, p6_from="c5", relu_before_p7=True, trainable_layers=5)
+    config = GFLConfig(depth=None, blocks=(1, 1, 1, 1), widths=(8, 16, 24, 32), norm="gn",
+                       fpn_channels=16, head_convs=1, p6_from="c5", relu_before_p7=True, trainable_layers=5)
     model = build_detector(config)
     extra = model.backbone.fpn.extra_blocks
     assert extra.p6.in_channels == 32 and extra.relu_before_p7
@@ -245,9 +247,71 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of 32"):
         build_detector("gfl-nano")(torch.zeros(1, 3, 40, 64), [(40, 64)])
     config = build_detector("retina-nano", num_classes=7).config
-    assert DetectorConfig.from_dict(config.to_dict()) == config
+    assert config_from_dict(config.to_dict()) == config
     assert config.nms_thresh == 0.5 and config.detections_per_img == 300
     assert build_detector("r50").config.family == "gfl"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_config_holds_only_its_own_keys(family):
+    """Each family's config: its own keys and defaults, a dict round trip, and no other family's keys."""
+    config = get_config(f"{family}-nano", num_classes=3)
+    assert type(config) is FAMILIES[family].config_class and config.family == family
+    values = config.to_dict()
+    assert values["family"] == family and config_from_dict(values) == config
+    assert set(values) == {"family", *type(config).keys()}
+    others = {key for cls in FAMILIES.values() for key in cls.config_class.keys()} - set(type(config).keys())
+    assert others  # the families differ in at least one key
+    with pytest.raises(ValueError, match=f"unknown DetectorConfig keys .* for family '{family}'"):
+        build_detector(f"{family}-nano", **{sorted(others)[0]: 0.3})
+    with pytest.raises(ValueError, match="needs a"):
+        FAMILIES[family](next(c for c in (GFLConfig(), RetinaNetConfig()) if c.family != family))
+
+
+def test_family_defaults_and_shared_base():
+    gfl, retina = GFLConfig(), RetinaNetConfig()
+    assert (gfl.relu_before_p7, gfl.nms_thresh, gfl.detections_per_img) == (False, 0.6, 100)  # mmdetection
+    assert (retina.relu_before_p7, retina.nms_thresh, retina.detections_per_img) == (True, 0.5, 300)  # torchvision
+    assert (gfl.reg_max, gfl.atss_topk, gfl.qfl_weight, gfl.dfl_weight, gfl.giou_weight) == (16, 9, 1.0, 0.25, 2.0)
+    assert (retina.fg_iou_thresh, retina.bg_iou_thresh) == (0.5, 0.4)
+    with pytest.raises(TypeError, match="shared keys only"):
+        DetectorConfig(relu_before_p7=True, nms_thresh=0.5, detections_per_img=1)
+    with pytest.raises(ValueError, match="unknown detector family 'fcos'"):
+        config_from_dict({"family": "fcos"})
+
+
+# Configs as checkpoints and cache manifests stored them before configs were per family: one flat
+# dict with every family's keys (the other family's had no effect on the model).
+FLAT_LAYOUT = {
+    "gfl": {"family": "gfl", "num_classes": 3, "name": "gfl-nano", "depth": None, "blocks": [1, 1, 1, 1],
+            "widths": [8, 16, 32, 64], "norm": "bn", "norm_eps": 1e-05, "trainable_layers": 5,
+            "backbone_weights": None, "fpn_channels": 32, "p6_from": "p5", "relu_before_p7": False,
+            "head_convs": 2, "reg_max": 16, "atss_topk": 9, "qfl_weight": 1.0, "dfl_weight": 0.25,
+            "giou_weight": 2.0, "fg_iou_thresh": 0.5, "bg_iou_thresh": 0.4, "score_thresh": 0.05,
+            "topk_candidates": 1000, "nms_thresh": 0.6, "detections_per_img": 100},
+    "retina": {"family": "retina", "num_classes": 3, "name": "retina-nano", "depth": None, "blocks": [1, 1, 1, 1],
+               "widths": [8, 16, 32, 64], "norm": "bn", "norm_eps": 1e-05, "trainable_layers": 5,
+               "backbone_weights": None, "fpn_channels": 32, "p6_from": "p5", "relu_before_p7": True,
+               "head_convs": 2, "reg_max": 16, "atss_topk": 9, "qfl_weight": 1.0, "dfl_weight": 0.25,
+               "giou_weight": 2.0, "fg_iou_thresh": 0.5, "bg_iou_thresh": 0.4, "score_thresh": 0.05,
+               "topk_candidates": 1000, "nms_thresh": 0.5, "detections_per_img": 300},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FLAT_LAYOUT))
+def test_checkpoint_with_the_flat_config_layout_loads(tmp_path, family):
+    """A checkpoint written before per-family configs (every family's keys in one dict) still loads."""
+    torch.manual_seed(0)
+    model = build_detector(f"{family}-nano", num_classes=3).eval()
+    assert model.config == config_from_dict(FLAT_LAYOUT[family])
+    path = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": FLAT_LAYOUT[family], "state_dict": model.state_dict(),
+                "extra": {"epoch": 1}}, path)
+    loaded, extra = load_checkpoint(path)
+    assert extra == {"epoch": 1} and type(loaded) is type(model) and loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="unknown DetectorConfig keys \\['fpn_chanels'\\]"):
+        config_from_dict({**FLAT_LAYOUT[family], "fpn_chanels": 32})
 
 
 def test_checkpoint_round_trip(tmp_path):

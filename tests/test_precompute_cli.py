@@ -18,10 +18,10 @@ from detectors.synth import SynthConfig, generate
 from detectors.views import collate, parse_view_list
 from precompute.__main__ import main
 from precompute.fields import extract_fields, resolve_fields
-from precompute.maskd_tokens import MASKD_ARTIFACT
 from store import FIELDS, measure_error, open_cache
 from store.report import verify
 from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT
+from train.methods.maskd_tokens import MASKD_ARTIFACT
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]

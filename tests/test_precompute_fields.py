@@ -10,6 +10,7 @@ from detectors.views import Batch, padded_size
 from precompute.fields import (ALWAYS_META, GT_META, artifacts_for, canonical_anchors, diou_matrix, extract_fields,
                                ld_regions, resolve_fields)
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+from train.methods import MasKD
 
 torch.set_num_threads(2)
 
@@ -225,8 +226,10 @@ def test_resolve_fields_methods_groups_and_always_meta():
 
 
 def test_method_names_bring_their_artefacts():
-    assert artifacts_for("all") == artifacts_for("maskd") == ["maskd_tokens"]
-    assert artifacts_for("frs,ld,fpn") == artifacts_for("defeat-coco") == []
+    assert artifacts_for("all") == artifacts_for("maskd") == {"maskd_tokens": MasKD}
+    assert artifacts_for("frs,ld,fpn") == artifacts_for("defeat-coco") == {}
+    # the options of a precompute run turn the tokens off (--maskd-iters 0)
+    assert artifacts_for("all", {"maskd_iters": 0}) == {}
 
 
 def test_cache_options_record_the_vlr_rule_only_with_regions():

@@ -36,3 +36,21 @@ def test_codec_overrides_pick_the_most_specific_key():
     assert field_codecs(fields, {})["fpn.p5"] == "klt"
     with pytest.raises(Exception, match="not a field"):
         field_codecs(fields, {"fnp": "int8"})
+
+
+def test_codec_specs_are_canonical_and_bad_ones_name_field_and_spec():
+    fields = resolve_fields("all")
+    codecs = field_codecs(fields, {"fpn": "klt:0.040", "fpn.p7": "klt-dpcm:0.12,clevel=9", "head.cls": "sparse:0.001"})
+    assert codecs["fpn.p3"] == "klt:0.04" and codecs["fpn.p7"] == "klt-dpcm:0.12,clevel=9"
+    assert codecs["head.cls.p3"] == "sparse:0.001"
+    with pytest.raises(Exception, match=r"codec 'klt:abc' for field fpn: max_rel_rmse must be"):
+        field_codecs(fields, {"fpn": "klt:abc"})
+
+
+def test_cli_codec_option_takes_field_equals_spec():
+    from precompute.__main__ import parse_codecs
+    assert parse_codecs(["fpn=klt:0.04", "fpn.p7 = klt-dct:0.12"]) == {"fpn": "klt:0.04", "fpn.p7": "klt-dct:0.12"}
+    for item, message in (("fpn", "expected FIELD=SPEC"), ("fpn=klt:2", "codec 'klt:2' for field fpn: max_rel_rmse"),
+                          ("fpn=int8:3", "int8 takes KEY=VALUE")):
+        with pytest.raises(SystemExit, match=message):
+            parse_codecs([item])

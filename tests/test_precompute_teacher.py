@@ -8,7 +8,7 @@ import torchvision
 from detectors import build_detector, save_checkpoint
 from detectors.convert import (convert_mmdet_gfl, convert_mmdet_retinanet, detect_source, infer_resnet_depth,
                                select_retinanet_classes, unwrap_state_dict)
-from precompute.teacher import load_teacher, neck_head_state
+from precompute.teacher import as_recorded, load_teacher, neck_head_state
 
 torch.set_num_threads(2)
 NUM_CLASSES = 80
@@ -158,3 +158,19 @@ def test_project_checkpoint_spec_is_checked(tmp_path):
         load_teacher(None, path, num_classes=80)
     with pytest.raises(ValueError, match="not a mmdet checkpoint"):
         load_teacher(None, path, source="mmdet")
+
+
+@pytest.mark.parametrize("name,other_keys", [("gfl-nano", {"fg_iou_thresh": 0.5, "bg_iou_thresh": 0.4}),
+                                             ("retina-nano", {"reg_max": 16, "atss_topk": 9, "qfl_weight": 1.0,
+                                                              "dfl_weight": 0.25, "giou_weight": 2.0})])
+def test_a_flat_config_recorded_by_an_earlier_version_declares_the_same_teacher(name, other_keys):
+    """Caches declared before per-family configs record every family's keys; resuming one must find
+    the same teacher (else precompute refuses it as declared differently), and a different one must not."""
+    config = build_detector(name, num_classes=3).config.to_dict()
+    entry = {"arch": name, "checkpoint_sha256": "abc", "config": config}
+    flat = {"config": dict(config, **other_keys)}
+    assert as_recorded(entry, flat) == dict(entry, config=flat["config"])
+    assert as_recorded(entry, {"config": config}) == entry
+    for different in (dict(flat["config"], fpn_channels=config["fpn_channels"] + 1),   # another teacher
+                      dict(flat["config"], unknown_key=1)):                            # not a config at all
+        assert as_recorded(entry, {"config": different}) == entry

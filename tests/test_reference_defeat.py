@@ -16,7 +16,7 @@ below, is the documented deviation; everything else is the official computation.
 import pytest
 import torch
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods import DeFeat
 from train.teacher_batch import TeacherBatch
 

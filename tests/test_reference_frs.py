@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods import FRS
 from train.teacher_batch import TeacherBatch
 

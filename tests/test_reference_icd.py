@@ -59,7 +59,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods import ICD, DatasetStats
 from train.methods.icd import pair_last_sizes, query_descriptors
 from train.teacher_batch import TeacherBatch

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods import MasKD
 from train.teacher_batch import TeacherBatch
 

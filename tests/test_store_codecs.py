@@ -1,11 +1,13 @@
-"""Codecs: exact round trips, declared error bounds on random and FPN-like data, configs, corruption."""
+"""Codecs: exact round trips, declared error bounds on random and FPN-like data, configs, corruption,
+the spec grammar (``klt:0.04``), and the lower-rate KLT variants through both backends."""
 import numcodecs
 import numpy as np
 import pytest
 import torch
 
-from store import (Affine, CacheError, CorruptShardError, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
-                   SparseScoreCodec, dequantize, make_codec, measure_error)
+from store import (BACKENDS, Affine, CacheError, CorruptShardError, Int8AffineCodec, KLTCodec, KLTCoeffs,
+                   LosslessCodec, Manifest, SparseScoreCodec, dequantize, make_codec, measure_error, open_cache,
+                   open_writer, parse_codec_spec)
 from store.synthetic import StructuredFPN
 
 RNG = np.random.default_rng(0)
@@ -14,6 +16,7 @@ FPN = StructuredFPN(channels=64, rank=12, seed=1)
 STRUCTURED_FIT = [FPN.level(0, 30, 40, np.random.default_rng(i)) for i in range(4)]
 STRUCTURED = FPN.level(0, 36, 52, np.random.default_rng(99))
 LOSSY = ["fp16", "bf16", "int8", "sparse"]
+FITTED = ["klt", "klt-dpcm", "klt-dct"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.int8, np.uint8, np.int32])
@@ -38,7 +41,7 @@ def test_cast_codecs_are_exact_on_their_own_dtype(preset, dtype):
 
 
 @pytest.mark.parametrize("data", ["random", "structured"])
-@pytest.mark.parametrize("preset", LOSSY + ["klt"])
+@pytest.mark.parametrize("preset", LOSSY + FITTED + ["klt-dpcm:0.12", "klt-dct:0.12", "sparse:0.05"])
 def test_lossy_codecs_keep_their_declared_bound(preset, data):
     x = RANDOM if data == "random" else STRUCTURED
     fit = [RANDOM * 0.9] if data == "random" else STRUCTURED_FIT
@@ -93,7 +96,7 @@ def test_sparse_scores_drop_below_floor_and_keep_the_rest():
     assert len(blob) < 0.3 * logits.size * 2
 
 
-@pytest.mark.parametrize("preset", ["raw", "fp16", "bf16", "stored", "int8", "sparse", "klt"])
+@pytest.mark.parametrize("preset", ["raw", "fp16", "bf16", "stored", "int8", "sparse", *FITTED])
 def test_config_round_trips_through_numcodecs(preset):
     codec = make_codec(preset, calibration=STRUCTURED_FIT)
     again = numcodecs.get_codec(codec.get_config())
@@ -102,7 +105,7 @@ def test_config_round_trips_through_numcodecs(preset):
     np.testing.assert_array_equal(again.decode(blob), codec.decode(blob))
 
 
-@pytest.mark.parametrize("preset", ["raw", "fp16", "int8", "sparse", "klt"])
+@pytest.mark.parametrize("preset", ["raw", "fp16", "int8", "sparse", *FITTED])
 def test_any_flipped_byte_is_detected(preset):
     codec = make_codec(preset, calibration=STRUCTURED_FIT)
     blob = bytearray(codec.encode(STRUCTURED))
@@ -134,17 +137,18 @@ def test_constant_and_zero_maps():
 
 
 def test_compact_forms_dequantize_to_the_same_values():
-    for preset, kind in (("int8", Affine), ("klt", KLTCoeffs), ("fp16", np.ndarray), ("sparse", np.ndarray)):
+    for preset, kind in (("int8", Affine), ("klt", KLTCoeffs), ("klt-dpcm", KLTCoeffs), ("klt-dct", np.ndarray),
+                         ("fp16", np.ndarray), ("sparse", np.ndarray)):
         codec = make_codec(preset, calibration=STRUCTURED_FIT)
         blob = codec.encode(STRUCTURED)
         compact = codec.decode_compact(blob)
         assert isinstance(compact, kind)
-        if preset in ("int8", "klt"):
-            payload = compact.q if preset == "int8" else compact.codes
-            assert payload.dtype.itemsize <= 2              # what crosses to the device is small
+        payload = compact.q if kind is Affine else compact.codes if kind is KLTCoeffs else compact
+        assert payload.dtype.itemsize <= 2                  # what crosses to the device is small
         dense = dequantize(compact, device="cpu")
         assert dense.dtype == torch.float32
-        np.testing.assert_allclose(dense.numpy(), codec.decode(blob), rtol=1e-4, atol=1e-4)
+        tolerance = 2 ** -10 if preset == "klt-dct" else 1e-4     # klt-dct's compact form is the map in fp16
+        np.testing.assert_allclose(dense.numpy(), codec.decode(blob), rtol=tolerance, atol=tolerance)
     bf16 = make_codec("bf16")
     assert bf16.decode_compact(bf16.encode(RANDOM)).dtype == torch.bfloat16
 
@@ -156,7 +160,91 @@ def test_unrepresentable_input_is_refused():
         make_codec("int8").encode(np.array([np.nan], np.float32))
     with pytest.raises(CacheError, match="calibration"):
         make_codec("klt")
-    with pytest.raises(CacheError, match="unknown codec preset"):
+    with pytest.raises(CacheError, match="unknown codec"):
         make_codec("jpeg")
     with pytest.raises(CacheError):
         LosslessCodec(dtype="float8")
+
+
+# ---------------------------------------------------------------------------------------------
+# codec specs: NAME[:VALUE][,KEY=VALUE...]
+@pytest.mark.parametrize("text,canonical", [
+    ("klt", "klt"), ("klt:0.04", "klt:0.04"), (" klt:0.040 ", "klt:0.04"), ("klt:clevel=9", "klt:clevel=9"),
+    ("klt-dpcm:0.12,clevel=7", "klt-dpcm:0.12,clevel=7"), ("klt:target_rel_rmse=0.003", "klt:target_rel_rmse=0.003"),
+    ("sparse:0.001", "sparse:0.001"), ("int8:clevel=5", "int8:clevel=5"), ("fp16", "fp16")])
+def test_spec_grammar_canonical_spelling_round_trips(text, canonical):
+    spec = parse_codec_spec(text)
+    assert str(spec) == canonical and parse_codec_spec(str(spec)) == spec
+
+
+def test_spec_parameters_reach_the_codec():
+    assert make_codec("klt:0.04", calibration=STRUCTURED_FIT).error_bound()["value"] == 0.04
+    assert make_codec("klt-dct:0.12", calibration=STRUCTURED_FIT).spatial == "dct"
+    assert make_codec("sparse:0.001").floor == 0.001
+    assert make_codec("int8:clevel=7").clevel == 7
+
+
+@pytest.mark.parametrize("text,message", [
+    ("jpeg", "unknown codec 'jpeg'; codecs: raw"), ("klt:abc", "max_rel_rmse must be a relative RMSE"),
+    ("klt:1.5", "max_rel_rmse must be"), ("klt:0", "max_rel_rmse must be"), ("klt:0.04,0.05", "has no '='"),
+    ("int8:3", "int8 takes KEY=VALUE parameters (clevel)"), ("klt:foo=1", "klt has no parameter 'foo'"),
+    ("klt:0.04,max_rel_rmse=0.05", "max_rel_rmse given twice"), ("raw:clevel=1.5", "clevel must be a Zstd level"),
+    ("klt:0.02,target_rel_rmse=0.03", "target_rel_rmse must not exceed")])
+def test_bad_specs_are_one_line_errors_naming_field_and_spec(text, message):
+    with pytest.raises(CacheError) as error:
+        parse_codec_spec(text, field="fpn.p3")
+    text_of_error = str(error.value)
+    assert message in text_of_error and "\n" not in text_of_error
+    assert text_of_error.startswith(f"codec {text!r} for field fpn.p3: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# lower-rate KLT variants: spatial prediction (dpcm) and spatial DCT of the coefficient planes
+@pytest.mark.parametrize("bound", [0.01, 0.04, 0.12])
+def test_spatial_variants_keep_the_bound_and_store_less_than_klt_on_smooth_maps(bound):
+    sizes = {}
+    for name in FITTED:
+        codec = make_codec(f"{name}:{bound}", calibration=STRUCTURED_FIT)
+        for seed in range(3):
+            x = FPN.level(0, 17 + 9 * seed, 29 + seed, np.random.default_rng(200 + seed))   # odd sizes too
+            blob = codec.encode(x)
+            rel = np.linalg.norm(codec.decode(blob) - x) / np.linalg.norm(x)
+            assert rel <= bound, (name, bound, rel)
+            sizes[name] = sizes.get(name, 0) + len(blob)
+    assert sizes["klt-dpcm"] < sizes["klt"] and sizes["klt-dct"] < sizes["klt"], sizes
+
+
+def test_dpcm_decodes_to_exactly_the_klt_coefficients():
+    """Prediction is lossless on the quantised integers: same coefficients, same map as klt."""
+    klt = make_codec("klt:0.04", calibration=STRUCTURED_FIT)
+    config = {key: value for key, value in klt.get_config().items() if key != "id"}
+    dpcm = KLTCodec(**config, spatial="dpcm")
+    np.testing.assert_array_equal(dpcm.decode(dpcm.encode(STRUCTURED)), klt.decode(klt.encode(STRUCTURED)))
+    a, b = klt.decode_compact(klt.encode(STRUCTURED)), dpcm.decode_compact(dpcm.encode(STRUCTURED))
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spatial_variants_round_trip_through_each_backend(tmp_path, backend):
+    samples = [{"fpn.p3": FPN.level(0, 12 + i, 20, np.random.default_rng(300 + i)),
+                "fpn.p4": FPN.level(1, 6, 10, np.random.default_rng(400 + i)),
+                "meta.image_id": np.int64(i), "meta.view_index": np.int32(0)} for i in range(4)]
+    manifest = Manifest.create(teacher={"arch": "test", "checkpoint_sha256": "0" * 64}, dataset={"test": True},
+                               views=[{"flip": False}], fields={"fpn.p3": "klt-dpcm:0.04", "fpn.p4": "klt-dct:0.12"},
+                               calibration=samples[:2], backend=backend, shard_size=2, num_samples=len(samples))
+    entry = manifest["fields"]["fpn.p3"]
+    assert entry["spec"] == "klt-dpcm:0.04" and manifest["fields"]["fpn.p4"]["spec"] == "klt-dct:0.12"
+    assert entry["codec"]["spatial"] == "dpcm" and entry["error_bound"]["value"] == 0.04
+    assert entry["measured_error"]["maps"] == 2 and 0 < entry["measured_error"]["worst"] <= 0.04
+    url = str(tmp_path / backend)
+    with open_writer(url, manifest) as writer:
+        for sample in samples:
+            writer.write(sample)
+    cache = open_cache(url)
+    for sample in samples:
+        got = cache.get(int(sample["meta.image_id"]), 0, fields=["fpn.p3", "fpn.p4"])
+        for name, bound in (("fpn.p3", 0.04), ("fpn.p4", 0.12)):
+            x = sample[name]
+            assert np.linalg.norm(got[name] - x) / np.linalg.norm(x) <= bound
+        compact = cache.dequantize(cache.get(int(sample["meta.image_id"]), 0, fields=["fpn.p3"], decode="compact"))
+        np.testing.assert_allclose(compact["fpn.p3"].numpy(), got["fpn.p3"], rtol=1e-4, atol=1e-4)

@@ -68,7 +68,7 @@ def test_create_refuses_bad_declarations():
         make(teacher={"arch": "x"})
     with pytest.raises(CacheError, match="needs an exact codec"):
         make(fields={"region.index": "fp16"})
-    with pytest.raises(CacheError, match="field fpn.p3: codec 'klt' needs calibration"):
+    with pytest.raises(CacheError, match="field fpn.p3: codec 'klt': needs calibration"):
         make(calibration=None)
     with pytest.raises(CacheError, match="backend"):
         make(backend="hdf5")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from detectors.outputs import valid_level_sizes
+from detectors.detector import valid_level_sizes
 from store.schema import LEVELS, REGION_POSITIVE, REGION_VLR
 from train.teacher_batch import TeacherBatch, collate_teacher
 

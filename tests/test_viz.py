@@ -18,7 +18,7 @@ from precompute.config import PrecomputeConfig
 from precompute.pipeline import run_precompute
 from train.config import TrainConfig
 from train.trainer import StudentTrainer
-from train.viz import PICTURES, draw, level_map_to_pixels, main
+from train.viz import draw, level_map_to_pixels, main, picture_names
 
 VIEWS = "64:96,64:96:flip"
 
@@ -63,8 +63,8 @@ def test_every_picture_is_drawn_for_each_image(world, tmp_path):
     paths = draw(world / "data", world / "cache", tmp_path, num_images=2, view=1,
                  student_ckpt=world / "icd_run" / "student.pt", icd_run=world / "icd_run", log=messages.append)
     assert messages == []
-    assert len(paths) == 2 * len(PICTURES)
-    assert {p.name.rsplit("_", 1)[1] for p in paths} == {f"{picture}.png" for picture in PICTURES}
+    assert len(paths) == 2 * len(picture_names())
+    assert {p.name.rsplit("_", 1)[1] for p in paths} == {f"{picture}.png" for picture in picture_names()}
     assert all("_view1_" in p.name for p in paths)
     for path in paths:
         assert_picture(path)
@@ -111,7 +111,7 @@ def test_help_explains_the_pictures(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--icd-run", "--student-ckpt", "untrained", "richness", "VLR", *PICTURES):
+    for word in ("--icd-run", "--student-ckpt", "untrained", "richness", "VLR", *picture_names()):
         assert word in text
 
 

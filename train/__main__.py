@@ -20,13 +20,8 @@ groups the method reads are opened; they are decompressed by the loader workers 
 on the training device. Teacher maps are compared with the student's only inside each image's
 valid region.
 
-Methods (--method, combinable with +, e.g. ld+frs):
-  none     no distillation (the baseline student)
-  frs      Feature Richness Score: fpn + head.cls, 3x3 adapters
-  icd      Instance-Conditional KD: fpn; decoder trained by its own AdamW (lr 1e-4, clip 0.01)
-  maskd    Masked KD: fpn (+ head.box when maskd.head_weight > 0) and the cached receptive tokens
-  ld       Localization Distillation (GFL): region rows (ATSS positives and VLR)
-  defeat   Decoupled features: fpn (+ head.cls with the one-stage head term)
+Methods (--method, combinable with +, e.g. ld+frs): `python -m train.methods` lists them, with
+the teacher fields and cache artefacts each reads and its hyperparameters' official values.
 Every hyperparameter of a method is overridable: --set frs.feat_weight=0.2 (see train/methods/).
 Each --set value and option is checked against its field's type and range before anything is
 loaded (an empty, non-numeric or non-finite number, 2.5 for an int, a negative weight or an

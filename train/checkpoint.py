@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from detectors import save_checkpoint
-from detectors.outputs import Detector
+from detectors.detector import Detector
 
 STATE_FORMAT = "detkd-student-train/1"
 

@@ -41,7 +41,7 @@ class TrainConfig:
     data: str = field(metadata={"group": DATA, "help": "COCO-layout root: annotations/instances_SPLIT.json, SPLIT/"})
     out: str = field(metadata={"group": OUTPUT, "help": "run directory"})
     method: str = field(default="none", metadata={
-        "group": WHAT, "help": "none | frs | icd | maskd | ld | defeat | a+b"})
+        "group": WHAT, "help": "a method's name, or a+b (python -m train.methods lists them)"})
     student: str = field(default="gfl-r50", metadata={
         "group": WHAT, "help": "student zoo name (gfl-r50, retina-r18, gfl-nano, ...)"})
     cache: str | None = field(default=None, metadata={

@@ -24,16 +24,16 @@ from train.methods import BASELINE, METHODS  # noqa: E402
 BASELINE_COLOR = "#7f7f7f"
 # matplotlib's tab10 without its grey: the methods in registry order, then the combinations.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
-DISTILLERS = [name for name in METHODS if name != BASELINE]
 
 
 def color(method: str, index: int = 0) -> str:
     """A method's own colour (the same in every figure); a combination's by its position ``index``."""
     if method == BASELINE:
         return BASELINE_COLOR
-    if method in DISTILLERS and DISTILLERS.index(method) < len(PALETTE):
-        return PALETTE[DISTILLERS.index(method)]
-    others = PALETTE[len(DISTILLERS):] or PALETTE
+    distillers = [name for name in METHODS if name != BASELINE]   # the registry as it is now
+    if method in distillers and distillers.index(method) < len(PALETTE):
+        return PALETTE[distillers.index(method)]
+    others = PALETTE[len(distillers):] or PALETTE
     return others[index % len(others)]
 
 

@@ -9,6 +9,9 @@ learns which source produced them.
     source = CachedTeacher(url, fields, expect=dict(dataset=..., views=...))   # the normal path
     source = OnlineTeacher(teacher_model, fields)                               # --teacher CKPT
 
+(a student run gets its source from ``train.teacher_source.open_teacher(...).fields_source(method)``,
+after the checks against its data and student)
+
     payload = source.prefetch(image_id, view_index)   # in a loader worker: compact, still quantised
     samples = source.fetch(batch, payloads, device)   # main process: dequantised on the device
 
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest
-from detectors.outputs import Detector
+from detectors.detector import Detector
 from detectors.views import Batch
 from precompute.fields import extract_fields
 from store import Cache, CacheError, Manifest, ManifestMismatch, expand_fields, open_cache

@@ -29,7 +29,9 @@ every --set/--grid key given explicitly override the recipe's (a --student other
 recipe's gets none of the recipe's student config). ``--recipe list`` prints the recipes.
 
 Each run is a child process (``python -m train.sweep --run DIR``), so one crash does not end the
-sweep and memory is returned between runs. Runs go one per GPU (``--jobs``: all visible GPUs by
+sweep and memory is returned between runs; a method registered in the calling process from a file
+of its own (``train.methods.register_method``) is registered in the child from that file. Runs go
+one per GPU (``--jobs``: all visible GPUs by
 default); on a CPU one at a time, or ``--jobs N`` runs side by side with the cores split between
 them.
 """
@@ -50,7 +52,8 @@ from tqdm import tqdm
 
 from train.checkpoint import RESUME_FREE_KEYS
 from train.config import TrainConfig, train_option_rules
-from train.methods import METHODS, MethodSpec, ValueRule, check_overrides, override_rule
+from train.methods import (METHODS, MethodSpec, ValueRule, check_overrides, method_sources, override_rule,
+                           register_method_sources)
 from train.options import split_assignments
 from train.recipes import RECIPE_HELP
 from train.run import run_training
@@ -188,9 +191,13 @@ def check_reusable(run: RunSpec) -> None:
 
 
 def write_run_file(run: RunSpec) -> None:
+    """run.json: the run's config, and where its methods registered outside train.methods are
+    defined (the child process registers them from there)."""
     run.out.mkdir(parents=True, exist_ok=True)
+    names = MethodSpec.parse(run.method).names
     data = {"name": run.name, "method": run.method, "seed": run.seed, "grid": run.grid,
-            "config": run.config.to_dict()}
+            "config": run.config.to_dict(),
+            "method_sources": {name: source for name, source in method_sources().items() if name in names}}
     (run.out / RUN_FILE).write_text(json.dumps(data, indent=2))
 
 
@@ -293,7 +300,9 @@ def execute(runs: list[RunSpec], jobs: int | None = None, progress: bool = True,
 
 def run_child(run_dir: Path, device: str | None) -> int:
     """The child process: train one run from its run.json (resuming its last.pt when there is one)."""
-    config = dict(json.loads((run_dir / RUN_FILE).read_text())["config"])
+    run_file = json.loads((run_dir / RUN_FILE).read_text())
+    register_method_sources(run_file["method_sources"])
+    config = dict(run_file["config"])
     if device and config.get("device", "auto") == "auto":
         config["device"] = device
     return run_training(config)

@@ -2,7 +2,7 @@
 
 Precompute runs the teacher on each view with canonical padding (its own size rounded up to 32),
 so a cached dense map of level l is exactly the image's valid region ``(h_l, w_l)``
-(:func:`detectors.outputs.valid_level_sizes`). The student batch pads every image to the largest
+(:func:`detectors.detector.valid_level_sizes`). The student batch pads every image to the largest
 in the batch. :func:`collate_teacher` places each image's maps top-left into zero maps of the
 student batch's level sizes and records the valid region per level, so that a method can compare
 ``teacher.fpn[l][n]`` with ``student.features[l][n]`` location for location and mask with
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detectors.outputs import valid_level_sizes
+from detectors.detector import valid_level_sizes
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS, STRIDES
 
 # Dense field prefixes and the TeacherBatch attribute each fills.

@@ -42,9 +42,9 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from detectors import DetectorConfig, build_detector, load_checkpoint
+from detectors import build_detector, config_from_dict, load_checkpoint
 from detectors.data import CocoDetection
-from detectors.outputs import Detector, DetectorOutput, valid_level_sizes
+from detectors.detector import Detector, DetectorOutput, valid_level_sizes
 from detectors.views import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Sample, ViewSpec, collate
 from store import LEVELS, STRIDES, Cache, CacheError, ManifestMismatch, expand_fields, open_cache
 from train.methods import METHODS
@@ -53,12 +53,6 @@ from train.sources import adopt_cache_images
 
 DETECTIONS = "detections"
 DETECTION_FIELDS = ("head.cls", "head.box")
-# Every method's picture (the registry's order), then the detections.
-PICTURE_METHODS: dict[str, type[DistillationMethod]] = {
-    name: cls for name, cls in METHODS.items() if cls.PICTURE_FIELDS is not None}
-PICTURES = (*PICTURE_METHODS, DETECTIONS)
-PICTURE_OPTIONS: dict[str, PictureOption] = {
-    option.dest: option for cls in PICTURE_METHODS.values() for option in cls.PICTURE_OPTIONS}
 PANEL_INCHES = 3.0           # width of one image panel
 WIDE_PANEL_INCHES = 4.5      # ... in the two-panel pictures
 MAP_ALPHA = 0.6              # opacity of a heat map over the (grey) image
@@ -68,6 +62,22 @@ DPI = 110
 
 class Skipped(Exception):
     """One picture cannot be drawn; the message names what is missing."""
+
+
+# The registry is read when called, so that a method registered after this import has its picture.
+def picture_methods() -> dict[str, type[DistillationMethod]]:
+    """The methods that have a picture, in the registry's order."""
+    return {name: cls for name, cls in METHODS.items() if cls.PICTURE_FIELDS is not None}
+
+
+def picture_names() -> tuple[str, ...]:
+    """Every method's picture (the registry's order), then the detections: what ``--what`` takes."""
+    return (*picture_methods(), DETECTIONS)
+
+
+def picture_options() -> dict[str, PictureOption]:
+    """The methods' picture options by keyword (``maskd_level``)."""
+    return {option.dest: option for cls in picture_methods().values() for option in cls.PICTURE_OPTIONS}
 
 
 @dataclass
@@ -199,12 +209,13 @@ class Painter:
     """Draws the pictures of one cache: the shared inputs (class names, the teacher's decoder, a
     student), the methods' picture options and the state they keep between views, saving."""
 
-    def __init__(self, dataset: CocoDetection, cache: Cache, out: Path, *, pictures: Sequence[str] = PICTURES,
+    def __init__(self, dataset: CocoDetection, cache: Cache, out: Path, *, pictures: Sequence[str] | None = None,
                  student_ckpt: str | None = None, score_thresh: float = 0.3, options: dict[str, Any] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.dataset, self.cache, self.out, self.log = dataset, cache, out, log
         self.score_thresh = score_thresh
-        self.options = {dest: option.default for dest, option in PICTURE_OPTIONS.items()} | dict(options or {})
+        self.methods = picture_methods()
+        self.options = {dest: option.default for dest, option in picture_options().items()} | dict(options or {})
         self.state: dict[str, Any] = {}   # per method: what its picture loaded once (tokens, a decoder)
         self.teacher_config = cache.manifest["teacher"].get("config")
         self.student_ckpt = student_ckpt
@@ -212,9 +223,9 @@ class Painter:
         self._student: Detector | None = None
         if student_ckpt is not None:
             self._student = self._load_student(student_ckpt)
-        for picture in pictures:
-            if picture in PICTURE_METHODS:
-                PICTURE_METHODS[picture].prepare_picture(self)
+        for picture in picture_names() if pictures is None else pictures:
+            if picture in self.methods:
+                self.methods[picture].prepare_picture(self)
 
     # ------------------------------------------------------------------ shared inputs
     def class_name(self, label: int) -> str:
@@ -236,7 +247,7 @@ class Painter:
         if self.teacher_config is None:
             raise Skipped("the cache manifest records no teacher config (teacher.config), needed for its anchors")
         if self._teacher is None:
-            config = DetectorConfig.from_dict({**self.teacher_config, "backbone_weights": None})
+            config = config_from_dict({**self.teacher_config, "backbone_weights": None})
             with torch.random.fork_rng(devices=[]):
                 self._teacher = build_detector(config).eval()
         return self._teacher
@@ -309,7 +320,7 @@ class Painter:
                 if picture == DETECTIONS:
                     written.append(self.detections(view))
                 else:
-                    written.append(PICTURE_METHODS[picture].draw_picture(self, view))
+                    written.append(self.methods[picture].draw_picture(self, view))
             except Skipped as reason:
                 self.log(f"skipped {picture} for {view.describe()}: {reason}")
         return written
@@ -317,15 +328,16 @@ class Painter:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def parse_pictures(spec: str | Sequence[str]) -> list[str]:
-    """``"all"`` or a comma list of PICTURES -> the list, in PICTURES order."""
+    """``"all"`` or a comma list of :func:`picture_names` -> the list, in their order."""
+    known = picture_names()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     items = [item.strip().lower() for item in items if item.strip()]
     if "all" in items:
-        return list(PICTURES)
-    unknown = [item for item in items if item not in PICTURES]
+        return list(known)
+    unknown = [item for item in items if item not in known]
     if unknown or not items:
-        raise ValueError(f"unknown picture(s) {unknown} in --what {spec!r}; choose from all, {', '.join(PICTURES)}")
-    return [picture for picture in PICTURES if picture in items]
+        raise ValueError(f"unknown picture(s) {unknown} in --what {spec!r}; choose from all, {', '.join(known)}")
+    return [picture for picture in known if picture in items]
 
 
 def choose_images(dataset: CocoDetection, cache: Cache, view_index: int, image_ids: Sequence[int] | None,
@@ -382,17 +394,18 @@ def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "
         image_ids: COCO ids to draw; default the first ``num_images`` of the split (with GT boxes first).
         view: index into the cache's views.
         student_ckpt: a student checkpoint (a run's ``student.pt``) for the detections picture.
-        what: ``"all"`` or a comma list of :data:`PICTURES`.
+        what: ``"all"`` or a comma list of :func:`picture_names`.
         score_thresh: detections drawn from this score up.
         log: where skip reasons and notes go.
-        options: the methods' picture options by :data:`PICTURE_OPTIONS` name (``icd_run="runs/icd"``,
+        options: the methods' picture options by :func:`picture_options` name (``icd_run="runs/icd"``,
             ``maskd_level="p4"``); the ones not given take their defaults.
     """
     pictures = parse_pictures(what)
+    known_options = picture_options()
     for dest, value in options.items():
-        option = PICTURE_OPTIONS.get(dest)
+        option = known_options.get(dest)
         if option is None:
-            raise ValueError(f"unknown picture option {dest!r}; known: {', '.join(PICTURE_OPTIONS)}")
+            raise ValueError(f"unknown picture option {dest!r}; known: {', '.join(known_options)}")
         if option.choices is not None and value not in option.choices:
             raise ValueError(f"{option.flag} {value!r}: choose one of {', '.join(map(str, option.choices))}")
     if num_images < 1:
@@ -415,7 +428,7 @@ def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "
                       student_ckpt=None if student_ckpt is None else str(student_ckpt), score_thresh=score_thresh,
                       options=options, log=log)
     fields = sorted({name for picture in pictures for name in
-                     (DETECTION_FIELDS if picture == DETECTIONS else PICTURE_METHODS[picture].PICTURE_FIELDS)})
+                     (DETECTION_FIELDS if picture == DETECTIONS else painter.methods[picture].PICTURE_FIELDS)})
     written: list[Path] = []
     for image_id in chosen:
         written += painter.draw(load_view(dataset, opened, image_id, view, fields), pictures)
@@ -430,11 +443,14 @@ def _picture_lines(name: str, text: str) -> str:
     return textwrap.fill(text, width=100, initial_indent=f"  {name:<11} ", subsequent_indent=" " * 14)
 
 
-DESCRIPTION = f"""\
+def description() -> str:
+    """``--help``'s text: every picture, the registry's methods' first."""
+    pictures = [_picture_lines(name, cls.PICTURE_HELP) for name, cls in picture_methods().items()]
+    return f"""\
 Pictures of what the distillation methods read from a teacher cache, for chosen images of a
 COCO-layout split, as PNG files in --out (one per image and picture):
 
-{chr(10).join(_picture_lines(name, cls.PICTURE_HELP) for name, cls in PICTURE_METHODS.items())}
+{chr(10).join(pictures)}
 {_picture_lines(DETECTIONS, DETECTIONS_HELP)}
 
 Everything is drawn in view pixels on the view image (resized, possibly flipped: --view) that
@@ -451,7 +467,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.viz", description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m train.viz", description=description(), epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="DIR",
                    help="COCO-layout root (annotations/instances_SPLIT.json, SPLIT/)")
@@ -464,10 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="else: the first N images of the split (those with GT boxes first) [2]")
     p.add_argument("--view", type=int, default=0, metavar="V", help="index into the cache's views [0]")
     p.add_argument("--what", default="all", metavar="LIST",
-                   help=f"all, or a comma list of {', '.join(PICTURES)} [all]")
+                   help=f"all, or a comma list of {', '.join(picture_names())} [all]")
     p.add_argument("--student-ckpt", metavar="FILE",
                    help="student checkpoint for the detections picture (a run's student.pt)")
-    for option in PICTURE_OPTIONS.values():
+    for option in picture_options().values():
         p.add_argument(option.flag, default=option.default, type=option.type, choices=option.choices,
                        metavar=option.metavar, help=option.help)
     p.add_argument("--score-thresh", type=float, default=0.3, metavar="S",
@@ -477,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
-    options = {dest: getattr(args, dest) for dest in PICTURE_OPTIONS}
+    options = {dest: getattr(args, dest) for dest in picture_options()}
     try:
         paths = draw(args.data, args.cache, args.out, split=args.split, image_ids=args.image_ids,
                      num_images=args.num_images, view=args.view, student_ckpt=args.student_ckpt, what=args.what,

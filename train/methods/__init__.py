@@ -14,25 +14,36 @@ listed. Defaults are the official values for the detector family (``retina``
 or ``gfl``), see each method's ``Config``. Values must fit their field's type and range
 (``base.config_rules``); command-line text is parsed by the same rules (:func:`parse_overrides`).
 
-Everyone else asks the registry what a method needs: precompute's ``--fields NAME`` resolves
-through :func:`named_field_sets` and :func:`artifacts_of` (each class's ``FIELDS``,
-``FIELD_PRESETS`` and ``ARTIFACTS``), ``train.viz`` draws each class's picture, and the sweep,
-its report and the benchmarks list :data:`METHODS`.
+Everyone else asks the registry what a method needs, when called: precompute's ``--fields NAME``
+resolves through :func:`named_field_sets` and makes the artefacts :func:`artifact_makers` names
+(each class's ``FIELDS``, ``FIELD_PRESETS``, ``ARTIFACTS`` and ``make_artifact``), ``train.viz``
+draws each class's picture, and the sweep, its report and the benchmarks list :data:`METHODS`.
+``python -m train.methods`` prints the registry.
+
+A method defined in a file of its own, outside this package, joins with :func:`register_method`
+(tests/test_toy_method.py does); the processes that the sweep and precompute start register it
+again from where it is defined (:func:`method_sources`, :func:`register_method_sources`).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import importlib.util
+import re
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
-from train.methods.base import (FAMILIES, METHOD_LIMITS, BuildContext, DistillationMethod, MethodConfig,
-                                ParamGroupSpec, RunResources, SettingError, TeacherBatches, ValueRule, config_keys,
-                                config_rules)
+from detectors.detector import DetectorOutput
+from detectors.zoo import FAMILIES
+from store import SchemaError, expand_fields
+from train.methods.base import (METHOD_LIMITS, ArtifactInputs, BuildContext, DistillationMethod,
+                                MethodConfig, ParamGroupSpec, RunResources, SettingError, TeacherBatches, ValueRule,
+                                config_keys, config_rules)
 from train.methods.defeat import DeFeat
 from train.methods.frs import FRS
 from train.methods.icd import ICD, DatasetStats
@@ -41,17 +52,86 @@ from train.methods.maskd import MasKD
 from train.methods.none import NoDistillation
 from train.teacher_batch import TeacherBatch
 
-METHODS: dict[str, type[DistillationMethod]] = {
-    cls.NAME: cls for cls in (NoDistillation, FRS, ICD, MasKD, LD, DeFeat)
-}
+# Method name -> class, in the order tables and figures list them: the built-in methods, then the
+# registered ones in the order they were registered.
+METHODS: dict[str, type[DistillationMethod]] = {}
 # The run every method is compared with (the sweep report's ΔAP).
 BASELINE = NoDistillation.NAME
 
-__all__ = ["BASELINE", "METHODS", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat", "DistillationMethod",
-           "FRS", "ICD", "LD", "MasKD", "MethodConfig", "MethodSpec", "NoDistillation", "ParamGroupSpec", "RunResources",
-           "SettingError", "ValueRule", "artifacts_of", "build_method", "check_overrides", "default_iteration_settings",
-           "iteration_settings", "named_field_sets", "override_rule", "parse_overrides", "schedule_warnings",
-           "split_overrides"]
+__all__ = ["BASELINE", "METHODS", "ArtifactInputs", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat",
+           "DistillationMethod", "FRS", "ICD", "LD", "MasKD", "MethodConfig", "MethodSpec", "NoDistillation",
+           "ParamGroupSpec", "RunResources", "SettingError", "ValueRule", "artifact_makers", "build_method",
+           "check_overrides", "default_iteration_settings", "iteration_settings", "method_sources",
+           "named_field_sets", "override_rule", "parse_overrides", "register_method", "register_method_sources",
+           "schedule_warnings", "split_overrides"]
+
+# A method name is one word of the method string ("ld+frs"), of qualified keys ("frs.feat_weight")
+# and before the first "_" of its loss terms' names ("frs_feat", train.figures reads them so).
+_METHOD_NAME = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def register_method(cls: type[DistillationMethod]) -> type[DistillationMethod]:
+    """Adds ``cls`` to :data:`METHODS` under its ``NAME`` and returns it (so it also decorates a class).
+
+    Refuses (ValueError) a name that is not one lowercase word, that another class or a field preset
+    already holds, or that ``precompute --fields`` reads otherwise ("all", a field group, prefix or
+    name), and field presets that clash likewise. Registering the same class again changes nothing.
+    """
+    if METHODS.get(cls.NAME) is cls:
+        return cls
+    names = [cls.NAME, *cls.FIELD_PRESETS]
+    bad = [name for name in names if not _METHOD_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"{cls.__qualname__}: method and field preset names must match {_METHOD_NAME.pattern}, "
+                         f"got {bad}")
+    registered = {name for known in METHODS.values() for name in (known.NAME, *known.FIELD_PRESETS)}
+    taken = [name for name in names if name == "all" or name in registered or _is_field_spec(name)]
+    if taken:
+        raise ValueError(f"{cls.__qualname__}: the names {taken} are taken (a method or field preset, 'all', or a "
+                         f"store field group, prefix or name)")
+    METHODS[cls.NAME] = cls
+    return cls
+
+
+def _is_field_spec(name: str) -> bool:
+    try:
+        expand_fields([name])
+    except SchemaError:
+        return False
+    return True
+
+
+for _builtin in (NoDistillation, FRS, ICD, MasKD, LD, DeFeat):
+    register_method(_builtin)
+
+
+def method_sources() -> dict[str, str]:
+    """``"FILE:CLASS"`` of each method registered from outside this package, by name: what a process
+    started from this one (a sweep run, a spawned precompute rank) passes to
+    :func:`register_method_sources` to know the same methods. A class defined where there is no file
+    (an interactive session) is left out: other processes do not know it."""
+    files = {name: getattr(sys.modules.get(cls.__module__), "__file__", None) for name, cls in METHODS.items()
+             if not cls.__module__.startswith(__name__ + ".")}
+    return {name: f"{file}:{METHODS[name].__qualname__}" for name, file in files.items() if file}
+
+
+def register_method_sources(sources: Mapping[str, str]) -> None:
+    """Registers the methods of :func:`method_sources` not yet known here: each file is loaded as a
+    module of its own (its ``if __name__ == "__main__":`` block does not run) and the class registered."""
+    for name, source in sources.items():
+        if name in METHODS:
+            continue
+        path, _, qualname = source.rpartition(":")
+        if not Path(path).is_file():
+            raise ValueError(f"method {name!r} is defined in {path}, which does not exist here")
+        spec = importlib.util.spec_from_file_location(f"registered_method_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module   # dataclasses and type hints look their module up there
+        spec.loader.exec_module(module)
+        cls = module
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        register_method(cls)
 
 
 @dataclass(frozen=True)
@@ -94,13 +174,17 @@ def named_field_sets() -> dict[str, tuple[str, ...]]:
     return sets
 
 
-def artifacts_of(names: Iterable[str]) -> list[str]:
-    """Per-cache artefacts (``ARTIFACTS``) of the methods named in ``names``, by method name or one of
-    its field presets; other names (field groups) are ignored."""
-    names, out = list(names), []
+def artifact_makers(names: Iterable[str], options: Mapping[str, Any] | None = None
+                    ) -> dict[str, type[DistillationMethod]]:
+    """Per-cache artefact -> the method class that makes it (``make_artifact``), for the methods
+    named in ``names`` by method name or one of their field presets; other names (field groups) are
+    ignored. With a precompute run's ``options``, only the artefacts made with them
+    (``artifacts_made``); without, every declared one."""
+    names, out = list(names), {}
     for cls in METHODS.values():
         if any(name == cls.NAME or name in cls.FIELD_PRESETS for name in names):
-            out += [artifact for artifact in cls.ARTIFACTS if artifact not in out]
+            made = cls.ARTIFACTS if options is None else cls.artifacts_made(options)
+            out.update({artifact: cls for artifact in made if artifact not in out})
     return out
 
 
@@ -124,7 +208,7 @@ def build_method(spec: str | MethodSpec, family: str, overrides: dict[str, Any] 
             over ``run``).
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown detector family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown detector family {family!r}; expected one of {sorted(FAMILIES)}")
     spec = MethodSpec.parse(spec)
     per_method = split_overrides(spec, dict(overrides or {}))
     configs = {name: METHODS[name].Config.for_family(family, **per_method[name]) for name in spec.names}

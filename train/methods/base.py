@@ -7,7 +7,9 @@ A method is an ``nn.Module`` with
   is what ``precompute --fields NAME`` caches; the instance property ``fields`` says what a
   configured instance reads (a term with weight 0 reads nothing, an opt-in term adds its fields);
 - ``FIELD_PRESETS``: named field sets for other configurations (``--fields defeat-coco``), and
-  ``ARTIFACTS``: the per-cache artefacts it reads (MasKD's receptive tokens);
+  ``ARTIFACTS``: the per-cache artefacts it reads (MasKD's receptive tokens), which precompute
+  makes with :meth:`DistillationMethod.make_artifact` (:meth:`DistillationMethod.artifacts_made`
+  says which a run's options turn off);
 - what ``python -m train.viz`` draws for it: ``PICTURE_FIELDS`` (None: no picture),
   ``PICTURE_HELP``, ``PICTURE_OPTIONS`` and :meth:`DistillationMethod.draw_picture`;
 - ``Config``: a frozen dataclass of hyperparameters whose defaults are the official values for
@@ -38,11 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.schedule import ScheduleConfig, build_scheduler
 from train.teacher_batch import TeacherBatch
-
-FAMILIES = ("retina", "gfl")
 
 
 def config_keys(config_cls: type) -> list[str]:
@@ -272,6 +272,19 @@ class RunResources:
 
 
 @dataclass
+class ArtifactInputs:
+    """What precompute gives a method's :meth:`DistillationMethod.make_artifact`, once per cache."""
+
+    teacher_model: Any                   # the frozen teacher (detectors' Detector), on ``device``
+    dataset: Any                         # the cached split (detectors.data.CocoDetection), its views applied
+    options: Mapping[str, Any]           # the precompute run's options (PrecomputeConfig's keys and values)
+    device: Any = "cpu"
+    seed: int = 0
+    workers: int = 0
+    progress: bool = False
+
+
+@dataclass
 class BuildContext:
     """What a method needs to know about the models to build its learnable parts."""
 
@@ -326,7 +339,7 @@ class DistillationMethod(nn.Module):
     NAME: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[str, ...]] = ()                       # what the default config reads
     FIELD_PRESETS: ClassVar[dict[str, tuple[str, ...]]] = {}     # precompute --fields names of other configs
-    ARTIFACTS: ClassVar[tuple[str, ...]] = ()                    # per-cache artefacts it reads
+    ARTIFACTS: ClassVar[tuple[str, ...]] = ()                    # per-cache artefacts it reads (make_artifact)
     Config: ClassVar[type] = MethodConfig
     PICTURE_FIELDS: ClassVar[tuple[str, ...] | None] = None     # cache fields its viz picture reads
     PICTURE_HELP: ClassVar[str] = ""                             # the picture, for python -m train.viz --help
@@ -342,6 +355,18 @@ class DistillationMethod(nn.Module):
         statistics, a stage the online teacher runs first); :meth:`build` finds it in
         ``context.prepared[NAME]``. None by default."""
         return None
+
+    @classmethod
+    def artifacts_made(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The :attr:`ARTIFACTS` precompute makes with its run's ``options`` (PrecomputeConfig's keys):
+        all of them by default; a method drops one that an option turns off (``--maskd-iters 0``)."""
+        return cls.ARTIFACTS
+
+    @classmethod
+    def make_artifact(cls, name: str, inputs: ArtifactInputs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Makes the per-cache artefact ``name`` (one of :attr:`ARTIFACTS`) in precompute, after the
+        fields: its arrays (name -> array or tensor) and its JSON-ready meta."""
+        raise NotImplementedError(f"{cls.NAME} declares the artefact {name!r} but no maker for it")
 
     @classmethod
     def build(cls, config: Any, context: BuildContext) -> DistillationMethod:

@@ -104,7 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require,
                                 sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch

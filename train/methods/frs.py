@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from store.schema import STRIDES
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
                                 require, sum_per_gpu_batch)

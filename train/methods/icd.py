@@ -115,7 +115,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput, valid_level_sizes
+from detectors.detector import DetectorOutput, valid_level_sizes
 from detectors.views import padded_size
 from store.schema import LEVELS, STRIDES
 from train.methods.base import (IMAGES_PER_GPU, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,

@@ -93,7 +93,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from store.schema import LD_VLR_RULE_OPTION, LD_VLR_RULES, LEVELS, REGION_POSITIVE, REGION_VLR
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape,
                                 kl_divergence_with_temperature, require, zero_term)

@@ -4,10 +4,10 @@ Paper: Huang et al., "Masked Distillation with Receptive Tokens", ICLR 2023.
 Official code: https://github.com/hunto/MasKD @b5af34f (``mmrazor/mmrazor/models/losses/maskd.py``,
 ``mmrazor/configs/distill/maskd/*``, ``mmrazor/mmrazor/models/distillers/single_teacher.py``).
 
-Stage 1 (learning the tokens on the frozen teacher) runs once in precompute
-(:mod:`precompute.maskd_tokens`, the cache's ``maskd_tokens`` artefact), or, with an online teacher
-and no such cache, in :meth:`MasKD.prepare` before the student's first step; this module receives
-its result, frozen. Per level l, with the
+Stage 1 (learning the tokens on the frozen teacher, :mod:`train.methods.maskd_tokens`) runs once
+per cache in precompute (:meth:`MasKD.make_artifact`, the cache's ``maskd_tokens`` artefact), or,
+with an online teacher and no such cache, in :meth:`MasKD.prepare` before the student's first step;
+this module receives its result, frozen. Per level l, with the
 align conv A_l (1×1, C_s → C_t, bias, PyTorch default init, trained with the student):
 
     M_t = σ(token_t · F_t)                                     (N, T, H, W), no gradient
@@ -51,29 +51,29 @@ equal sizes has none; a portrait 1333×800 image paired with a landscape one is 
 
 Tokens module: any object with
 ``masks(features, level) -> (N, T, H, W)`` and ``weights(features, level) -> (N, T)``
-(:class:`precompute.maskd_tokens.ReceptiveTokens`, rebuilt with ``load_receptive_tokens``).
+(:class:`train.methods.maskd_tokens.ReceptiveTokens`, rebuilt with ``load_receptive_tokens``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from detectors.outputs import DetectorOutput
-from precompute.maskd_tokens import MASKD_ARTIFACT
+from detectors.detector import DetectorOutput
 from store.schema import LEVELS, STRIDES
-from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, PictureOption, RunResources,
-                                check_same_shape, require, sum_per_gpu_batch)
+# Stage 1 is called through its module: bench/bench_kill.py pauses it there to kill precompute.
+from train.methods import maskd_tokens
+from train.methods.base import (ArtifactInputs, BuildContext, DistillationMethod, MethodConfig, PictureOption,
+                                RunResources, check_same_shape, require, sum_per_gpu_batch)
+from train.methods.maskd_tokens import MASKD_ARTIFACT, load_receptive_tokens
 from train.teacher_batch import TeacherBatch
 
 
-
-
 class ReceptiveTokensLike(Protocol):
-    """What stage 2 needs from stage 1's tokens (``precompute.maskd_tokens.ReceptiveTokens``)."""
+    """What stage 2 needs from stage 1's tokens (``train.methods.maskd_tokens.ReceptiveTokens``)."""
 
     def masks(self, features: Tensor, level: int) -> Tensor:
         """(N, C, H, W) -> σ(tokens · F) (N, T, H, W)."""
@@ -107,7 +107,7 @@ class MasKD(DistillationMethod):
         super().__init__(config)
         if tokens is None:
             raise ValueError("MasKD needs the receptive tokens learnt in precompute (stage 1): "
-                             "precompute.maskd_tokens.load_receptive_tokens(cache.artifact('maskd_tokens'))")
+                             "train.methods.maskd_tokens.load_receptive_tokens(cache.artifact('maskd_tokens'))")
         for attribute in ("masks", "weights"):
             if not callable(getattr(tokens, attribute, None)):
                 raise TypeError(f"MasKD tokens must have a {attribute}(features, level) method; got {type(tokens)}")
@@ -118,11 +118,24 @@ class MasKD(DistillationMethod):
                                     for _ in range(num_levels)])
 
     @classmethod
+    def artifacts_made(cls, options: dict[str, Any]) -> tuple[str, ...]:
+        return cls.ARTIFACTS if options["maskd_iters"] else ()   # --maskd-iters 0 skips the tokens
+
+    @classmethod
+    def make_artifact(cls, name: str, inputs: ArtifactInputs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Stage 1 on the cached split and views (each image's view drawn at random), the teacher
+        frozen, with precompute's ``--maskd-iters``, ``--maskd-batch-size`` and ``--maskd-lr``."""
+        options = inputs.options
+        result = maskd_tokens.learn_receptive_tokens(
+            inputs.teacher_model, _stage1_data(inputs.dataset), iters=options["maskd_iters"], lr=options["maskd_lr"],
+            batch_size=options["maskd_batch_size"], device=inputs.device, progress=inputs.progress,
+            seed=inputs.seed, num_workers=inputs.workers)
+        return result["state"], result["meta"]
+
+    @classmethod
     def prepare(cls, config: MasKDConfig, run: RunResources) -> ReceptiveTokensLike:
         """Stage 1's receptive tokens: the cache's artefact, or learnt here on the online teacher
         (``run.online_iters`` iterations on the training split, its views drawn at random)."""
-        from detectors.data import CocoDetection
-        from precompute.maskd_tokens import learn_receptive_tokens, load_receptive_tokens
         if run.artifact is not None:
             return load_receptive_tokens(run.artifact(
                 MASKD_ARTIFACT, "MasKD reads the receptive tokens learnt in precompute (python -m precompute "
@@ -130,12 +143,9 @@ class MasKD(DistillationMethod):
         if run.teacher_model is None or run.dataset is None:
             raise ValueError("MasKD needs its receptive tokens: a teacher cache holding them, or an online teacher "
                              "and the training data to learn them on")
-        data = run.dataset
-        stage1_data = CocoDetection(data.root, data.split, views=data.views, view_policy="random",
-                                    on_error=data.on_error)
-        result = learn_receptive_tokens(run.teacher_model, stage1_data, iters=max(1, run.online_iters),
-                                        device=run.device, progress=run.progress, seed=run.seed,
-                                        num_workers=run.workers)
+        result = maskd_tokens.learn_receptive_tokens(run.teacher_model, _stage1_data(run.dataset),
+                                                     iters=max(1, run.online_iters), device=run.device,
+                                                     progress=run.progress, seed=run.seed, num_workers=run.workers)
         return load_receptive_tokens(result)
 
     @classmethod
@@ -195,7 +205,6 @@ class MasKD(DistillationMethod):
         """The token masks and weights on one level (``--maskd-level``), from the cache's tokens artefact."""
         from matplotlib.colors import Normalize
 
-        from precompute.maskd_tokens import load_receptive_tokens
         from store import CacheError
         from train import viz
         painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
@@ -232,3 +241,10 @@ class MasKD(DistillationMethod):
         fig.suptitle(f"MasKD receptive-token masks M_t = σ(token_t · F_t) at {viz.level_title(level, view)}\n"
                      f"{view.describe()}; p_t = token weight (softmax of the prob head){learnt}", fontsize=10)
         return painter.save(fig, view, cls.NAME)
+
+
+def _stage1_data(dataset: Any) -> Any:
+    """The split of ``dataset`` (a CocoDetection) with one view drawn at random per image, as stage 1 reads it."""
+    from detectors.data import CocoDetection
+    return CocoDetection(dataset.root, dataset.split, views=dataset.views, view_policy="random",
+                         on_error=dataset.on_error)

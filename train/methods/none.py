@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from detectors.outputs import DetectorOutput
+from detectors.detector import DetectorOutput
 from train.methods.base import DistillationMethod, MethodConfig
 from train.teacher_batch import TeacherBatch
 

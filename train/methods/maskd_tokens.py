@@ -1,9 +1,11 @@
-"""MasKD stage 1: learn the receptive tokens of a frozen teacher, once, in precompute.
+"""MasKD stage 1: learn the receptive tokens of a frozen teacher, once per cache.
 
 Huang et al., "Masked Distillation with Receptive Tokens" (ICLR 2023); official code
 hunto/MasKD @b5af34f (``mmdetection/maskd.py``, ``mmdetection/maskd_hook.py``,
-``mmdetection/configs/maskd/*``). Stage 2 (the distillation loss) lives in ``train/methods/``
-and rebuilds this module from the cache artifact with :func:`load_receptive_tokens`.
+``mmdetection/configs/maskd/*``). Precompute runs it as the maker of MasKD's cache artefact
+(``MasKD.make_artifact``), an online run before the student's first step (``MasKD.prepare``).
+Stage 2 (the distillation loss, ``train/methods/maskd.py``) rebuilds this module from the
+artefact with :func:`load_receptive_tokens`.
 
 Per FPN level l, with the teacher's features F (N, C, H, W):
 
@@ -18,7 +20,7 @@ Per FPN level l, with the teacher's features F (N, C, H, W):
 - 2000 iterations, Adam lr 0.01 with L2 weight decay 1e-3, cosine per iteration to 1e-6. The
   teacher is in eval mode (its BN too) and gets no gradient. Official batch: 16 (8 GPUs × 2).
 
-Store the result once per cache:
+Stored once per cache (precompute does this):
 
     result = learn_receptive_tokens(teacher, dataset, device="cuda")
     writer.put_artifact(MASKD_ARTIFACT, result["state"], result["meta"])
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from detectors.views import Batch, collate
 
 if TYPE_CHECKING:
-    from detectors.outputs import Detector
+    from detectors.detector import Detector
 
 MASKD_ARTIFACT = "maskd_tokens"
 NUM_TOKENS = 6

@@ -1,4 +1,8 @@
-"""The forward API every detector shares: ``DetectorOutput``, the ``Detector`` base and valid regions.
+"""The ``Detector`` base class every family subclasses, the ``DetectorOutput`` it returns, valid regions.
+
+A family (detectors/gfl.py, detectors/retinanet.py) subclasses ``Detector`` with its head, anchors,
+matching, losses and box decoding, and ``DetectorConfig`` (detectors/config.py) with its keys;
+detectors/zoo.py registers it by name.
 
 A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 32) and the valid
 ``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7, plus the anchors
@@ -19,18 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from detectors.backbone import ResNetFPN, build_resnet_fpn
+from detectors.config import DetectorConfig
 from detectors.views import SIZE_DIVISOR, padded_size
 from store.schema import STRIDES  # pixels per cell of P3..P7, one definition with the cache's level names
-
-if TYPE_CHECKING:
-    from detectors.zoo import DetectorConfig
 
 # Values of ``matched_gt`` besides a GT index (as torchvision's Matcher uses them).
 BACKGROUND = -1
@@ -94,17 +97,26 @@ def flatten_levels(maps: list[Tensor], num_anchors: int) -> Tensor:
     return torch.cat(rows, dim=1)
 
 
+def build_backbone(config: DetectorConfig) -> ResNetFPN:
+    """The ResNet-FPN P3–P7 that ``config`` describes: every family's default backbone."""
+    return build_resnet_fpn(config.depth, config.blocks, config.widths, config.norm, config.norm_eps,
+                            config.fpn_channels, config.p6_from, config.relu_before_p7, config.trainable_layers,
+                            config.backbone_weights)
+
+
 class Detector(nn.Module):
     """Base of the dense one-stage detectors (RetinaNet, GFL): backbone -> head -> ``DetectorOutput``.
 
-    Subclasses provide the head, the anchor generator and four methods: ``match`` (one image's
-    assignment), ``compute_losses``, ``decode_boxes`` (for ``postprocess``) and their config.
+    Subclasses provide their config class, the head, the anchor generator and three methods:
+    ``match`` (one image's assignment), ``compute_losses`` and ``decode_boxes`` (for ``postprocess``).
     """
 
     strides: tuple[int, ...] = STRIDES
+    config_class: ClassVar[type[DetectorConfig]]  # the family's config (its ``family`` names the family)
 
     def __init__(self, config: DetectorConfig, backbone: nn.Module, anchor_generator: AnchorGenerator,
                  head: nn.Module) -> None:
+        self.check_config(config)
         super().__init__()
         self.config = config
         self.num_classes = config.num_classes
@@ -112,6 +124,13 @@ class Detector(nn.Module):
         self.anchor_generator = anchor_generator
         self.head = head
         self.num_anchors = anchor_generator.num_anchors_per_location()[0]
+
+    @classmethod
+    def check_config(cls, config: DetectorConfig) -> None:
+        """Refuse another family's config (families call it first, before building parts from its keys)."""
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__} (family "
+                             f"{cls.config_class.family!r}), got a {type(config).__name__}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
