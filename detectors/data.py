@@ -42,11 +42,12 @@ a value of the wrong JSON type (a string bbox    ``DataError`` naming the file, 
 
 Image hashes and the scan
 -------------------------
-``scan_images`` reads, hashes (``image_file_hash``: sha256 of the file's bytes) and decodes
-every image once, under the same policy; ``exclude`` then leaves the bad ones out (precompute
-declares them in the cache, and a trainer excludes exactly those). ``expect_image_hashes`` makes
-every ``load`` check the bytes it reads against a table: a file that changed is an
-``ImageChangedError`` (always raised, whatever ``on_error``: the cache was built from other pixels).
+``scan_images`` (detectors/image_scan.py) reads, hashes (``image_file_hash``: sha256 of the
+file's bytes) and decodes every image once, under the same policy; ``exclude`` then leaves the bad
+ones out (precompute declares them in the cache, and a trainer excludes exactly those).
+``expect_image_hashes`` makes every ``load`` check the bytes it reads against a table: a file
+that changed is an ``ImageChangedError`` (always raised, whatever ``on_error``: the cache was
+built from other pixels).
 
 Every error is a ``DataError`` (a ``ValueError``) whose message names the file, image or
 annotation; errors from PIL or json are not propagated as such.
@@ -58,7 +59,6 @@ import hashlib
 import io
 import json
 import math
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -332,9 +332,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             record = self._records[record_index]
             try:
-                data = self._read(record.info)
+                data = self.read_image_file(record.info)
                 self._check_hash(record.info, data)
-                image = self._decode(record.info, data)
+                image = self.decode_image_file(record.info, data)
             except ImageChangedError:
                 raise  # never skipped: the recorded hash says these are not the pixels it was made from
             except DataError as err:
@@ -419,8 +419,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"(its {IMAGE_HASH} is {image_file_hash(data).hex()}, recorded {self.image_hashes[info.image_id].hex()})"
                 f": the cache's teacher outputs were computed from other pixels; restore the file or rebuild the cache")
 
+    # Public for the image scan (detectors/image_scan.py), which reads and decodes as load does.
     @staticmethod
-    def _read(info: ImageInfo) -> bytes:
+    def read_image_file(info: ImageInfo) -> bytes:
         """The image file's bytes (a missing or unreadable file is a DataError naming it)."""
         try:
             return info.path.read_bytes()
@@ -430,11 +431,10 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DataError(f"cannot read image file {info.path} (image id {info.image_id}): "
                             f"{err.strerror or err}") from None
 
-    @classmethod
-    def _decode(cls, info: ImageInfo, data: bytes | None = None) -> torch.Tensor:
-        """(3, h, w) uint8 RGB, original pixels, from ``data`` (the file's bytes; read when None)."""
-        if data is None:
-            data = cls._read(info)
+    @staticmethod
+    def decode_image_file(info: ImageInfo, data: bytes) -> torch.Tensor:
+        """(3, h, w) uint8 RGB, original pixels, from ``data`` (the file's bytes); a file that does not
+        decode, or not to the annotation's size, is a DataError naming it."""
         try:
             with Image.open(io.BytesIO(data)) as pil:
                 pil.load()
@@ -447,68 +447,6 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"but the annotation says {info.height}x{info.width}"
             )
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, h, w)
-
-
-@dataclass
-class ImageScan:
-    """What ``scan_images`` found: every good image's hash, and every bad image with the reason."""
-
-    hashes: dict[int, bytes]   # image id -> image_file_hash of the file's bytes
-    bad: dict[int, str]        # image id -> the DataError message (file, image id, what is wrong)
-    seconds_read_hash: float = 0.0   # summed over images (in the workers): reading + hashing
-    seconds_decode: float = 0.0      # summed over images: decoding + the size check
-
-
-class _ScanItems(torch.utils.data.Dataset):
-    """Item i: (image id, hash or None, error message or None, read+hash seconds, decode seconds)."""
-
-    def __init__(self, dataset: CocoDetection) -> None:
-        self.infos = [dataset.image_info(i) for i in range(len(dataset.image_ids))]
-
-    def __len__(self) -> int:
-        return len(self.infos)
-
-    def __getitem__(self, i: int):
-        info = self.infos[i]
-        start = time.perf_counter()
-        try:
-            data = CocoDetection._read(info)
-            digest = image_file_hash(data)
-            hashed = time.perf_counter()
-            CocoDetection._decode(info, data)
-        except DataError as err:  # returned, not raised: a worker's exception would carry its traceback
-            return info.image_id, None, str(err), time.perf_counter() - start, 0.0
-        return info.image_id, digest, None, hashed - start, time.perf_counter() - hashed
-
-
-def scan_images(dataset: CocoDetection, workers: int = 0, progress: bool = False) -> ImageScan:
-    """Read, hash and decode every image of ``dataset`` once (in ``workers`` loader processes).
-
-    Follows ``dataset.on_error``: ``"raise"`` raises the first bad image's DataError (one line,
-    naming the file and image id); ``"skip"`` returns the bad images in ``ImageScan.bad`` with one
-    warning that lists a few. The dataset is not changed (see ``CocoDetection.exclude``).
-    """
-    from tqdm import tqdm
-
-    loader = torch.utils.data.DataLoader(_ScanItems(dataset), batch_size=None, shuffle=False,
-                                         num_workers=workers)
-    scan = ImageScan({}, {})
-    for image_id, digest, error, read_seconds, decode_seconds in tqdm(
-            loader, total=len(dataset.image_ids), desc="scan images", unit="img", disable=not progress):
-        scan.seconds_read_hash += read_seconds
-        scan.seconds_decode += decode_seconds
-        if error is not None:
-            if dataset.on_error == "raise":
-                raise DataError(error)
-            scan.bad[int(image_id)] = error
-        else:
-            scan.hashes[int(image_id)] = bytes(digest)
-    if scan.bad:
-        shown = "".join(f"\n  {why}" for why in list(scan.bad.values())[:5])
-        more = f"\n  ... and {len(scan.bad) - 5} more" if len(scan.bad) > 5 else ""
-        warnings.warn(f"{dataset.image_dir}: {len(scan.bad)} bad image(s) left out (on_error='skip'; "
-                      f"on_error='raise' refuses them):{shown}{more}", stacklevel=2)
-    return scan
 
 
 def _read_coco_json(path: Path) -> tuple[dict, str]:

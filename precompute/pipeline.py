@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest, image_hash_table, scan_images
+from detectors.data import IMAGE_HASH, CocoDetection, image_hash_digest, image_hash_table
+from detectors.image_scan import scan_images
 from detectors.runtime import dist_env, resolve_amp, resolve_device
 from detectors.views import ViewSpec, collate, parse_view_list
 from precompute.config import PrecomputeConfig

@@ -32,10 +32,12 @@ Read (train):
 CLI: ``python -m store inspect CACHE`` / ``python -m store verify CACHE``.
 """
 from .backends import BACKENDS, ReadStats
-from .codecs import (PRESETS, Affine, CodecSpec, FieldCodec, Int8AffineCodec, KLTCodec, KLTCoeffs, LosslessCodec,
-                     SparseScoreCodec, dequantize, make_codec, measure_error, parse_codec_spec)
+from .blob import FieldCodec
+from .codecs import (PRESETS, Affine, CodecSpec, Int8AffineCodec, LosslessCodec, SparseScoreCodec, dequantize,
+                     make_codec, measure_error, parse_codec_spec)
 from .errors import CacheError, CorruptShardError, IncompleteCacheError, ManifestMismatch, SchemaError
 from .fsutil import sha256_file
+from .klt import KLTCodec, KLTCoeffs
 from .manifest import Manifest
 from .reader import Cache, open_cache
 from .schema import (FIELDS, GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, FieldSpec,

@@ -1,4 +1,4 @@
-"""The two shard formats behind one interface. Both hold the same encoded blobs (store/codecs.py).
+"""The two shard formats behind one interface. Both hold the same encoded blobs (store/blob.py).
 
 A shard holds ``shard_size`` consecutive samples; each field group of a shard is stored
 separately, so that a reader asking for ``region`` never opens the ``fpn`` bytes. Inside a group

@@ -43,7 +43,8 @@ import platform
 
 from . import fsutil
 from .backends import BACKENDS
-from .codecs import CodecSpec, FieldCodec, calibration_error, codec_from_config, make_codec, parse_codec_spec
+from .blob import FieldCodec
+from .codecs import CodecSpec, calibration_error, codec_from_config, make_codec, parse_codec_spec
 from .errors import CacheError, ManifestMismatch
 from .integrity import declaration_id, seal, unseal
 from .layout import MANIFEST

@@ -20,7 +20,8 @@ from PIL import Image
 
 from detectors import build_detector, save_checkpoint
 from detectors.data import (CocoDetection, DataError, ImageChangedError, image_file_hash, image_hash_digest,
-                            image_hash_table, scan_images)
+                            image_hash_table)
+from detectors.image_scan import scan_images
 from detectors.synth import SynthConfig, generate
 from detectors.views import ViewSpec
 from store import ManifestMismatch, open_cache

@@ -1,5 +1,8 @@
 """LD against a transcription of the official loss (HikariTJU/LD @4287990), on identical seeded inputs.
 
+Long on purpose: the transcription (anchors, ATSS assignment, VLR regions, the per-GPU loss) is kept
+in one file so that it reads side by side with the official code.
+
 The ``official_*`` functions below follow the official code step by step, in plain torch, and use
 nothing of this project: each names the official file and function it transcribes. The project
 side is the real path: ``precompute.fields`` (``canonical_anchors``, ``ld_regions``, ``gather_rows``)

@@ -8,7 +8,7 @@ import torch
 from detectors.data import CocoDetection
 from detectors.detector import valid_level_sizes
 from detectors.synth import SynthConfig, generate
-from train.methods import ICD, DatasetStats, MasKD, RunResources, build_method
+from train.methods import ICD, DatasetStats, MasKD, RunResources, build_method, schedule_warnings
 
 C, K = 16, 8
 SIZE = (64, 96)
@@ -106,3 +106,11 @@ def test_icd_warm_up_trains_only_the_teacher_side_on_the_batches_it_asks_for():
     official = build_method("icd", "gfl", num_classes=K, student_channels=C, teacher_channels=C)
     assert official.config.pretrain_batches == 0 and official.warm_up(teacher_batches) is None
     assert len(asked) == 1
+
+
+def test_a_short_icd_run_is_advised_to_warm_the_teacher_side_up():
+    notes = [text for text in schedule_warnings(build_method("icd+frs", "gfl"), 900) if "pretrain_batches" in text]
+    assert len(notes) == 1 and "--set icd.pretrain_batches=3000" in notes[0]
+    warmed = build_method("icd", "gfl", {"icd.pretrain_batches": 3000})
+    assert not [text for text in schedule_warnings(warmed, 900) if "pretrain_batches" in text]
+    assert not [text for text in schedule_warnings(build_method("icd", "gfl"), 90_000) if "pretrain_batches" in text]

@@ -1,5 +1,8 @@
 """ICD against a plain-torch transcription of the official code (megvii-research/ICD @acf2726).
 
+Long on purpose: a float64 transcription of the official code, kept in one file so it reads side by
+side with it (each ``official_*`` function names what it transcribes, below).
+
 Transcribed from ``pytorch_release/models/`` (names below are the official ones):
 
 - ``official_sample_box_like_coco`` / ``official_initial_descriptor``: ``InstanceEncoder.

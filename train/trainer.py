@@ -168,7 +168,7 @@ class StudentTrainer:
         # Parts that learn from the teacher alone warm up before DDP wraps the model (DDP starts every
         # rank from rank 0's weights); a resumed run finds them warmed up in its checkpoint.
         resuming = c.resume and (self.out / "last.pt").is_file()
-        self.warm_up_report = None if resuming else self.method.warm_up(self._teacher_batches)
+        self.warm_up_report = None if resuming else self._warm_up()
         self.ddp_model: nn.Module = self.model
         if self.distributed:
             # device_ids=None: the module already lives on its one device; inputs are moved by compute()
@@ -222,6 +222,12 @@ class StudentTrainer:
     def _prefetching_source(self) -> CachedTeacher | None:
         """The source loader workers prefetch from: a cache that the method reads fields of."""
         return self.source if isinstance(self.source, CachedTeacher) and self.fields else None
+
+    def _warm_up(self) -> dict[str, float] | None:
+        """The method's warm-up (e.g. ICD's ``pretrain_batches``): what it reports, with its wall time."""
+        start = time.perf_counter()
+        report = self.method.warm_up(self._teacher_batches)
+        return None if report is None else {**report, "seconds": round(time.perf_counter() - start, 2)}
 
     def _teacher_batches(self, count: int, what: str) -> Iterator[tuple[Batch, TeacherBatch]]:
         """``count`` (student batch, teacher batch) pairs on the training device, for a method's warm-up:

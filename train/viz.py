@@ -26,7 +26,6 @@ split or the cache, a view index out of range) raise ``ValueError`` naming them.
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ from train.sources import adopt_cache_images
 
 DETECTIONS = "detections"
 DETECTION_FIELDS = ("head.cls", "head.box")
+DETECTIONS_HELP = ("teacher detections decoded from the cached head.cls/head.box (no teacher weights) beside a "
+                   "student's (--student-ckpt), GT dashed")
 PANEL_INCHES = 3.0           # width of one image panel
 WIDE_PANEL_INCHES = 4.5      # ... in the two-panel pictures
 MAP_ALPHA = 0.6              # opacity of a heat map over the (grey) image
@@ -113,9 +114,8 @@ class ImageView:
         return self.sample.labels  # (G,)
 
     def describe(self) -> str:
-        view = self.view
-        flip = ", flipped" if view.flip else ""
-        return f"image {self.image_id}, view {self.view_index} ({view.short}:{view.max_size}{flip})"
+        flip = ", flipped" if self.view.flip else ""
+        return f"image {self.image_id}, view {self.view_index} ({self.view.short}:{self.view.max_size}{flip})"
 
     def level_maps(self, prefix: str) -> list[Tensor]:
         """Per level (C, h_l, w_l) cached maps of ``prefix`` (``fpn``, ``head.cls``, ``head.box``)."""
@@ -220,9 +220,7 @@ class Painter:
         self.teacher_config = cache.manifest["teacher"].get("config")
         self.student_ckpt = student_ckpt
         self._teacher: Detector | None = None
-        self._student: Detector | None = None
-        if student_ckpt is not None:
-            self._student = self._load_student(student_ckpt)
+        self._student: Detector | None = None if student_ckpt is None else self._load_student(student_ckpt)
         for picture in picture_names() if pictures is None else pictures:
             if picture in self.methods:
                 self.methods[picture].prepare_picture(self)
@@ -267,11 +265,8 @@ class Painter:
         labels = [self.class_name(int(label)) for label in view.gt_labels] if with_labels else None
         draw_boxes(ax, view.gt_boxes, GT_COLOR, labels, linestyle="--", linewidth=1.2)
 
-    def path(self, view: ImageView, picture: str) -> Path:
-        return self.out / f"{view.image_id}_view{view.view_index}_{picture}.png"
-
     def save(self, fig: Figure, view: ImageView, picture: str) -> Path:
-        path = self.path(view, picture)
+        path = self.out / f"{view.image_id}_view{view.view_index}_{picture}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=DPI)
         return path
@@ -303,9 +298,8 @@ class Painter:
             show_view(ax, view)
             self.draw_gt(ax, view, with_labels=False)
             keep = dets["scores"] >= self.score_thresh
-            groups = _same_box_groups(dets["boxes"][keep])
             boxes, scores, labels = dets["boxes"][keep], dets["scores"][keep].tolist(), dets["labels"][keep].tolist()
-            for group in reversed(groups):  # the best-scoring box drawn last, on top
+            for group in reversed(_same_box_groups(boxes)):  # the best-scoring box drawn last, on top
                 text = ", ".join(f"{self.class_name(labels[i])} {scores[i]:.2f}" for i in group)
                 draw_boxes(ax, boxes[group[0]][None], palette(labels[group[0]] % 10), [text], linewidth=1.5)
             ax.set_title(f"{title}\n{int(keep.sum())} detections", fontsize=9)
@@ -435,10 +429,6 @@ def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "
     return written
 
 
-DETECTIONS_HELP = ("teacher detections decoded from the cached head.cls/head.box (no teacher weights) beside a "
-                   "student's (--student-ckpt), GT dashed")
-
-
 def _picture_lines(name: str, text: str) -> str:
     return textwrap.fill(text, width=100, initial_indent=f"  {name:<11} ", subsequent_indent=" " * 14)
 
@@ -507,4 +497,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -267,7 +267,8 @@ def schedule_warnings(method: DistillationMethod, total_iters: int) -> list[str]
             warnings.append(f"{key}={value} spans {min(value, total_iters)} of this run's {total_iters} iterations "
                             f"(the value is meant for a ~{REFERENCE_ITERS // 1000}k-iteration schedule); "
                             f"--set {key}={scaled} keeps the official fraction")
-    return warnings
+    parts = method.parts.values() if isinstance(method, CombinedMethod) else [method]
+    return warnings + [note for part in parts for note in part.schedule_notes(total_iters)]
 
 
 def split_overrides(spec: str | MethodSpec, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -396,6 +396,11 @@ class DistillationMethod(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [ParamGroupSpec(f"{self.NAME}", params)] if params else []
 
+    def schedule_notes(self, total_iters: int) -> list[str]:
+        """What this configured method advises for a run of ``total_iters`` iterations (printed
+        with the schedule warnings before training), e.g. a warm-up a short run needs."""
+        return []
+
     def warm_up(self, teacher_batches: TeacherBatches) -> dict[str, float] | None:
         """Trains parts that learn from the teacher alone, before the student's first step (ICD's
         ``pretrain_batches``); ``teacher_batches(n, what)`` yields n (student batch, TeacherBatch)
