@@ -16,7 +16,7 @@ help:
 	@echo "make synth OUT=DIR               generate the synthetic COCO-format set"
 	@echo "make teacher TEACHER=gfl-small DATA=DIR OUT=DIR [EPOCHS=..] [EXTRA='--flag v ...']"
 	@echo "make bench                       run the benchmarks in bench/"
-	@echo "make cache [TEACHER=r101 DATA=DIR CKPT=FILE CACHE=DIR FORMAT=zarr|wds VIEWS=.. FIELDS=..]  teacher outputs -> cache (python -m precompute --help)"
+	@echo "make cache [TEACHER=r101 DATA=DIR CKPT=FILE CACHE=DIR FORMAT=zarr|wds VIEWS=.. FIELDS=.. SET='maskd.stage1_iters=500']  teacher outputs -> cache (python -m precompute --help)"
 	@echo "make sweep [METHODS='none frs icd maskd ld defeat' SEEDS=2 CACHE=DIR DATA=DIR STUDENT=gfl-nano OUT=DIR EXTRA='epochs=12 lr=0.02' GRID='frs.feat_weight=0.1,0.2' JOBS=n]  many students from one cache, resumable (python -m train.sweep --help)"
 	@echo "make report [SWEEP=DIR]          results.csv, results.md and figures of a sweep (python -m train.report --help)"
 	@echo "make recipes [RECIPE=NAME]         the named recipes of the published runs and the AP each should reach (python -m train.recipes)"
@@ -55,18 +55,20 @@ clean:
 DEMO_VIEWS       ?= 160:256,160:256:flip
 DEMO_MASKD_ITERS ?= 100
 DEMO_MASKD_BATCH ?= 4
+# The demo's MasKD stage 1 settings, when the demo cache's fields name MasKD (all, or maskd).
+comma := ,
+DEMO_SET = $(if $(filter all maskd,$(subst $(comma), ,$(or $(FIELDS),all))),maskd.stage1_iters=$(DEMO_MASKD_ITERS) maskd.stage1_batch_size=$(DEMO_MASKD_BATCH))
 .PHONY: cache
 cache: $(STAMP)
 ifdef RECIPE
 	$(PY) -m precompute --recipe $(RECIPE) $(if $(CKPT),--ckpt $(CKPT)) --data $(or $(DATA),$(error make cache RECIPE=$(RECIPE): give DATA=the COCO root)) \
 		--cache $(or $(CACHE),$(RUNS)/cache/$(RECIPE)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(FORMAT),--format $(FORMAT)) \
-		$(if $(VIEWS),--views $(VIEWS)) $(if $(FIELDS),--fields $(FIELDS)) $(if $(MASKD_ITERS),--maskd-iters $(MASKD_ITERS)) $(EXTRA)
+		$(if $(VIEWS),--views $(VIEWS)) $(if $(FIELDS),--fields $(FIELDS)) $(foreach s,$(SET),--set $(s)) $(EXTRA)
 else
 	$(PY) -m precompute --teacher $(or $(TEACHER),auto) --ckpt $(or $(CKPT),$(RUNS)/demo/teacher/best.pt) \
 		--data $(or $(DATA),$(DEMO_DATA)) --cache $(or $(CACHE),$(RUNS)/demo/cache) --format $(or $(FORMAT),zarr) \
 		--views $(or $(VIEWS),$(if $(DATA),default,$(DEMO_VIEWS))) --fields $(or $(FIELDS),all) \
-		$(if $(MASKD_ITERS),--maskd-iters $(MASKD_ITERS),$(if $(DATA),,--maskd-iters $(DEMO_MASKD_ITERS))) \
-		$(if $(DATA),,--maskd-batch-size $(DEMO_MASKD_BATCH)) $(EXTRA)
+		$(foreach s,$(if $(DATA),,$(DEMO_SET)) $(SET),--set $(s)) $(EXTRA)
 endif
 
 # Student training. With no DATA/CACHE: the demo set and its cache (make cache); TEACHER_CKPT: online teacher.

@@ -114,7 +114,8 @@ def make_setup(root: Path, images: int) -> None:
 def args_for(root: Path, cache: Path, *extra: str) -> list[str]:
     return ["--ckpt", str(root / "teacher.pt"), "--data", str(root / "data"), "--cache", str(cache),
             "--views", "64:96,64:96:flip", "--device", "cpu", "--shard-size", "2", "--batch-size", "2",
-            "--workers", "0", "--maskd-iters", "20", "--maskd-batch-size", "2", "--calibration", "4",
+            "--workers", "0", "--set", "maskd.stage1_iters=20", "--set", "maskd.stage1_batch_size=2",
+            "--calibration", "4",
             "--no-progress", *extra]
 
 

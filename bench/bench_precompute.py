@@ -38,7 +38,7 @@ from detectors import build_detector, save_checkpoint  # noqa: E402
 from detectors.synth import SynthConfig, generate  # noqa: E402
 from detectors.views import collate  # noqa: E402
 from precompute.config import PrecomputeConfig  # noqa: E402
-from precompute.fields import extract_fields  # noqa: E402
+from precompute.fields import extract_fields, methods_of  # noqa: E402
 from precompute.pipeline import Run, run_rank  # noqa: E402
 from precompute.plan import padded_shape_fn, plan_batches  # noqa: E402
 from store import BACKENDS, finalize, group_of, open_writer  # noqa: E402
@@ -172,7 +172,9 @@ def main(argv=None) -> None:
         config = PrecomputeConfig(ckpt=str(ckpt), data=str(data), cache="", split=args.split, format=args.format,
                                   views=views, fields=args.fields, shard_size=args.shard_size,
                                   batch_size=args.batch_size, device=args.device, amp=args.amp,
-                                  workers=args.workers, encode_threads=args.encode_threads, maskd_iters=0,
+                                  workers=args.workers, encode_threads=args.encode_threads,
+                                  # no MasKD tokens: the bench writes the shards alone
+                                  overrides={"maskd.stage1_iters": 0} if "maskd" in methods_of(args.fields) else {},
                                   writer_procs=args.writer_procs,
                                   progress=False)
         run = Run(config)

@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
     p.add_argument("--codec", action="append", default=[], metavar="FIELD=SPEC",
                    help="cache codec override, e.g. fpn=klt:0.04 (default: the store's lossy defaults)")
-    p.add_argument("--maskd-iters", type=int, default=5, help="MasKD stage 1 in precompute [5]")
+    p.add_argument("--stage1-iters", type=int, default=5,
+                   help="MasKD stage 1 iterations in precompute (maskd.stage1_iters) [5]")
     p.add_argument("--work", help="working directory (default: a temporary one, removed)")
     return p.parse_args(argv)
 
@@ -81,7 +82,8 @@ def prepare(args, work: Path) -> dict:
     start = time.perf_counter()
     run_precompute(PrecomputeConfig(ckpt=str(ckpt), data=str(data), cache=str(cache), views=views,
                                     device=args.device, amp="none", workers=args.workers, batch_size=4,
-                                    maskd_iters=args.maskd_iters, maskd_batch_size=2, codecs=codecs, progress=False))
+                                    overrides={"maskd.stage1_iters": args.stage1_iters, "maskd.stage1_batch_size": 2},
+                                    codecs=codecs, progress=False))
     return {"data": str(data), "ckpt": str(ckpt), "cache": str(cache), "views": views,
             "precompute_s": time.perf_counter() - start}
 
@@ -99,7 +101,7 @@ def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, ou
     # Every term on from the first iteration (the steady-state cost, not the warmup's): each ramp,
     # warmup and detached phase of the method set to 0.
     overrides = {key: 0 for key in default_iteration_settings(method, get_config(args.student).family)}
-    source = dict(teacher=setup["ckpt"], views=setup["views"], maskd_tokens=setup["cache"]) if online \
+    source = dict(teacher=setup["ckpt"], views=setup["views"], artifacts_from=setup["cache"]) if online \
         else dict(cache=setup["cache"])
     config = TrainConfig(data=setup["data"], out=out, method=method, student=args.student, batch_size=args.batch_size,
                          max_iters=args.warmup + args.steps, warmup_iters=1, workers=args.workers, device=args.device,

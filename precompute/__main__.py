@@ -16,7 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # After the env (store imports numpy):
 from precompute.config import OPTION_GROUPS, TEACHER, PrecomputeConfig  # noqa: E402
 from store import FIELDS, PRESETS, CacheError, parse_codec_spec  # noqa: E402
-from train.options import add_config_options, config_values, option_groups  # noqa: E402
+from train.options import add_config_options, config_values, option_groups, split_assignments  # noqa: E402
 from train.recipes import RECIPE_HELP, explicit_dests, get_recipe, print_if_listing  # noqa: E402
 
 DESCRIPTION = """\
@@ -38,7 +38,8 @@ and artefacts.
 Dense maps cover each view's canonical region (padded on its own to a multiple of 32), so they
 do not depend on batching. Per cache, once: the teacher's neck and head weights (students can
 "inherit" them) and the artefacts of the methods named (or of all), each made by its method
-(MasKD's receptive tokens: stage 1, --maskd-*).
+with its hyperparameters (--set, as python -m train takes them; e.g. MasKD's receptive tokens:
+--set maskd.stage1_iters=500, 0 makes none).
 
 Teacher weights (--ckpt): this project's checkpoints (train/teacher.py), torchvision RetinaNet
 state dicts, or mmdetection RetinaNet/GFL ResNet-FPN checkpoints (keys converted).
@@ -84,8 +85,8 @@ examples:
 recipes (--recipe NAME; python -m train.recipes lists them with the AP each should reach):
   python -m precompute --recipe maskd-retina-r101-r50-2x --ckpt retinanet_r101_fpn_2x_coco.pth \\
       --data coco --cache runs/cache/maskd-retina-r101-r50-2x --device cuda
-  A recipe sets --teacher, --views, --fields and MasKD's stage 1 (--maskd-*) of a published run;
-  each of these given explicitly overrides the recipe's.
+  A recipe sets --teacher, --views, --fields and the hyperparameters (--set) of a published run;
+  each of these given explicitly overrides the recipe's (--set per key).
 """
 
 
@@ -128,9 +129,16 @@ def main(argv=None) -> int:
         official = f" (recipe {recipe.name}: {recipe.teacher_weights})" if recipe else ""
         print(f"error: --ckpt is required: the teacher checkpoint file{official}", file=sys.stderr)
         return 2
-    from precompute.pipeline import run_precompute
     options = config_values(args, PrecomputeConfig)
     options["codecs"] = parse_codecs(options["codecs"])
+    try:   # the methods' --set values, parsed by the registry (imports torch: not at --help), before any work
+        from precompute.fields import parse_method_settings
+        given = parse_method_settings(options["fields"], split_assignments(options["overrides"], "--set"))
+        options["overrides"] = recipe.precompute_settings(options["fields"], given) if recipe else given
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from precompute.pipeline import run_precompute
     try:
         config = PrecomputeConfig(**options)  # checks the options (--shard-size 0 is refused here)
         run_precompute(config)

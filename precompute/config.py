@@ -2,21 +2,22 @@
 
 Each field that is an option carries its help and ``--help`` group in its metadata
 (``train.options`` builds the parser from them); ``queue_size`` and ``dist_timeout`` are for
-library callers only. Nothing here imports torch, so that ``python -m precompute --help`` stays fast.
+library callers only. Nothing here imports torch at import time, so that ``python -m precompute
+--help`` stays fast; building a config checks its ``overrides`` (``--set``: hyperparameters of the
+methods ``fields`` names, with which their artefacts are made) through the method registry.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from store import BACKENDS
 from store.schema import LD_VLR_RULES
 
 # The --help sections, in order.
-TEACHER, DATA, CACHE, THROUGHPUT, MASKD, OTHER = (
-    "teacher", "data and views", "cache", "throughput",
-    "MasKD stage 1 (receptive tokens; with --fields all or maskd)", "other")
-OPTION_GROUPS = (TEACHER, DATA, CACHE, THROUGHPUT, MASKD, OTHER)
+TEACHER, DATA, CACHE, METHODS, THROUGHPUT, OTHER = (
+    "teacher", "data and views", "cache", "methods (their artefacts)", "throughput", "other")
+OPTION_GROUPS = (TEACHER, DATA, CACHE, METHODS, THROUGHPUT, OTHER)
 
 # The names of detectors.runtime.AMP_DTYPES, spelled here so that --help imports no torch
 # (tests/test_config_values.py checks that they agree).
@@ -72,12 +73,13 @@ class PrecomputeConfig:
                                      "cores; for GPU hosts whose encoding cannot keep up with the teacher)"})
     queue_size: int = 4                  # batches between the forward and the writer thread
     calibration: int = field(default=16, metadata={"group": THROUGHPUT, "help": "views that fit the KLT codecs"})
-    maskd_iters: int = field(default=2000, metadata={"group": MASKD, "help": "iterations; 0 skips the tokens"})
-    maskd_batch_size: int = field(default=16, metadata={"group": MASKD, "help": "images per iteration"})
-    maskd_lr: float = field(default=0.01, metadata={"group": MASKD, "help": "learning rate"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={
+        "group": METHODS, "flag": "--set",
+        "help": "hyperparameter of a method --fields names, repeatable, as python -m train --set takes it "
+                "(python -m train.methods lists them): what its per-cache artefacts are made with"})
     num_procs: int = field(default=1, metadata={
         "group": THROUGHPUT, "help": "CPU only: run N processes, each owning every N-th shard"})
-    seed: int = field(default=0, metadata={"group": OTHER, "help": "multi-scale view sampling and MasKD init"})
+    seed: int = field(default=0, metadata={"group": OTHER, "help": "multi-scale view sampling and the methods' artefacts"})
     dist_timeout: float = 24 * 3600.0    # seconds a rank waits for the others at a barrier
     progress: bool = field(default=True, metadata={"group": OTHER, "help": "no tqdm bars"})
     discard_foreign_shards: bool = field(default=False, metadata={
@@ -96,11 +98,17 @@ class PrecomputeConfig:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.encode_threads < -1:
             raise ValueError(f"encode_threads must be >= 0 or -1 (auto), got {self.encode_threads}")
-        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration", "maskd_batch_size"):
+        for name in ("shard_size", "batch_size", "window", "queue_size", "calibration"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "maskd_iters", "num_procs", "writer_procs"):
+        for name in ("workers", "num_procs", "writer_procs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not math.isfinite(self.maskd_lr) or self.maskd_lr <= 0:
-            raise ValueError(f"maskd_lr must be a finite number > 0, got {self.maskd_lr}")
+        # The methods' hyperparameters, checked by the registry (imports torch: not at --help) and
+        # qualified ("stage1_iters" -> "maskd.stage1_iters").
+        from precompute.fields import methods_of
+        from train.methods import check_overrides, split_overrides
+        methods = methods_of(self.fields)
+        check_overrides(methods, dict(self.overrides))
+        self.overrides = {f"{name}.{key}": value for name, part in split_overrides(methods, dict(self.overrides)).items()
+                          for key, value in part.items()}

@@ -54,8 +54,9 @@ from detectors.detector import Detector, valid_level_sizes
 from detectors.views import Batch, padded_size
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES
-from train.methods import (METHODS, DistillationMethod, artifact_makers,  # what each method reads: its class says
-                           named_field_sets)
+from train.methods import (METHODS, DistillationMethod, MethodSpec,  # what each method reads: its class says
+                           artifact_makers, method_configs, methods_named, named_field_sets, parse_overrides,
+                           split_overrides)
 
 # Groups written by FIELDS=all (the "image" group, source image bytes, is opt-in).
 ALL_GROUPS = ("fpn", "head", "region", "meta")
@@ -100,13 +101,40 @@ def resolve_fields(spec: str | Iterable[str]) -> list[str]:
     return [name for name in order if name in names]
 
 
-def artifacts_for(spec: str | Iterable[str], options: Mapping[str, Any] | None = None
+def methods_of(spec: str | Iterable[str]) -> MethodSpec:
+    """The methods a field spec names (by name or preset), every registered one for "all": those whose
+    hyperparameters precompute's ``--set`` takes (``train.methods.methods_named``)."""
+    return methods_named(_items(spec))
+
+
+def parse_method_settings(spec: str | Iterable[str], texts: Mapping[str, str], flag: str = "--set"
+                          ) -> dict[str, Any]:
+    """Precompute's ``--set KEY=VALUE`` texts -> qualified method hyperparameters
+    (``{"maskd.stage1_iters": 500}``), each parsed and checked by its field's rule for the methods
+    the field spec names (``train.methods.parse_overrides``); ValueError, one line."""
+    methods = methods_of(spec)
+    if texts and not methods.names:
+        raise ValueError(f"{flag} {', '.join(texts)}: --fields {','.join(_items(spec))} names no method whose "
+                         f"hyperparameters it could set")
+    values = parse_overrides(methods, dict(texts), flag)
+    return {f"{name}.{key}": value for name, part in split_overrides(methods, values).items()
+            for key, value in part.items()}
+
+
+def artifact_configs(spec: str | Iterable[str], family: str, settings: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """The config of each method with artefacts that the field spec names: ``Config.for_family``
+    of the teacher's ``family`` with precompute's ``--set`` ``settings`` (what its artefacts are made with)."""
+    methods = methods_of(spec)
+    return method_configs(methods, family, settings, only=[n for n in methods.names if METHODS[n].ARTIFACTS])
+
+
+def artifacts_for(spec: str | Iterable[str], configs: Mapping[str, Any] | None = None
                   ) -> dict[str, type[DistillationMethod]]:
     """Per-cache artefact -> the method class that makes it, for a field spec: the artefacts of the
-    methods it names (by name or preset), every method's for "all"; with a precompute run's
-    ``options``, those made with them (``train.methods.artifact_makers``)."""
-    items = _items(spec)
-    return artifact_makers(METHODS if "all" in items else items, options)
+    methods it names (by name or preset), every method's for "all"; with the methods' ``configs``
+    (:func:`artifact_configs`), those made with them (``train.methods.artifact_makers``)."""
+    return artifact_makers(methods_of(spec).names, configs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from detectors.image_scan import scan_images
 from detectors.runtime import dist_env, resolve_amp, resolve_device
 from detectors.views import ViewSpec, collate, parse_view_list
 from precompute.config import PrecomputeConfig
-from precompute.fields import artifacts_for, cache_options, extract_fields, resolve_fields
+from precompute.fields import artifact_configs, artifacts_for, cache_options, extract_fields, resolve_fields
 from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn, plan_batches,
                              plan_windows)
 from precompute.sinks import ProcessSink, ThreadSink, die_with_parent
@@ -79,8 +79,10 @@ class Run:
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)
         self.fields = resolve_fields(config.fields)
-        # The methods' artefacts (name -> the method class that makes it) that these options make
-        self.artifact_makers = artifacts_for(config.fields, asdict(config))
+        # The configs of the methods with artefacts (the teacher's family, --set), and the artefacts
+        # (name -> the method class that makes it) that they make
+        self.method_configs = artifact_configs(config.fields, self.teacher.model.config.family, config.overrides)
+        self.artifact_makers = artifacts_for(config.fields, self.method_configs)
         # declared: the cache is complete only with the hash table
         self.artifacts = [*self.artifact_makers, IMAGE_HASHES_ARTIFACT]
         self.codecs = field_codecs(self.fields, config.codecs)
@@ -279,11 +281,12 @@ def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
             writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
             written.append(INHERIT_ARTIFACT)
         config = run.config
-        inputs = ArtifactInputs(teacher_model=run.teacher.model, dataset=run.dataset, options=asdict(config),
-                                device=run.device, seed=config.seed, workers=config.workers, progress=config.progress)
         for name, method in run.artifact_makers.items():
             if name in existing:
                 continue
+            inputs = ArtifactInputs(teacher_model=run.teacher.model, dataset=run.dataset,
+                                    config=run.method_configs[method.NAME], device=run.device, seed=config.seed,
+                                    workers=config.workers, progress=config.progress)
             start = time.perf_counter()
             arrays, meta = method.make_artifact(name, inputs)
             meta = {**meta, "seconds": round(time.perf_counter() - start, 3)}  # part of the cache's cost

@@ -3,6 +3,7 @@
     cache = open_cache(url, expect=dict(teacher={"checkpoint_sha256": sha}, dataset=fingerprint,
                                         views=[v.to_dict() for v in views], fields=["fpn", "head.cls"]))
     sample = cache.get(139, 0, fields=["fpn"])            # {"fpn.p3": array (C, H, W), ...}
+    batch = cache.get_many([(139, 0), (139, 1)], fields=["fpn"])   # the same as get, one read call
     for sample in cache.iter(fields=["region", "meta"], rank=rank, world_size=world):
         ...
 
@@ -197,17 +198,38 @@ class Cache:
     def get(self, image_id: int, view_index: int, fields=None, decode: str = "numpy") -> dict:
         """One sample's fields (random access; reads only the groups asked for)."""
         _check_decode(decode)
-        shard, row = self.locate(image_id, view_index)
-        receipt = self.receipt(shard)
-        if tuple(receipt["keys"][row]) != (image_id, view_index):
-            raise CorruptShardError(f"{self.url}: the index puts (image_id={image_id}, view={view_index}) at row {row} "
-                                    f"of shard {shard}, whose receipt holds {tuple(receipt['keys'][row])} there")
+        receipt, row = self._locate_checked(image_id, view_index)
         blobs = {}
         for group, names in self.select(fields).items():
             self._check_files(receipt, group)
             for _, found in self.backend.read_rows(receipt, group, [row], names):
                 blobs[group] = found
         return self._sample(receipt, row, blobs, decode)
+
+    def get_many(self, keys, fields=None, decode: str = "numpy") -> list[dict]:
+        """``[get(image_id, view_index, fields, decode) for image_id, view_index in keys]``, with the
+        byte ranges of every sample and group fetched in one backend call (``Backend.read_many``:
+        concurrent on a remote filesystem); every check of ``get`` is made, for every sample."""
+        _check_decode(decode)
+        groups = self.select(fields)
+        located, requests = [], []
+        for image_id, view_index in keys:
+            receipt, row = self._locate_checked(int(image_id), int(view_index))
+            located.append((receipt, row))
+            for group, names in groups.items():
+                self._check_files(receipt, group)
+                requests.append((receipt, group, row, names))
+        found = iter(self.backend.read_many(requests))
+        return [self._sample(receipt, row, {group: next(found) for group in groups}, decode)
+                for receipt, row in located]
+
+    def _locate_checked(self, image_id: int, view_index: int) -> tuple[dict, int]:
+        shard, row = self.locate(image_id, view_index)
+        receipt = self.receipt(shard)
+        if tuple(receipt["keys"][row]) != (image_id, view_index):
+            raise CorruptShardError(f"{self.url}: the index puts (image_id={image_id}, view={view_index}) at row {row} "
+                                    f"of shard {shard}, whose receipt holds {tuple(receipt['keys'][row])} there")
+        return receipt, row
 
     # ------------------------------------------------------------------ streaming
     def shards_for(self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1,

@@ -1,11 +1,14 @@
-"""Shared fixtures: the real COCO-format sets in ../shared/data.
+"""Shared fixtures: the real COCO-format sets in ../shared/data; the store suites' backend and cache URL.
 
 They are absent on a fresh user's machine (tests skip with the reason) but required in CI.
 """
 import os
+import uuid
 from pathlib import Path
 
 import pytest
+
+from store import BACKENDS
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -29,3 +32,15 @@ def tiny_coco() -> Path:
 def coco128() -> Path:
     """128 COCO train2017 images with official annotations."""
     return _shared_set("coco128")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every store backend."""
+    return request.param
+
+
+@pytest.fixture(params=["memory", "local"])
+def url(request, tmp_path):
+    """A fresh cache location in memory (fsspec memory://) or on the local disk."""
+    return f"memory://cache-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "cache")

@@ -172,7 +172,7 @@ def test_train_cli_refuses_before_anything_is_read(tmp_path, capsys, extra, mess
     (["--set", "lr=-0.01"], "expected a float > 0 or none"),
     (["--set", "optimizer=adam"], "not a choice; expected one of sgd, adamw"),
     (["--set", "eval=yes"], "not a bool; expected a bool (true, false, 1 or 0)"),
-    (["--set", "epoch=3"], "unknown setting 'epoch': expected a trainer option (amp, batch_size"),
+    (["--set", "epoch=3"], "unknown setting 'epoch': expected a trainer option (amp, artifacts_from, batch_size"),
     (["--set", "frs.feat_wieght=1"], "valid keys: ['frs.feat_weight', 'frs.cls_weight', 'frs.warmup_iters']"),
     (["--set", "maskd.loss_weight=1"], "would apply to no run: none of the methods ['none', 'frs'] includes maskd"),
     (["--grid", "lr=0.01,0.01"], "the values [0.01, 0.01] repeat"),

@@ -146,7 +146,7 @@ def _precompute(root: Path, name: str, **options) -> str:
     from precompute.pipeline import run_precompute
     config = PrecomputeConfig(ckpt=str(root / "teacher.pt"), data=str(root / "data"), cache=str(root / name),
                               views=VIEWS, fields="frs", device="cpu", shard_size=4, batch_size=4, workers=0,
-                              calibration=4, maskd_iters=0, progress=False, **options)
+                              calibration=4, progress=False, **options)
     run_precompute(config)
     return str(root / name)
 
@@ -192,7 +192,7 @@ def test_precompute_skips_a_corrupt_image_and_declares_it(world):
 def test_precompute_raise_policy_refuses_in_one_line(world, tmp_path, capsys):
     from precompute.__main__ import main
     code = main(["--ckpt", str(world["root"] / "teacher.pt"), "--data", world["data"], "--cache", str(tmp_path / "c"),
-                 "--views", VIEWS, "--fields", "frs", "--device", "cpu", "--workers", "0", "--maskd-iters", "0",
+                 "--views", VIEWS, "--fields", "frs", "--device", "cpu", "--workers", "0",
                  "--no-progress", "--on-error", "raise"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err
@@ -276,7 +276,7 @@ def test_a_resumed_precompute_that_finds_other_bad_images_is_refused(world, tmp_
     other.write_bytes(other.read_bytes()[:300])
     config = PrecomputeConfig(ckpt=str(world["root"] / "teacher.pt"), data=str(data), cache=world["cache"],
                               views=VIEWS, fields="frs", device="cpu", shard_size=4, batch_size=4, workers=0,
-                              calibration=4, maskd_iters=0, progress=False)
+                              calibration=4, progress=False)
     with pytest.warns(UserWarning, match=r"2 bad image\(s\) left out"), \
             pytest.raises(ManifestMismatch, match=r"declared differently \(dataset\.skipped_image_ids: the cache has "
                                                   r"1 entries, expected 2\)"):

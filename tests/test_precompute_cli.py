@@ -2,6 +2,7 @@
 outputs within the codecs' declared bounds; a SIGKILLed run resumes to the same cache; two CPU
 processes write disjoint shards; a different configuration is refused."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,11 +39,12 @@ def setup(tmp_path_factory):
     return root
 
 
-def _args(root: Path, cache: Path, *extra: str, batch_size: int = 2) -> list[str]:
+def _args(root: Path, cache: Path, *extra: str, batch_size: int = 2, stage1: bool = True) -> list[str]:
+    """``stage1``: a short MasKD stage 1 (--fields must name MasKD: the default all)."""
+    maskd = ["--set", "maskd.stage1_iters=1", "--set", "maskd.stage1_batch_size=2"] if stage1 else []
     return ["--ckpt", str(root / "teacher.pt"), "--data", str(root / "data"), "--cache", str(cache),
             "--views", VIEWS, "--device", "cpu", "--shard-size", "1", "--batch-size", str(batch_size),
-            "--workers", "0", "--maskd-iters", "1", "--maskd-batch-size", "2", "--calibration", "4",
-            "--no-progress", *extra]
+            "--workers", "0", *maskd, "--calibration", "4", "--no-progress", *extra]
 
 
 def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -127,7 +129,7 @@ def test_cached_fields_equal_the_online_teacher_within_the_codec_bounds(setup, r
 
 def test_sigkill_then_rerun_finishes_the_same_cache(setup, reference):
     cache_dir = setup / "killed"
-    args = _args(setup, cache_dir, "--encode-threads", "1", "--maskd-iters", "0", batch_size=1)
+    args = _args(setup, cache_dir, "--encode-threads", "1", "--set", "maskd.stage1_iters=0", batch_size=1)
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     receipts = cache_dir / "shards"
@@ -165,8 +167,7 @@ def test_sigkill_then_rerun_finishes_the_same_cache(setup, reference):
 
 def test_two_cpu_processes_write_disjoint_shards(setup, reference):
     cache_dir = setup / "two_procs"
-    run = _cli(_args(setup, cache_dir, "--num-procs", "2", "--maskd-iters", "0", "--fields", "frs,ld",
-                     "--format", "wds"))
+    run = _cli(_args(setup, cache_dir, "--num-procs", "2", "--fields", "frs,ld", "--format", "wds", stage1=False))
     assert run.returncode == 0, run.stderr
     report = verify(str(cache_dir))
     assert report.ok, report.text()
@@ -207,7 +208,7 @@ def test_a_different_configuration_is_refused_not_mixed(setup, reference, tmp_pa
     other_views[other_views.index("--views") + 1] = "64:96"
     other_shards = _args(setup, reference)
     other_shards[other_shards.index("--shard-size") + 1] = "2"
-    for argv, what in [(other_views, "views"), (_args(setup, reference, "--fields", "frs"), "fields"),
+    for argv, what in [(other_views, "views"), (_args(setup, reference, "--fields", "frs", stage1=False), "fields"),
                        (_args(setup, reference, "--codec", "fpn=int8"), "codecs"), (other_shards, "shard_size"),
                        (_args(setup, reference, "--ld-vlr-rule", "diou"), "options")]:
         assert main(argv) == 1, what
@@ -223,5 +224,20 @@ def test_a_different_configuration_is_refused_not_mixed(setup, reference, tmp_pa
 def test_help_documents_the_options():
     out = _cli(["--help"])
     assert out.returncode == 0
-    for option in ("--teacher", "--ckpt", "--views", "--fields", "--num-procs", "--amp", "--maskd-iters", "torchrun"):
+    for option in ("--teacher", "--ckpt", "--views", "--fields", "--num-procs", "--amp", "--set", "torchrun"):
         assert option in out.stdout
+    assert "--maskd" not in out.stdout   # method settings are --set keys of the method's config
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("maskd.stage1_iters=abc", r"--set maskd\.stage1_iters='abc': not an int"),
+    ("maskd.stage1_bogus=1", r"unknown override keys \['maskd\.stage1_bogus'\]"),
+    ("maskd.stage1_lr=0", r"--set maskd\.stage1_lr='0'"),
+])
+def test_bad_method_setting_stops_before_any_work(tmp_path, setting, message):
+    cache = tmp_path / "cache"
+    run = _cli(["--ckpt", str(tmp_path / "missing.pt"), "--data", str(tmp_path / "missing"), "--cache", str(cache),
+                "--device", "cpu", "--set", setting])
+    err = run.stderr.strip()
+    assert run.returncode == 2 and "\n" not in err and re.search(message, err), err
+    assert not cache.exists()   # nothing was read or written: the data and checkpoint do not even exist

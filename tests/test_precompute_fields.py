@@ -7,8 +7,8 @@ import torch
 
 from detectors import build_detector, valid_level_sizes
 from detectors.views import Batch, padded_size
-from precompute.fields import (ALWAYS_META, GT_META, artifacts_for, canonical_anchors, diou_matrix, extract_fields,
-                               ld_regions, resolve_fields)
+from precompute.fields import (ALWAYS_META, GT_META, artifact_configs, artifacts_for, canonical_anchors, diou_matrix,
+                               extract_fields, ld_regions, parse_method_settings, resolve_fields)
 from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
 from train.methods import MasKD
 
@@ -228,8 +228,20 @@ def test_resolve_fields_methods_groups_and_always_meta():
 def test_method_names_bring_their_artefacts():
     assert artifacts_for("all") == artifacts_for("maskd") == {"maskd_tokens": MasKD}
     assert artifacts_for("frs,ld,fpn") == artifacts_for("defeat-coco") == {}
-    # the options of a precompute run turn the tokens off (--maskd-iters 0)
-    assert artifacts_for("all", {"maskd_iters": 0}) == {}
+    # the method's config (precompute --set, the teacher's family) turns the tokens off
+    for family in ("retina", "gfl"):
+        assert artifacts_for("all", artifact_configs("all", family)) == {"maskd_tokens": MasKD}
+        assert artifacts_for("all", artifact_configs("all", family, {"maskd.stage1_iters": 0})) == {}
+        assert artifacts_for("maskd", artifact_configs("maskd", family, {"stage1_iters": 0})) == {}
+    # --set keys are those of the methods --fields names, parsed by their rules
+    assert parse_method_settings("all", {"stage1_iters": "500"}) == {"maskd.stage1_iters": 500}
+    assert parse_method_settings("maskd,fpn", {"maskd.stage1_lr": "0.02"}) == {"maskd.stage1_lr": 0.02}
+    with pytest.raises(ValueError, match="unknown override keys"):
+        parse_method_settings("frs,ld", {"maskd.stage1_iters": "5"})
+    with pytest.raises(ValueError, match="names no method"):
+        parse_method_settings("fpn", {"maskd.stage1_iters": "5"})
+    with pytest.raises(ValueError, match=r"--set stage1_iters='-1'"):
+        parse_method_settings("all", {"stage1_iters": "-1"})
 
 
 def test_cache_options_record_the_vlr_rule_only_with_regions():

@@ -34,7 +34,8 @@ def setup(tmp_path_factory):
 def _args(root: Path, cache: Path, *extra: str, views: str = VIEWS) -> list[str]:
     return ["--ckpt", str(root / "teacher.pt"), "--data", str(root / "data"), "--cache", str(cache),
             "--views", views, "--device", "cpu", "--shard-size", "1", "--batch-size", "2", "--workers", "0",
-            "--maskd-iters", "2", "--maskd-batch-size", "2", "--calibration", "4", "--no-progress", *extra]
+            "--set", "maskd.stage1_iters=2", "--set", "maskd.stage1_batch_size=2", "--calibration", "4",
+            "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")

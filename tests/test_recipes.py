@@ -66,12 +66,14 @@ def test_recipe_is_a_complete_valid_configuration(name):
     method = build_method(r.method, r.family, r.overrides, prepared={"maskd": StubTokens()},
                           student_backbone_channels=resnet_stage_channels(student.depth, student.widths),
                           teacher_backbone_channels=resnet_stage_channels(teacher.depth, teacher.widths))
-    PrecomputeConfig(ckpt="teacher.pth", data="d", cache="c", **r.precompute_options())
+    PrecomputeConfig(ckpt="teacher.pth", data="d", cache="c", **r.precompute_options(),
+                     overrides=r.precompute_settings(r.precompute["fields"]))
     parse_view_list(r.precompute["views"])
     cached = resolve_fields(r.precompute["fields"])
     assert set(resolve_fields(list(method.fields))) <= set(cached), (method.fields, cached)
     if r.method == "maskd":
-        assert MASKD_ARTIFACT in artifacts_for(r.precompute["fields"]) and r.precompute["maskd_iters"] == 2000
+        assert MASKD_ARTIFACT in artifacts_for(r.precompute["fields"])
+        assert r.precompute_settings(r.precompute["fields"])["maskd.stage1_iters"] == 2000
 
     # the student's neck is the teacher code base's (inherit and FPN comparisons need it)
     neck = TEACHER_NECKS[r.teacher_source][r.family]
@@ -134,10 +136,19 @@ def test_explicit_options_override_the_recipe():
 
     from precompute.__main__ import build_parser
     from train.recipes import explicit_dests
-    argv = ["--recipe", "maskd-retina-r101-r50-2x", "--ckpt", "t", "--data", "d", "--cache", "c", "--maskd-iters", "5"]
+    from precompute.fields import parse_method_settings
+    from train.options import split_assignments
+    argv = ["--recipe", "maskd-retina-r101-r50-2x", "--ckpt", "t", "--data", "d", "--cache", "c",
+            "--set", "stage1_iters=5"]
     args = build_parser().parse_args(argv)
-    get_recipe(args.recipe).apply_precompute(args, explicit_dests(build_parser(), argv))
-    assert (args.teacher, args.views, args.fields, args.maskd_iters) == ("retina-r101", "default", "maskd", 5)
+    recipe = get_recipe(args.recipe)
+    recipe.apply_precompute(args, explicit_dests(build_parser(), argv))
+    assert (args.teacher, args.views, args.fields) == ("retina-r101", "default", "maskd")
+    settings = recipe.precompute_settings(args.fields, parse_method_settings(args.fields,
+                                                                             split_assignments(args.overrides, "--set")))
+    assert (settings["maskd.stage1_iters"], settings["maskd.stage1_batch_size"]) == (5, 16)   # per key
+    # another --fields: the recipe's settings of the methods it no longer names are left out
+    assert recipe.precompute_settings("frs") == {}
 
     argv = ["--recipe", "ld-gfl-r101-r50-1x", "--cache", "c", "--data", "d", "--set", "epochs=6"]
     args = sweep_parser().parse_args(argv)
@@ -172,8 +183,9 @@ def test_small_variant_runs(tiny, tmp_path, name, small):
         assert precompute_main(["--recipe", name, "--teacher", small, "--ckpt", str(tiny / f"{small}.pt"),
                                 "--data", str(tiny / "data"), "--cache", str(cache), "--views", "64:96,64:96:flip",
                                 "--device", "cpu", "--shard-size", "4", "--batch-size", "4", "--workers", "0",
-                                "--calibration", "4", "--maskd-iters", "1", "--maskd-batch-size", "2",
-                                "--no-progress"]) == 0
+                                "--calibration", "4", "--no-progress",
+                                *(["--set", "maskd.stage1_iters=1", "--set", "maskd.stage1_batch_size=2"]
+                                  if get_recipe(name).method == "maskd" else [])]) == 0
         assert train_main(["--recipe", name, "--student", small, "--data", str(tiny / "data"), "--cache", str(cache),
                            "--out", str(out), "--epochs", "1", "--batch-size", "2", "--max-iters", "2",
                            "--warmup-iters", "1", "--workers", "0", "--device", "cpu", "--no-eval",

@@ -1,11 +1,10 @@
-"""One conformance suite, run against both backends (zarr, wds) on memory:// and local paths."""
-import uuid
-
+"""One conformance suite, run against both backends (zarr, wds) on memory:// and local paths
+(the ``backend`` and ``url`` fixtures: tests/conftest.py)."""
 import numpy as np
 import pytest
 import torch
 
-from store import (BACKENDS, CacheError, CorruptShardError, IncompleteCacheError, Manifest, SchemaError,
+from store import (CacheError, CorruptShardError, IncompleteCacheError, Manifest, SchemaError,
                    open_cache, open_writer)
 from store.synthetic import make_sample
 from store.torch_data import CacheIterableDataset, CacheMapDataset, collate_list
@@ -25,16 +24,6 @@ def manifest(backend, items, shard_size=4, codecs=CODECS, num_samples="all"):
     return Manifest.create(teacher=TEACHER, dataset=DATASET, views=VIEWS, fields=codecs, calibration=items[:3],
                            backend=backend, shard_size=shard_size,
                            num_samples=len(items) if num_samples == "all" else num_samples)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture(params=["memory", "local"])
-def url(request, tmp_path):
-    return f"memory://cache-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "cache")
 
 
 def write_all(backend, url):

@@ -45,7 +45,8 @@ METHOD_CASES = [
 
 
 def _precompute(root: Path, name: str, **options) -> str:
-    options = dict(dict(maskd_iters=1, maskd_batch_size=2), **options)
+    if options.get("fields", "all") == "all":   # a short MasKD stage 1
+        options.setdefault("overrides", {"maskd.stage1_iters": 1, "maskd.stage1_batch_size": 2})
     config = PrecomputeConfig(ckpt=str(root / "teacher.pt"), data=str(root / "data"), cache=str(root / name),
                               views=VIEWS, device="cpu", shard_size=4, batch_size=4, workers=0, calibration=4,
                               progress=False, **options)
@@ -84,7 +85,7 @@ def _build_world(root: Path) -> dict:
         "root": root, "data": str(root / "data"), "teacher": str(root / "teacher.pt"),
         "raw": _precompute(root, "cache_raw", codecs=lossless),
         "lossy": _precompute(root, "cache_lossy"),                      # klt fpn, sparse head.cls, int8 head.box
-        "ld_only": _precompute(root, "cache_ld", fields="ld", maskd_iters=0),
+        "ld_only": _precompute(root, "cache_ld", fields="ld"),
     }
 
 
@@ -120,7 +121,7 @@ def _loss_and_grads(trainer, batch, samples):
 def _pair(world, tmp_path, method, overrides, cache):
     cached = StudentTrainer(config(world, tmp_path / "cached", method=method, overrides=overrides, cache=cache))
     online = StudentTrainer(config(world, tmp_path / "online", method=method, overrides=overrides,
-                                   teacher=world["teacher"], views=VIEWS, maskd_tokens=cache))
+                                   teacher=world["teacher"], views=VIEWS, artifacts_from=cache))
     # Same seed, same run: the online teacher's loading does not change the student's initialisation.
     for (name, a), b in zip(cached.model.state_dict().items(), online.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -34,8 +34,9 @@ def world(tmp_path_factory):
         save_checkpoint(root / "teacher.pt", build_detector("gfl-small", num_classes=8))
         common = dict(ckpt=str(root / "teacher.pt"), data=str(root / "data"), views=VIEWS, device="cpu",
                       shard_size=4, batch_size=4, workers=0, calibration=4, progress=False)
-        run_precompute(PrecomputeConfig(cache=str(root / "cache"), maskd_iters=1, maskd_batch_size=2, **common))
-        run_precompute(PrecomputeConfig(cache=str(root / "cache_ld"), fields="ld", maskd_iters=0, **common))
+        run_precompute(PrecomputeConfig(cache=str(root / "cache"),
+                                        overrides={"maskd.stage1_iters": 1, "maskd.stage1_batch_size": 2}, **common))
+        run_precompute(PrecomputeConfig(cache=str(root / "cache_ld"), fields="ld", **common))
         StudentTrainer(TrainConfig(data=str(root / "data"), out=str(root / "icd_run"), method="icd",
                                    student="gfl-nano", cache=str(root / "cache"), batch_size=2, workers=0,
                                    eval=False, tensorboard=False, progress=False, warmup_iters=1, epochs=1,

@@ -66,9 +66,9 @@ class TrainConfig:
     inherit: bool = field(default=False, metadata={
         "group": WHAT, "action": argparse.BooleanOptionalAction,
         "help": "initialise the student's neck and head from the teacher (shapes must match)"})
-    maskd_tokens: str | None = field(default=None, metadata={
-        "group": TEACHER, "help": "online MasKD: a cache holding the receptive tokens (else learnt here)"})
-    maskd_iters: int = field(default=2000, metadata={"group": TEACHER, "help": "online MasKD stage 1 iterations"})
+    artifacts_from: str | None = field(default=None, metadata={
+        "group": TEACHER, "help": "online teacher: a cache whose per-cache artefacts an online-teacher run reads "
+                                  "(else a method that needs one makes it here, with its --set settings)"})
     epochs: int = field(default=12, metadata={"group": OPTIMISATION, "help": "training epochs"})
     batch_size: int = field(default=8, metadata={"group": OPTIMISATION, "help": "images per step per rank"})
     optimizer: str = field(default="sgd", metadata={"group": OPTIMISATION, "help": "the student's optimiser"})
@@ -127,7 +127,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "eval_every", "ckpt_every", "max_iters", "stop_after", "warmup_iters", "maskd_iters"):
+        for name in ("workers", "eval_every", "ckpt_every", "max_iters", "stop_after", "warmup_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         MethodSpec.parse(self.method)

@@ -29,7 +29,7 @@ DEMO_STUDENT = "gfl-nano"
 DEMO_SCHEDULE = ["--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--warmup-iters", "100",
                  "--milestones", "6", "7", "--short", "160", "--max-size", "256", "--workers", "0"]
 DEMO_VIEWS = "160:256,160:256:flip"
-DEMO_MASKD = ["--maskd-iters", "50", "--maskd-batch-size", "4"]
+DEMO_MASKD = ["--set", "maskd.stage1_iters=50", "--set", "maskd.stage1_batch_size=4"]
 # 3 epochs of 75 iterations. The methods' iteration counts (FRS ramp, ICD's detached phase, MasKD's
 # student-mask warmup) are meant for a 90k-iteration schedule; they are scaled to the same fraction
 # of this one, or ICD would never reach the student.

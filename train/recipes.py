@@ -83,9 +83,9 @@ class Recipe:
     teacher_source: str                           # its code base: mmdet | detectron2 (TEACHER_NECKS)
     student: str                                  # zoo name (train --student)
     student_config: dict[str, Any]                # DetectorConfig overrides of that student
-    precompute: dict[str, Any]                    # PrecomputeConfig keys: teacher, views, fields, maskd_*
+    precompute: dict[str, Any]                    # PrecomputeConfig keys: views, fields
     train: dict[str, Any]                         # TrainConfig keys: schedule, batch, lr, inherit, ...
-    overrides: dict[str, Any]                     # METHOD.KEY hyperparameters (train --set)
+    overrides: dict[str, Any]                     # METHOD.KEY hyperparameters (train and precompute --set)
     expected: Expected
     notes: tuple[str, ...] = ()                   # where this recipe differs from the official run
 
@@ -99,8 +99,17 @@ class Recipe:
         return {12: "1x", 24: "2x"}.get(self.train["epochs"], f"{self.train['epochs']} epochs")
 
     def precompute_options(self) -> dict[str, Any]:
-        """PrecomputeConfig keywords (teacher included)."""
+        """PrecomputeConfig keywords (teacher included; the method hyperparameters are
+        :meth:`precompute_settings`'s)."""
         return {"teacher": self.teacher, **self.precompute}
+
+    def precompute_settings(self, fields: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Precompute's ``--set`` values: the recipe's hyperparameters of the methods ``fields`` names
+        (its MasKD stage 1, ...), with the command line's ``given`` ones (qualified keys) over them."""
+        from train.methods import methods_named
+        methods = methods_named(fields.split(","))
+        own = {key: value for key, value in self.overrides.items() if key.split(".", 1)[0] in methods}
+        return {**own, **dict(given or {})}
 
     def train_options(self) -> dict[str, Any]:
         """TrainConfig keywords other than data, out and the teacher source."""
@@ -271,12 +280,13 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
         teacher="retina-r101",
         teacher_weights=_mmdet("retinanet", "retinanet_r101_fpn_2x_coco", "20200131-5560aee8"),
         teacher_source="mmdet", student="retina-r50", student_config=_RETINA_STUDENT,
-        # Stage 1: 2000 iterations of 16 images, Adam lr 0.01 (wd 1e-3, cosine to 1e-6), 6 tokens per level.
-        precompute={"views": SINGLE_SCALE, "fields": "maskd", "maskd_iters": 2000, "maskd_batch_size": 16,
-                    "maskd_lr": 0.01},
+        precompute={"views": SINGLE_SCALE, "fields": "maskd"},
         train={**_schedule(24, (16, 22), batch_size=16, lr=0.02, warmup_iters=1000, clip_grad=35.0),
                "inherit": True},
-        overrides={"maskd.loss_weight": 7.0, "maskd.student_mask_warmup": 7000, "maskd.head_weight": 1.0},
+        # Stage 1 (precompute, or an online run): 2000 iterations of 16 images, Adam lr 0.01 (wd 1e-3, cosine
+        # to 1e-6), 6 tokens per level.
+        overrides={"maskd.loss_weight": 7.0, "maskd.student_mask_warmup": 7000, "maskd.head_weight": 1.0,
+                   "maskd.stage1_iters": 2000, "maskd.stage1_batch_size": 16, "maskd.stage1_lr": 0.01},
         expected=Expected(39.9, 37.4, 38.9, "hunto/MasKD README results table (RetinaNet-R50 37.4, teacher "
                                             "RetinaNet-R101 38.9 -> 39.9); METHODS.md MasKD"),
         notes=("config mmrazor/configs/distill/maskd/retinanet_r101-retinanet_r50_coco.py (schedule_2x, SGD lr 0.02, "

@@ -138,13 +138,17 @@ class CachedTeacher:
     def prefetch(self, image_id: int, view_index: int) -> dict[str, Any]:
         """One view's fields in compact form (tensors, ``Affine``, ``KLTCoeffs``), for a loader worker."""
         sample = self.cache.get(int(image_id), int(view_index), fields=self.fields, decode="compact")
-        return {name: (value if name in (KEY, NBYTES) else to_torch(value)) for name, value in sample.items()
-                if name in (KEY, NBYTES) or not name.startswith("__")}
+        return _payload(sample)
+
+    def prefetch_many(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """``[prefetch(i, v) for i, v in keys]``: a batch's views read with one ``Cache.get_many``."""
+        samples = self.cache.get_many([(int(i), int(v)) for i, v in keys], fields=self.fields, decode="compact")
+        return [_payload(sample) for sample in samples]
 
     def fetch(self, batch: Batch, payloads: Sequence[dict] | None, device: torch.device | str) -> list[dict[str, Tensor]]:
         """Per image of ``batch``: the dequantised fields on ``device`` (reads them now without ``payloads``)."""
         if payloads is None:
-            payloads = [self.prefetch(i, v) for i, v in zip(batch.image_ids, batch.view_indices)]
+            payloads = self.prefetch_many(list(zip(batch.image_ids, batch.view_indices)))
         if len(payloads) != len(batch.image_ids):
             raise ValueError(f"{len(payloads)} teacher samples for a batch of {len(batch.image_ids)} images")
         samples = []
@@ -163,6 +167,11 @@ class CachedTeacher:
         state = dict(self.__dict__)
         state["_cache"] = None  # each loader worker opens its own
         return state
+
+
+def _payload(sample: dict) -> dict[str, Any]:
+    return {name: (value if name in (KEY, NBYTES) else to_torch(value)) for name, value in sample.items()
+            if name in (KEY, NBYTES) or not name.startswith("__")}
 
 
 class OnlineTeacher:
@@ -186,6 +195,9 @@ class OnlineTeacher:
 
     def prefetch(self, image_id: int, view_index: int) -> None:
         return None
+
+    def prefetch_many(self, keys: Sequence[tuple[int, int]]) -> list[None]:
+        return [None] * len(keys)
 
     def fetch(self, batch: Batch, payloads: Sequence[dict | None] | None,
               device: torch.device | str) -> list[dict[str, Tensor]]:

@@ -125,9 +125,10 @@ class StudentBatches(torch.utils.data.Dataset):
             return StudentItem(None, None, error=str(error))
         batch = collate(samples)
         payloads = None
-        if self.source is not None:
-            payloads = [self.source.prefetch(image_id, view_index)
-                        for image_id, view_index in zip(batch.image_ids, batch.view_indices)]
+        if self.source is not None:     # the batch's views in one read (Cache.get_many) when the source can
+            keys = list(zip(batch.image_ids, batch.view_indices))
+            many = getattr(self.source, "prefetch_many", None)
+            payloads = many(keys) if many is not None else [self.source.prefetch(i, v) for i, v in keys]
         return StudentItem(batch, payloads, replaced)
 
 

@@ -68,8 +68,8 @@ def open_teacher(config: TrainConfig, dataset: CocoDetection, device: torch.devi
                           category_ids=dataset.label_to_cat_id)
     info = loaded.manifest_entry()
     info.pop("config", None)
-    # Online, the artefacts a cache would hold come from the cache --maskd-tokens names, if any.
-    artifact = CachedTeacher(config.maskd_tokens, []).artifact if config.maskd_tokens else None
+    # Online, the artefacts a cache would hold come from the cache --artifacts-from names, if any.
+    artifact = CachedTeacher(config.artifacts_from, []).artifact if config.artifacts_from else None
     return OpenedTeacher(config.teacher, loaded.model.config.to_dict(), info, None, artifact, amp_dtype,
                          model=loaded.model)
 

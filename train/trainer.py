@@ -204,7 +204,7 @@ class StudentTrainer:
         online teacher."""
         c = self.config
         return RunResources(dataset=self.train_set, artifact=self.teacher.artifact, teacher_model=self.teacher.model,
-                            online_iters=c.maskd_iters, device=self.device, seed=c.seed, workers=c.workers,
+                            device=self.device, seed=c.seed, workers=c.workers,
                             progress=c.progress and self.is_main)
 
     def _validation_set(self) -> CocoDetection:

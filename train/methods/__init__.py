@@ -16,7 +16,9 @@ or ``gfl``), see each method's ``Config``. Values must fit their field's type an
 
 Everyone else asks the registry what a method needs, when called: precompute's ``--fields NAME``
 resolves through :func:`named_field_sets` and makes the artefacts :func:`artifact_makers` names
-(each class's ``FIELDS``, ``FIELD_PRESETS``, ``ARTIFACTS`` and ``make_artifact``), ``train.viz``
+(each class's ``FIELDS``, ``FIELD_PRESETS``, ``ARTIFACTS`` and ``make_artifact``, given the
+method's config: precompute's ``--set`` takes the hyperparameters of the methods its ``--fields``
+names, :func:`methods_named`, as train's does), ``train.viz``
 draws each class's picture, and the sweep, its report and the benchmarks list :data:`METHODS`.
 ``python -m train.methods`` prints the registry.
 
@@ -61,8 +63,8 @@ BASELINE = NoDistillation.NAME
 __all__ = ["BASELINE", "METHODS", "ArtifactInputs", "BuildContext", "CombinedMethod", "DatasetStats", "DeFeat",
            "DistillationMethod", "FRS", "ICD", "LD", "MasKD", "MethodConfig", "MethodSpec", "NoDistillation",
            "ParamGroupSpec", "RunResources", "SettingError", "ValueRule", "artifact_makers", "build_method",
-           "check_overrides", "default_iteration_settings", "iteration_settings", "method_sources",
-           "named_field_sets", "override_rule", "parse_overrides", "register_method", "register_method_sources",
+           "check_overrides", "default_iteration_settings", "iteration_settings", "method_configs",
+           "method_sources", "methods_named", "named_field_sets", "override_rule", "parse_overrides", "register_method", "register_method_sources",
            "schedule_warnings", "split_overrides"]
 
 # A method name is one word of the method string ("ld+frs"), of qualified keys ("frs.feat_weight")
@@ -174,17 +176,39 @@ def named_field_sets() -> dict[str, tuple[str, ...]]:
     return sets
 
 
-def artifact_makers(names: Iterable[str], options: Mapping[str, Any] | None = None
+def methods_named(names: Iterable[str]) -> MethodSpec:
+    """The methods that ``names`` (precompute ``--fields`` items) name by method name or one of their
+    field presets, every registered one for "all", in registry order; other names (field groups)
+    are ignored. Not a trainable combination: it may hold the baseline beside others (a spec for
+    :func:`parse_overrides`, :func:`split_overrides` and :func:`method_configs`)."""
+    names = [name.strip() for name in names]
+    return MethodSpec(tuple(cls.NAME for cls in METHODS.values()
+                            if any(name in ("all", cls.NAME) or name in cls.FIELD_PRESETS for name in names)))
+
+
+def method_configs(spec: str | MethodSpec, family: str, overrides: Mapping[str, Any] | None = None,
+                   only: Iterable[str] | None = None) -> dict[str, Any]:
+    """Method name -> its ``Config.for_family(family, **its overrides)``, for the methods of ``spec``
+    (those in ``only``, when given); ``overrides`` are keys of ``spec``'s methods, plain or qualified."""
+    spec = MethodSpec.parse(spec)
+    per_method = split_overrides(spec, dict(overrides or {}))
+    wanted = spec.names if only is None else [name for name in spec.names if name in set(only)]
+    return {name: METHODS[name].Config.for_family(family, **per_method[name]) for name in wanted}
+
+
+def artifact_makers(names: Iterable[str], configs: Mapping[str, Any] | None = None
                     ) -> dict[str, type[DistillationMethod]]:
     """Per-cache artefact -> the method class that makes it (``make_artifact``), for the methods
-    named in ``names`` by method name or one of their field presets; other names (field groups) are
-    ignored. With a precompute run's ``options``, only the artefacts made with them
-    (``artifacts_made``); without, every declared one."""
-    names, out = list(names), {}
-    for cls in METHODS.values():
-        if any(name == cls.NAME or name in cls.FIELD_PRESETS for name in names):
-            made = cls.ARTIFACTS if options is None else cls.artifacts_made(options)
-            out.update({artifact: cls for artifact in made if artifact not in out})
+    named in ``names`` by method name or one of their field presets (:func:`methods_named`). With
+    ``configs`` (method name -> its config, :func:`method_configs`), only the artefacts made with
+    them (``artifacts_made``); without, every declared one."""
+    out = {}
+    for name in methods_named(names).names:
+        cls = METHODS[name]
+        if not cls.ARTIFACTS:
+            continue
+        made = cls.ARTIFACTS if configs is None else cls.artifacts_made(configs[name])
+        out.update({artifact: cls for artifact in made if artifact not in out})
     return out
 
 
@@ -247,11 +271,15 @@ def default_iteration_settings(spec: str | MethodSpec, family: str) -> dict[str,
 
 
 def _iteration_settings(configs: dict[str, Any]) -> dict[str, int]:
+    """Fields named ``*iters*`` or ``*warmup*``, except those whose metadata says they count no student
+    iterations (``student_schedule: False``: MasKD's stage 1 runs before the student's first step)."""
     out = {}
     for name, config in configs.items():
         if dataclasses.is_dataclass(config):
             for f in dataclasses.fields(config):
                 value = getattr(config, f.name)
+                if not f.metadata.get("student_schedule", True):
+                    continue
                 if ("iters" in f.name or "warmup" in f.name) and isinstance(value, int) and value > 0:
                     out[f"{name}.{f.name}"] = value
     return out

@@ -8,8 +8,8 @@ A method is an ``nn.Module`` with
   configured instance reads (a term with weight 0 reads nothing, an opt-in term adds its fields);
 - ``FIELD_PRESETS``: named field sets for other configurations (``--fields defeat-coco``), and
   ``ARTIFACTS``: the per-cache artefacts it reads (MasKD's receptive tokens), which precompute
-  makes with :meth:`DistillationMethod.make_artifact` (:meth:`DistillationMethod.artifacts_made`
-  says which a run's options turn off);
+  makes with :meth:`DistillationMethod.make_artifact` from the method's config (precompute's
+  ``--set`` keys; :meth:`DistillationMethod.artifacts_made` says which a config turns off);
 - what ``python -m train.viz`` draws for it: ``PICTURE_FIELDS`` (None: no picture),
   ``PICTURE_HELP``, ``PICTURE_OPTIONS`` and :meth:`DistillationMethod.draw_picture`;
 - ``Config``: a frozen dataclass of hyperparameters whose defaults are the official values for
@@ -248,7 +248,7 @@ METHOD_LIMITS: dict[str, dict[str, Any]] = {
     "temperature": _POSITIVE, "ld_temperature": _POSITIVE, "vlr_temperature": _POSITIVE,
     "kd_temperature": _POSITIVE, "head_temperature": _POSITIVE, "lr": _POSITIVE, "max_grad_norm": _POSITIVE,
     "num_heads": {"minimum": 1}, "ffn_ratio": {"minimum": 1}, "max_queries": {"minimum": 1},
-    "images_per_group": {"minimum": 1},
+    "images_per_group": {"minimum": 1}, "stage1_lr": _POSITIVE, "stage1_batch_size": {"minimum": 1},
 }
 
 
@@ -264,7 +264,6 @@ class RunResources:
     dataset: Any = None                  # the training split (detectors.data.CocoDetection), its views applied
     artifact: Callable[[str, str], dict] | None = None   # (name, why) -> a cache artefact; raises saying why
     teacher_model: Any = None            # the online teacher (None when the teacher is a cache)
-    online_iters: int = 2000             # iterations of a stage a cache would have held (MasKD stage 1)
     device: Any = "cpu"
     seed: int = 0
     workers: int = 0
@@ -277,7 +276,7 @@ class ArtifactInputs:
 
     teacher_model: Any                   # the frozen teacher (detectors' Detector), on ``device``
     dataset: Any                         # the cached split (detectors.data.CocoDetection), its views applied
-    options: Mapping[str, Any]           # the precompute run's options (PrecomputeConfig's keys and values)
+    config: Any                          # the method's Config: the teacher's family, precompute's --set overrides
     device: Any = "cpu"
     seed: int = 0
     workers: int = 0
@@ -357,9 +356,10 @@ class DistillationMethod(nn.Module):
         return None
 
     @classmethod
-    def artifacts_made(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
-        """The :attr:`ARTIFACTS` precompute makes with its run's ``options`` (PrecomputeConfig's keys):
-        all of them by default; a method drops one that an option turns off (``--maskd-iters 0``)."""
+    def artifacts_made(cls, config: Any) -> tuple[str, ...]:
+        """The :attr:`ARTIFACTS` precompute makes with the method's ``config`` (its ``Config`` for the
+        teacher's family with precompute's ``--set`` overrides): all of them by default; a method
+        drops one that a config key turns off (``--set maskd.stage1_iters=0``)."""
         return cls.ARTIFACTS
 
     @classmethod

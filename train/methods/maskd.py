@@ -7,7 +7,12 @@ Official code: https://github.com/hunto/MasKD @b5af34f (``mmrazor/mmrazor/models
 Stage 1 (learning the tokens on the frozen teacher, :mod:`train.methods.maskd_tokens`) runs once
 per cache in precompute (:meth:`MasKD.make_artifact`, the cache's ``maskd_tokens`` artefact), or,
 with an online teacher and no such cache, in :meth:`MasKD.prepare` before the student's first step;
-this module receives its result, frozen. Per level l, with the
+this module receives its result, frozen. Stage 1's settings are keys of :class:`MasKDConfig`
+(``stage1_iters``, ``stage1_batch_size``, ``stage1_lr``: the official 2000 iterations of 16 images,
+Adam lr 0.01, for both families), given as ``--set maskd.stage1_iters=N`` to precompute (which
+makes the artefact with them; ``stage1_iters=0`` makes none) and to an online-teacher training run
+(which learns the tokens with them unless ``--artifacts-from`` names a cache holding them).
+Per level l, with the
 align conv A_l (1×1, C_s → C_t, bias, PyTorch default init, trained with the student):
 
     M_t = σ(token_t · F_t)                                     (N, T, H, W), no gradient
@@ -56,7 +61,7 @@ Tokens module: any object with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -87,6 +92,11 @@ class MasKDConfig(MethodConfig):
     loss_weight: float = 7.0            # λ (RetinaNet 7; FCOS, used for GFL, 10)
     student_mask_warmup: int = 7000     # iterations before masks are also multiplied by the student's
     head_weight: float = 1.0            # L1 on dense box outputs (RetinaNet 1; GFL 0, see the docstring)
+    # Stage 1 (the receptive tokens; official mmdetection/configs/maskd/*: 2000 iterations, 16 images,
+    # Adam lr 0.01). Not student iterations: the sweep's schedule checks leave them alone.
+    stage1_iters: int = field(default=2000, metadata={"student_schedule": False})  # 0: no tokens made
+    stage1_batch_size: int = 16         # images per stage-1 iteration
+    stage1_lr: float = 0.01             # stage 1's Adam lr (cosine to 1e-6)
 
     FAMILY_DEFAULTS = {"retina": {}, "gfl": {"loss_weight": 10.0, "student_mask_warmup": 5000, "head_weight": 0.0}}
 
@@ -118,24 +128,25 @@ class MasKD(DistillationMethod):
                                     for _ in range(num_levels)])
 
     @classmethod
-    def artifacts_made(cls, options: dict[str, Any]) -> tuple[str, ...]:
-        return cls.ARTIFACTS if options["maskd_iters"] else ()   # --maskd-iters 0 skips the tokens
+    def artifacts_made(cls, config: MasKDConfig) -> tuple[str, ...]:
+        return cls.ARTIFACTS if config.stage1_iters else ()   # --set maskd.stage1_iters=0 skips the tokens
 
     @classmethod
     def make_artifact(cls, name: str, inputs: ArtifactInputs) -> tuple[dict[str, Any], dict[str, Any]]:
         """Stage 1 on the cached split and views (each image's view drawn at random), the teacher
-        frozen, with precompute's ``--maskd-iters``, ``--maskd-batch-size`` and ``--maskd-lr``."""
-        options = inputs.options
+        frozen, with the config's ``stage1_iters``, ``stage1_batch_size`` and ``stage1_lr``."""
+        config = inputs.config
         result = maskd_tokens.learn_receptive_tokens(
-            inputs.teacher_model, _stage1_data(inputs.dataset), iters=options["maskd_iters"], lr=options["maskd_lr"],
-            batch_size=options["maskd_batch_size"], device=inputs.device, progress=inputs.progress,
+            inputs.teacher_model, _stage1_data(inputs.dataset), iters=config.stage1_iters, lr=config.stage1_lr,
+            batch_size=config.stage1_batch_size, device=inputs.device, progress=inputs.progress,
             seed=inputs.seed, num_workers=inputs.workers)
         return result["state"], result["meta"]
 
     @classmethod
     def prepare(cls, config: MasKDConfig, run: RunResources) -> ReceptiveTokensLike:
         """Stage 1's receptive tokens: the cache's artefact, or learnt here on the online teacher
-        (``run.online_iters`` iterations on the training split, its views drawn at random)."""
+        (the config's stage-1 settings, at least one iteration, on the training split, its views
+        drawn at random)."""
         if run.artifact is not None:
             return load_receptive_tokens(run.artifact(
                 MASKD_ARTIFACT, "MasKD reads the receptive tokens learnt in precompute (python -m precompute "
@@ -144,7 +155,8 @@ class MasKD(DistillationMethod):
             raise ValueError("MasKD needs its receptive tokens: a teacher cache holding them, or an online teacher "
                              "and the training data to learn them on")
         result = maskd_tokens.learn_receptive_tokens(run.teacher_model, _stage1_data(run.dataset),
-                                                     iters=max(1, run.online_iters), device=run.device,
+                                                     iters=max(1, config.stage1_iters), lr=config.stage1_lr,
+                                                     batch_size=config.stage1_batch_size, device=run.device,
                                                      progress=run.progress, seed=run.seed, num_workers=run.workers)
         return load_receptive_tokens(result)
 
@@ -213,7 +225,7 @@ class MasKD(DistillationMethod):
                 painter.state[cls.NAME] = load_receptive_tokens(painter.cache.artifact(MASKD_ARTIFACT))
             except CacheError as error:
                 raise viz.Skipped(f"{error} (MasKD stage 1: python -m precompute --fields all or maskd, "
-                                  f"--maskd-iters > 0)") from None
+                                  f"--set maskd.stage1_iters > 0)") from None
         tokens, level = painter.state[cls.NAME], LEVELS.index(painter.options["maskd_level"])
         features = view.level_maps("fpn")[level][None]  # (1, C, h_l, w_l)
         with torch.no_grad():
