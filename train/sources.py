@@ -13,6 +13,7 @@ learns which source produced them.
 after the checks against its data and student)
 
     payload = source.prefetch(image_id, view_index)   # in a loader worker: compact, still quantised
+    payloads = source.prefetch_many(keys)             # a batch's views in one read (what the loader does)
     samples = source.fetch(batch, payloads, device)   # main process: dequantised on the device
 
 ``prefetch`` is what a loader worker does per image (the cached source decompresses the shard

@@ -9,9 +9,10 @@ and a shuffled image order; the order is split between DDP ranks and cut into ba
 
 A loader worker builds batch ``k``: it decodes each image and applies exactly that view with
 ``CocoDetection.load`` (``detectors.views.apply_view``, the code path precompute used, so teacher
-and student see the same pixels), collates the student batch, and asks the teacher source for each
-view's fields in compact form (``source.prefetch``: the cache's shard blobs decompressed, still
-quantised). The main process dequantises them on the training device (``source.fetch``).
+and student see the same pixels), collates the student batch, and asks the teacher source for its
+views' fields in compact form, in one read for the batch (``source.prefetch_many``: the cache's
+shard blobs decompressed, still quantised). The main process dequantises them on the training
+device (``source.fetch``).
 
 Bad images follow the dataset's ``on_error``: under ``"skip"`` an image that cannot be read or
 decoded is replaced by the next good one (its own teacher fields are fetched, so teacher and
@@ -78,7 +79,7 @@ class StudentItem:
     """What the loader yields: the student batch (CPU) and its teacher payloads (one per image)."""
 
     batch: Batch | None           # None when ``error`` is set
-    teacher: list[Any] | None     # source.prefetch per image (None entries for the online source)
+    teacher: list[Any] | None     # source.prefetch_many's payload per image (None for the online source)
     replaced: list[str] = field(default_factory=list)   # bad images replaced by the next good one (skip)
     error: str | None = None      # a bad image under on_error="raise", or a changed image: the message
 
@@ -125,10 +126,8 @@ class StudentBatches(torch.utils.data.Dataset):
             return StudentItem(None, None, error=str(error))
         batch = collate(samples)
         payloads = None
-        if self.source is not None:     # the batch's views in one read (Cache.get_many) when the source can
-            keys = list(zip(batch.image_ids, batch.view_indices))
-            many = getattr(self.source, "prefetch_many", None)
-            payloads = many(keys) if many is not None else [self.source.prefetch(i, v) for i, v in keys]
+        if self.source is not None:     # the batch's views in one read (a cache's Cache.get_many)
+            payloads = self.source.prefetch_many(list(zip(batch.image_ids, batch.view_indices)))
         return StudentItem(batch, payloads, replaced)
 
 
