@@ -40,6 +40,7 @@ from .blob import FieldCodec, compress_part, decompress_part
 from .errors import CacheError, CorruptShardError
 from .klt import KLTCodec, KLTCoeffs, dequantize_klt
 from .tensors import as_device_tensor
+from .uniform import UniformCodec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class SparseScoreCodec(FieldCodec):
         return self._dense(header, parts, np.float16)
 
 
-for _cls in (LosslessCodec, Int8AffineCodec, KLTCodec, SparseScoreCodec):
+for _cls in (LosslessCodec, Int8AffineCodec, KLTCodec, SparseScoreCodec, UniformCodec):
     numcodecs.register_codec(_cls)
 
 
@@ -338,6 +339,8 @@ PRESETS = {
                        "klt + spatial prediction of its coefficient planes"),
     "klt-dct": Preset(_klt("dct"), _KLT_PARAMS, "max_rel_rmse", False, True,
                       "klt + 2-D DCT of its coefficient planes"),
+    "uniform": Preset(lambda _, **kw: UniformCodec(**kw), _KLT_PARAMS, "max_rel_rmse", False, False,
+                      "one uniform step per field, rel RMSE <= VALUE (uniform:0.04; region rows)"),
 }
 
 

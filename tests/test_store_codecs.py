@@ -248,3 +248,34 @@ def test_spatial_variants_round_trip_through_each_backend(tmp_path, backend):
             assert np.linalg.norm(got[name] - x) / np.linalg.norm(x) <= bound
         compact = cache.dequantize(cache.get(int(sample["meta.image_id"]), 0, fields=["fpn.p3"], decode="compact"))
         np.testing.assert_allclose(compact["fpn.p3"].numpy(), got["fpn.p3"], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# uniform: one scalar step per field, for LD's region rows (R, K)
+@pytest.mark.parametrize("bound", [0.01, 0.04, 0.1, 0.25])
+@pytest.mark.parametrize("shape", [(40, 68), (3, 80), (1,), (0, 68)])
+def test_uniform_keeps_its_bound_and_shrinks_with_it(bound, shape):
+    rows = (RNG.standard_normal(shape) * 3 - 5).astype(np.float32)     # logit-like: offset, spread
+    codec = make_codec(f"uniform:{bound}")
+    blob = codec.encode(rows)
+    back = codec.decode(blob)
+    assert back.shape == rows.shape and back.dtype == np.float32
+    if rows.size:
+        measured, allowed = measure_error(codec.error_bound(), rows, back)
+        assert measured <= allowed, (measured, allowed)
+        if rows.size > 100:
+            assert measured > bound / 2                     # a real step, not near-lossless
+    if shape == (40, 68):
+        assert len(blob) < len(make_codec("uniform:0.005").encode(rows))
+
+
+def test_uniform_step_by_hand_and_zero_rows():
+    codec = make_codec("uniform:0.5,target_rel_rmse=0.5")
+    x = np.array([[4.0, -4.0, 1.0, 0.0]], np.float32)
+    step = np.sqrt(12) * 0.5 * np.sqrt(33 / 4)       # rms 2.87 -> step 4.97; q = 1, -1, 0, 0; rel RMSE 0.30
+    np.testing.assert_allclose(codec.decode(codec.encode(x)), [[step, -step, 0, 0]], rtol=1e-6)
+    zeros = np.zeros((2, 3), np.float32)
+    np.testing.assert_array_equal(codec.decode(codec.encode(zeros)), zeros)
+    with pytest.raises(CacheError, match="non-finite"):
+        codec.encode(np.array([np.inf], np.float32))
+    assert str(parse_codec_spec("uniform:0.04,clevel=3")) == "uniform:0.04,clevel=3"
