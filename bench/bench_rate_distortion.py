@@ -188,13 +188,12 @@ def write_report(args, rows: list[dict], methods: list[str]) -> None:
                 by_seed = dict(zip(base["seeds"], base["ap"]))
                 deltas = [a - by_seed[s] for s, a in zip(r["seeds"], r["ap"]) if s in by_seed]
                 paired = " / ".join(f"{d:+.1f}" for d in deltas)
-            lines.append(
-                f"| {r['method']} | {r['point']} | {r['codecs']} | "
-                f"{'' if r['bytes_per_view'] is None else f'{r['bytes_per_view'] / 1e3:.1f} kB'} | "
-                f"{'' if r['ratio'] is None else f'{r['ratio']:.3f}'} | "
-                f"{'' if r['rel_rmse'] is None else f'{r['rel_rmse']:.3g}'} | "
-                f"{', '.join(f'{a:.1f}' for a in r['ap'])} | {statistics.fmean(r['ap']):.1f} ± {band(r['ap']):.1f} | "
-                f"{paired} |")
+            kb = "" if r["bytes_per_view"] is None else f"{r['bytes_per_view'] / 1e3:.1f} kB"
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+            rmse = "" if r["rel_rmse"] is None else f"{r['rel_rmse']:.3g}"
+            seeds = ", ".join(f"{a:.1f}" for a in r["ap"])
+            lines.append(f"| {r['method']} | {r['point']} | {r['codecs']} | {kb} | {ratio} | {rmse} | {seeds} | "
+                         f"{statistics.fmean(r['ap']):.1f} ± {band(r['ap']):.1f} | {paired} |")
     (args.out / "rd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(args, rows, methods)
