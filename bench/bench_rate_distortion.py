@@ -167,6 +167,27 @@ def codecs_of(manifest: dict, fields: list[str]) -> str:
     return "; ".join(sorted(specs))
 
 
+def size_table(args, points: list[str]) -> str:
+    """Every stored group of each point's cache: bytes per view and × raw fp16 (the sizes alone)."""
+    groups = ("fpn", "head.cls", "head.box", "region", "meta")
+    lines = ["| point | " + " | ".join(f"{g} kB/view (× raw fp16)" for g in groups) + " | total kB/view |",
+             "|---" * (len(groups) + 2) + "|"]
+    for point in dict.fromkeys(points):
+        path = locate(args, point)[0] / "manifest.json"
+        if not path.exists():
+            continue
+        manifest = json.loads(path.read_text())
+        cells = []
+        for group in groups:
+            stored, raw = bytes_per_view(manifest, [group]) if group != "meta" else (
+                sum(v[0] for k, v in manifest["totals"]["fields"].items() if k.startswith("meta.")) /
+                manifest["num_samples"], 0)
+            cells.append(f"{stored / 1e3:.1f}" + (f" ({stored / raw:.3f})" if raw else ""))
+        total = sum(v[0] for v in manifest["totals"]["fields"].values()) / manifest["num_samples"]
+        lines.append(f"| {point} | " + " | ".join(cells) + f" | {total / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def band(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -194,6 +215,7 @@ def write_report(args, rows: list[dict], methods: list[str]) -> None:
             seeds = ", ".join(f"{a:.1f}" for a in r["ap"])
             lines.append(f"| {r['method']} | {r['point']} | {r['codecs']} | {kb} | {ratio} | {rmse} | {seeds} | "
                          f"{statistics.fmean(r['ap']):.1f} ± {band(r['ap']):.1f} | {paired} |")
+    lines += ["", size_table(args, [r["point"] for r in rows if r["bytes_per_view"]])]
     (args.out / "rd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(args, rows, methods)

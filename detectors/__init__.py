@@ -1,10 +1,10 @@
-"""Detector zoo: ResNet-FPN RetinaNet and GFL with one forward API (see ``detectors.detector``).
+"""Detector zoo: ResNet-FPN RetinaNet, GFL and FCOS with one forward API (see ``detectors.detector``).
 
     model = build_detector("gfl-small", num_classes=3)
     out = model(images, image_sizes, targets)      # DetectorOutput: features, logits, anchors, losses ...
     detections = model.postprocess(out)            # per image: boxes (xyxy view pixels), scores, labels
 
-A family is one file (``gfl.py``, ``retinanet.py``: its config, head and model) registered in
+A family is one file (``gfl.py``, ``retinanet.py``, ``fcos.py``: its config, head and model) registered in
 ``detectors.zoo.FAMILIES``; ``detector.py`` holds the ``Detector`` base and ``config.py`` the keys
 every family's config shares.
 """
@@ -13,13 +13,15 @@ from detectors.backbone import ResNetFPN, build_resnet_fpn
 from detectors.config import DetectorConfig
 from detectors.convert import convert_torchvision_retinanet
 from detectors.detector import BACKGROUND, IGNORE, Detector, DetectorOutput, flatten_levels, valid_level_sizes
+from detectors.fcos import FCOS, FCOSConfig, FCOSHead
 from detectors.gfl import GFL, GFLConfig, GFLHead, integral
 from detectors.retinanet import RetinaNet, RetinaNetConfig, RetinaNetHead
 from detectors.zoo import (FAMILIES, build_detector, config_from_dict, get_config, list_models, load_checkpoint,
                            save_checkpoint)
 
 __all__ = [
-    "ATSSResult", "BACKGROUND", "Detector", "DetectorConfig", "DetectorOutput", "FAMILIES", "GFL", "GFLConfig",
+    "ATSSResult", "BACKGROUND", "Detector", "DetectorConfig", "DetectorOutput", "FAMILIES", "FCOS", "FCOSConfig",
+    "FCOSHead", "GFL", "GFLConfig",
     "GFLHead", "IGNORE", "ResNetFPN", "RetinaNet", "RetinaNetConfig", "RetinaNetHead", "atss_assign",
     "build_detector", "build_resnet_fpn", "config_from_dict", "convert_torchvision_retinanet", "flatten_levels",
     "get_config", "integral", "list_models", "load_checkpoint", "save_checkpoint", "valid_level_sizes",

@@ -10,7 +10,9 @@ source's key layout to the keys of :mod:`detectors.zoo` models and refuses keys 
                            **mmdet_config_overrides("gfl"))
     model.load_state_dict(convert_mmdet_gfl(state_dict))                  # strict: no missing keys
 
-mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``configs/gfl/gfl_r50_fpn_1x_coco.py``):
+mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``configs/gfl/gfl_r50_fpn_1x_coco.py``,
+``configs/fcos/fcos_r50-caffe_fpn_gn-head*``; FCOS keys from mmdetection 3.3
+``mmdet/models/dense_heads/{fcos,anchor_free}_head.py``):
 
     mmdetection                                   this project
     backbone.{conv1,bn1,layerX.Y.*}               backbone.body.{conv1,bn1,layerX.Y.*}
@@ -28,10 +30,25 @@ mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``confi
     bbox_head.gfl_cls.* / gfl_reg.*               head.gfl_cls.* / head.gfl_reg.*
     bbox_head.scales.i.scale                      head.scales.i.scale
     bbox_head.integral.project (buffer 0..reg_max) checked, dropped
+    FCOS head (this project keeps torchvision's FCOS keys; t = classification for cls, regression for reg)
+    bbox_head.{cls,reg}_convs.i.conv.*            head.{t}_head.conv.(3i).*     (bias only with conv_bias)
+    bbox_head.{cls,reg}_convs.i.gn.*              head.{t}_head.conv.(3i+1).*
+    bbox_head.conv_cls.*  (early 2.x: fcos_cls.*) head.classification_head.cls_logits.*
+    bbox_head.conv_reg.*  (early 2.x: fcos_reg.*) head.regression_head.bbox_reg.*
+    bbox_head.conv_centerness.* (fcos_centerness.*)  head.regression_head.bbox_ctrness.*
+    bbox_head.scales.i.scale                      head.scales.i.scale
 
 Architecture differences the converted model must be built with (:func:`mmdet_config_overrides`):
 mmdetection's RetinaNet builds P6 from C5 (``add_extra_convs='on_input'``) and its GFL from the P5
-output (``'on_output'``); neither applies a ReLU before P7. Its ResNet BatchNorm eps is 1e-5.
+output (``'on_output'``); neither applies a ReLU before P7. Its FCOS builds P6 from the P5 output with
+a ReLU before P7 (``relu_before_extra_convs=True``) on a caffe-style ResNet. Its ResNet BatchNorm eps
+is 1e-5. An FCOS checkpoint's head switches are not in its keys: the defaults of
+``detectors.fcos.FCOSConfig`` are the ``center-normbbox-centeronreg-giou`` configs', and
+``detectors.fcos.MMDET_PLAIN_FCOS`` the original ``fcos_r50-caffe_fpn_gn-head`` ones (tower convs
+without bias: a checkpoint without ``cls_convs.0.conv.bias`` needs ``head_conv_bias=False``). mmdetection's
+and detectron2's caffe ResNets expect BGR 0–255 inputs minus their mean (std 1); the detector here
+gives the checkpoint's outputs on the tensor it is given, so such a teacher needs that normalisation
+upstream.
 Anchors of a converted RetinaNet are torchvision's (sizes rounded down to integers, e.g. 40 and
 50 instead of mmdetection's 40.3 and 50.8 on P3): the dense outputs are the teacher's own, boxes
 decoded from them differ slightly from mmdetection's.
@@ -43,6 +60,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from detectors.fcos import TORCHVISION_FCOS
 
 MMDET_SOURCE = "mmdet"
 TORCHVISION_SOURCE = "torchvision"
@@ -68,6 +87,22 @@ _GFL_HEAD = [
     (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
 ]
 _GFL_PROJECT = "bbox_head.integral.project"
+_FCOS_TOWERS = {"cls": "classification", "reg": "regression"}
+# FCOS tower layer i is torchvision's conv.(3i) (Conv2d), conv.(3i+1) (GroupNorm), conv.(3i+2) (ReLU).
+_FCOS_HEAD = [
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)$",
+     lambda m: f"head.{_FCOS_TOWERS[m[1]]}_head.conv.{3 * int(m[2])}.{m[3]}"),
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)$",
+     lambda m: f"head.{_FCOS_TOWERS[m[1]]}_head.conv.{3 * int(m[2]) + 1}.{m[3]}"),
+    (r"^bbox_head\.(?:conv|fcos)_cls\.(weight|bias)$", r"head.classification_head.cls_logits.\1"),
+    (r"^bbox_head\.(?:conv|fcos)_reg\.(weight|bias)$", r"head.regression_head.bbox_reg.\1"),
+    (r"^bbox_head\.(?:conv|fcos)_centerness\.(weight|bias)$", r"head.regression_head.bbox_ctrness.\1"),
+    (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
+]
+_FCOS_CENTERNESS_KEYS = ("bbox_head.conv_centerness.weight", "bbox_head.fcos_centerness.weight")
+_TORCHVISION_FCOS_KEY = "head.regression_head.bbox_ctrness.weight"
+# Levels of torchvision's FCOS (P3..P7): one Scale each here.
+_FCOS_LEVELS = 5
 
 
 def unwrap_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
@@ -94,22 +129,28 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
 
 
 def detect_source(state_dict: Mapping[str, Tensor]) -> tuple[str, str]:
-    """(source, family) from the key layout: ("mmdet" | "torchvision" | "project", "gfl" | "retina")."""
+    """(source, family) from the key layout: ("mmdet" | "torchvision" | "project", "gfl" | "retina" | "fcos")."""
     keys = set(state_dict)
     if "bbox_head.gfl_cls.weight" in keys:
         return MMDET_SOURCE, "gfl"
     if "bbox_head.retina_cls.weight" in keys:
         return MMDET_SOURCE, "retina"
+    if keys & set(_FCOS_CENTERNESS_KEYS):
+        return MMDET_SOURCE, "fcos"
+    if _TORCHVISION_FCOS_KEY in keys:  # before RetinaNet's key, which FCOS shares; only this project has Scales
+        return (PROJECT_SOURCE if "head.scales.0.scale" in keys else TORCHVISION_SOURCE), "fcos"
     if "head.classification_head.cls_logits.weight" in keys:
         return TORCHVISION_SOURCE, "retina"  # torchvision's keys are this project's RetinaNet keys
     if "head.gfl_cls.weight" in keys:
         return PROJECT_SOURCE, "gfl"
-    raise ValueError("cannot tell the checkpoint's layout: none of bbox_head.gfl_cls / bbox_head.retina_cls "
-                     "(mmdetection), head.classification_head.cls_logits (torchvision RetinaNet) or "
-                     f"head.gfl_cls (this project) is present; first keys: {sorted(keys)[:8]}")
+    raise ValueError("cannot tell the checkpoint's layout: none of bbox_head.gfl_cls / bbox_head.retina_cls / "
+                     "bbox_head.conv_centerness (mmdetection), head.classification_head.cls_logits (torchvision "
+                     "RetinaNet), head.regression_head.bbox_ctrness (torchvision FCOS) or head.gfl_cls (this "
+                     f"project) is present; first keys: {sorted(keys)[:8]}")
 
 
-def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]], what: str) -> dict[str, Tensor]:
+def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str | Callable[[re.Match], str]]],
+            what: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     unknown = []
     compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
@@ -149,6 +190,44 @@ def convert_mmdet_gfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _rename(state, _BACKBONE + _NECK + _GFL_HEAD, "mmdetection GFL")
 
 
+def convert_mmdet_fcos(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An mmdetection FCOS (ResNet-FPN) state dict -> ``fcos-r*`` keys (see the module table).
+
+    Build the model with ``mmdet_config_overrides("fcos")`` and the head switches of the checkpoint's
+    config (``detectors.fcos.MMDET_PLAIN_FCOS`` for the original FCOS). The predictor names of early
+    mmdetection checkpoints (``fcos_cls``, ``fcos_reg``, ``fcos_centerness``) are read too, as
+    mmdetection's ``AnchorFreeHead._load_from_state_dict`` does.
+    """
+    return _rename(unwrap_state_dict(state_dict), _BACKBONE + _NECK + _FCOS_HEAD, "mmdetection FCOS")
+
+
+def convert_torchvision_fcos(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ``fcos_resnet50_fpn`` state dict -> this project's ``fcos-r50`` keys.
+
+    The keys are the same (``backbone.body/fpn.*``, ``head.classification_head.*``,
+    ``head.regression_head.*``); torchvision has no per-level Scale, so ``head.scales.{0..4}.scale``
+    are added as 1.0, which leaves every output as torchvision computes it. Build the model as
+    ``build_detector("fcos-r50", num_classes=91, **detectors.fcos.TORCHVISION_FCOS)`` (its points at
+    j·stride, its score rule and threshold; 91 COCO category ids for its COCO weights, whose frozen
+    BatchNorm keeps eps 1e-5) — ``torchvision_config_overrides("fcos")``. Where torchvision's FCOS
+    differs in training (regress-range ends, unweighted GIoU), the converted model trains as
+    mmdetection's: see detectors/fcos.py.
+    """
+    state = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    if _TORCHVISION_FCOS_KEY not in state:
+        raise ValueError(f"not a torchvision FCOS state dict: {_TORCHVISION_FCOS_KEY} is missing")
+    scales = sorted(key for key in state if key.startswith("head.scales."))
+    if scales:
+        raise ValueError(f"torchvision's FCOS has no per-level Scale, but the state dict holds {scales[:3]}: "
+                         "it is this project's FCOS; load it as it is")
+    one = state[_TORCHVISION_FCOS_KEY].new_ones(())
+    return {**state, **{f"head.scales.{level}.scale": one.clone() for level in range(_FCOS_LEVELS)}}
+
+
+def _torchvision_fcos_filter(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return convert_torchvision_fcos(unwrap_state_dict(state_dict))
+
+
 def convert_torchvision_retinanet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A torchvision ``retinanet_resnet50_fpn`` state dict -> this project's ``retina-r50`` keys.
 
@@ -169,6 +248,8 @@ CHECKPOINT_FILTERS: dict[tuple[str, str], Callable[[Mapping[str, Tensor]], dict[
     (MMDET_SOURCE, "retina"): convert_mmdet_retinanet,
     (MMDET_SOURCE, "gfl"): convert_mmdet_gfl,
     (TORCHVISION_SOURCE, "retina"): _torchvision_retinanet_filter,
+    (MMDET_SOURCE, "fcos"): convert_mmdet_fcos,
+    (TORCHVISION_SOURCE, "fcos"): _torchvision_fcos_filter,
 }
 
 
@@ -203,10 +284,13 @@ def infer_resnet_depth(state_dict: Mapping[str, Tensor]) -> int:
 
 
 def num_classes_of(state_dict: Mapping[str, Tensor], family: str, num_anchors: int = 9) -> int:
-    """Classes of a converted state dict (GFL: gfl_cls rows; RetinaNet: cls_logits rows / anchors)."""
+    """Classes of a converted state dict (GFL: gfl_cls rows; FCOS: cls_logits rows; RetinaNet: cls_logits
+    rows / anchors)."""
     if family == "gfl":
         return int(state_dict["head.gfl_cls.weight"].shape[0])
     rows = int(state_dict["head.classification_head.cls_logits.weight"].shape[0])
+    if family == "fcos":
+        return rows
     if rows % num_anchors:
         raise ValueError(f"RetinaNet cls_logits has {rows} rows, not a multiple of {num_anchors} anchors")
     return rows // num_anchors
@@ -217,7 +301,8 @@ def select_retinanet_classes(state_dict: Mapping[str, Tensor], class_indices: li
     """Keep the classification rows of ``class_indices`` (in that order) for every anchor.
 
     For torchvision's COCO weights (91 outputs indexed by COCO category id, 0 = background) and a
-    dataset with contiguous labels: ``class_indices = dataset.label_to_cat_id``.
+    dataset with contiguous labels: ``class_indices = dataset.label_to_cat_id``. torchvision's FCOS
+    has the same key with one anchor: ``num_anchors=1``.
     """
     state = dict(state_dict)
     weight_key, bias_key = "head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"
@@ -232,9 +317,20 @@ def select_retinanet_classes(state_dict: Mapping[str, Tensor], class_indices: li
 
 
 def mmdet_config_overrides(family: str) -> dict:
-    """DetectorConfig options that reproduce mmdetection's neck for ``family``."""
+    """DetectorConfig options that reproduce mmdetection's neck (and FCOS's caffe-style ResNet) for ``family``."""
     if family == "retina":
         return {"p6_from": "c5", "relu_before_p7": False}
     if family == "gfl":
         return {"p6_from": "p5", "relu_before_p7": False}
+    if family == "fcos":  # every caffe FCOS config; the lsj-200e ones use style="pytorch"
+        return {"p6_from": "p5", "relu_before_p7": True, "resnet_style": "caffe"}
     raise ValueError(f"unknown family {family!r}")
+
+
+def torchvision_config_overrides(family: str) -> dict:
+    """DetectorConfig options that reproduce torchvision's released detector of ``family``."""
+    if family == "retina":
+        return {"norm_eps": 0.0}  # torchvision overwrites the frozen BatchNorm eps of its COCO weights
+    if family == "fcos":
+        return dict(TORCHVISION_FCOS)
+    raise ValueError(f"torchvision has no {family!r} detector")

@@ -1,14 +1,15 @@
 """The ``Detector`` base class every family subclasses, the ``DetectorOutput`` it returns, valid regions.
 
-A family (detectors/gfl.py, detectors/retinanet.py) subclasses ``Detector`` with its head, anchors,
-matching, losses and box decoding, and ``DetectorConfig`` (detectors/config.py) with its keys;
-detectors/zoo.py registers it by name.
+A family (detectors/gfl.py, detectors/retinanet.py, detectors/fcos.py) subclasses ``Detector``
+with its head, anchors, matching, losses and box decoding, and ``DetectorConfig``
+(detectors/config.py) with its keys; detectors/zoo.py registers it by name.
 
 A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 32) and the valid
-``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7, plus the anchors
-of the batch's grid. With targets it also returns each image's anchor assignment and the named
-loss terms. Distillation code reads these fields directly. ``return_backbone=True`` adds the
-ResNet stage maps C3..C5 the FPN is built on (``backbone_features``), from the same pass.
+``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7 (and, for a head
+with a quality branch, FCOS's centerness logits), plus the anchors of the batch's grid. With
+targets it also returns each image's anchor assignment and the named loss terms. Distillation
+code reads these fields directly. ``return_backbone=True`` adds the ResNet stage maps C3..C5
+the FPN is built on (``backbone_features``), from the same pass.
 ``amp_dtype=torch.bfloat16`` is the one mixed-precision forward (teacher in precompute, student in
 train): backbone and head under autocast, anchors, assignment and losses in float32.
 
@@ -51,7 +52,8 @@ class DetectorOutput:
     features: list[Tensor]                 # per level (N, C, H_l, W_l) FPN outputs
     cls_logits: list[Tensor]               # per level (N, A*K, H_l, W_l), sigmoid logits
     box_outputs: list[Tensor]              # per level (N, A*4, H_l, W_l) RetinaNet deltas, or
-    #                                        (N, 4*(reg_max+1), H_l, W_l) GFL distribution logits (after Scale)
+    #                                        (N, 4*(reg_max+1), H_l, W_l) GFL distribution logits (after Scale),
+    #                                        or (N, 4, H_l, W_l) FCOS side distances ltrb in stride units (>= 0)
     anchors: list[Tensor]                  # per level (H_l*W_l*A, 4) xyxy pixels, shared by the batch
     strides: tuple[int, ...]               # pixels per cell of each level
     image_sizes: list[tuple[int, int]]     # valid (h, w) of each image, pixels
@@ -63,6 +65,9 @@ class DetectorOutput:
     # Per stage C3, C4, C5 (N, C_l, H_l, W_l): the backbone maps the FPN is built on, with the
     # (H_l, W_l) of P3, P4, P5; only when asked for (``forward(..., return_backbone=True)``).
     backbone_features: list[Tensor] | None = None
+    # Per level (N, A, H_l, W_l) centerness logits (pre-sigmoid) of a head with a quality branch
+    # (FCOS, A = 1); None for heads without one (RetinaNet, GFL).
+    centerness: list[Tensor] | None = None
 
 
 def valid_level_sizes(image_size_hw: tuple[int, int], strides: tuple[int, ...] = STRIDES,
@@ -109,6 +114,8 @@ class Detector(nn.Module):
 
     Subclasses provide their config class, the head, the anchor generator and three methods:
     ``match`` (one image's assignment), ``compute_losses`` and ``decode_boxes`` (for ``postprocess``).
+    ``head(features)`` returns the per-level maps ``(cls_logits, box_outputs)``, or
+    ``(cls_logits, box_outputs, centerness)`` for a head with a quality branch (FCOS).
     """
 
     strides: tuple[int, ...] = STRIDES
@@ -152,15 +159,15 @@ class Detector(nn.Module):
         self._check_inputs(images, image_sizes, targets)
         if amp_dtype is None:
             features, stages = self.extract_features(images, return_backbone)
-            cls_logits, box_outputs = self.head(features)
+            head_maps = self.head(features)
         else:
             with torch.autocast(images.device.type, dtype=amp_dtype):
                 features, stages = self.extract_features(images, return_backbone)  # P3..P7; C3..C5 or None
-                cls_logits, box_outputs = self.head(features)
-            features, cls_logits, box_outputs = ([m.float() for m in maps]
-                                                 for maps in (features, cls_logits, box_outputs))
+                head_maps = self.head(features)
+            features = [m.float() for m in features]
+            head_maps = tuple([m.float() for m in maps] for maps in head_maps)
             stages = None if stages is None else [m.float() for m in stages]
-        out = self._outputs(features, cls_logits, box_outputs, image_sizes, targets)
+        out = self._outputs(features, head_maps, image_sizes, targets)
         out.backbone_features = stages
         return out
 
@@ -194,14 +201,18 @@ class Detector(nn.Module):
                 if valid_hw[0] > feature.shape[-2] or valid_hw[1] > feature.shape[-1]:
                     raise ValueError(f"image size {size} needs level maps of at least {valid_hw}, got "
                                      f"{tuple(feature.shape[-2:])}")
-        cls_logits, box_outputs = self.head(features)
-        return self._outputs(features, cls_logits, box_outputs, image_sizes, targets)
+        return self._outputs(features, self.head(features), image_sizes, targets)
 
-    def _outputs(self, features: list[Tensor], cls_logits: list[Tensor], box_outputs: list[Tensor],
+    def _outputs(self, features: list[Tensor], head_maps: tuple[list[Tensor], ...],
                  image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None) -> DetectorOutput:
         """The head's maps plus the batch's anchors, and with ``targets`` the assignment and losses."""
+        if len(head_maps) not in (2, 3):
+            raise ValueError(f"{type(self.head).__name__} returned {len(head_maps)} map lists; expected "
+                             "(cls_logits, box_outputs) or (cls_logits, box_outputs, centerness)")
+        cls_logits, box_outputs, *centerness = head_maps
         anchors = self.grid_anchors([tuple(f.shape[-2:]) for f in features], features[0])
-        out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(self.strides), image_sizes)
+        out = DetectorOutput(features, cls_logits, box_outputs, anchors, tuple(self.strides), image_sizes,
+                             centerness=centerness[0] if centerness else None)
         if targets is not None:
             out.assignment = self.assign(out, targets)
             out.losses = self.compute_losses(out, targets)

@@ -2,15 +2,15 @@
 
 A family is one file (its config, head and model) registered in ``FAMILIES``; every family comes
 in every size of ``SIZES``, named ``{family}-{size}`` (``list_models()``):
-    retina-r18/r34/r50/r101, gfl-r18/r34/r50/r101, r18/r34/r50/r101 (= gfl-*):
+    retina-r18/r34/r50/r101, gfl-r18/r34/r50/r101, fcos-r18/r34/r50/r101, r18/r34/r50/r101 (= gfl-*):
         torchvision ResNets, FPN 256, 4 head convs; frozen BatchNorm with stem + layer1 frozen
         (the pretrained regime; from-scratch training wants ``norm="bn", trainable_layers=5``).
         No weights are loaded unless ``backbone_weights`` is given.
-    gfl-small / retina-small: CPU demo teacher, BasicBlocks (2, 2, 2, 2), widths (32, 64, 128, 256),
-        FPN 128, 3 head convs, trainable BatchNorm.
-    gfl-nano / retina-nano: CPU demo student, BasicBlocks (1, 1, 1, 1), widths (8, 16, 32, 64),
-        FPN 32, 2 head convs, trainable BatchNorm (sized so that the demo teacher beats it by
-        about 10 AP on the synthetic set after the same schedule; BENCHMARKS.md).
+    gfl-small / retina-small / fcos-small: CPU demo teacher, BasicBlocks (2, 2, 2, 2), widths
+        (32, 64, 128, 256), FPN 128, 3 head convs, trainable BatchNorm.
+    gfl-nano / retina-nano / fcos-nano: CPU demo student, BasicBlocks (1, 1, 1, 1), widths
+        (8, 16, 32, 64), FPN 32, 2 head convs, trainable BatchNorm (GFL's sized so that the demo
+        teacher beats it by about 10 AP on the synthetic set after the same schedule; BENCHMARKS.md).
 
 A checkpoint stores the config next to the state dict, so ``load_checkpoint`` rebuilds the model
 without being told its architecture.
@@ -26,11 +26,12 @@ import torch
 from detectors.backbone import RESNET_DEPTHS
 from detectors.config import DetectorConfig
 from detectors.detector import Detector
+from detectors.fcos import FCOS
 from detectors.gfl import GFL
 from detectors.retinanet import RetinaNet
 
 # Family name ("family" of its config) -> its Detector class. A new family: its file, then one entry here.
-FAMILIES: dict[str, type[Detector]] = {cls.config_class.family: cls for cls in (GFL, RetinaNet)}
+FAMILIES: dict[str, type[Detector]] = {cls.config_class.family: cls for cls in (GFL, RetinaNet, FCOS)}
 CHECKPOINT_FORMAT = "detkd-detector/1"
 _SMALL = dict(depth=None, norm="bn", trainable_layers=5)  # from scratch: every stage and BatchNorm trains
 # Size name -> the shared config keys it sets, the same for every family.

@@ -24,7 +24,7 @@ import torch
 
 from detectors.convert import (MMDET_SOURCE, PROJECT_SOURCE, TORCHVISION_SOURCE, checkpoint_filter_fn,
                                detect_source, infer_resnet_depth, mmdet_config_overrides, num_classes_of,
-                               select_retinanet_classes, unwrap_state_dict)
+                               select_retinanet_classes, torchvision_config_overrides, unwrap_state_dict)
 from detectors.detector import Detector
 from detectors.config import DetectorConfig
 from detectors.zoo import CHECKPOINT_FORMAT, MODELS, build_detector, config_from_dict, get_config
@@ -185,7 +185,7 @@ def _load_converted(state: dict, family: str, source: str, spec: str | None, num
     if source == MMDET_SOURCE:
         options.update(mmdet_config_overrides(family))
     elif source == TORCHVISION_SOURCE:
-        options["norm_eps"] = 0.0  # torchvision overwrites the frozen BatchNorm eps of its COCO weights
+        options.update(torchvision_config_overrides(family))
     options.update(overrides)
     found_classes = num_classes_of(state, family)
     if (family == "retina" and num_classes is not None and found_classes != num_classes

@@ -22,6 +22,10 @@ WebDataset (``shards/NNNNNN-GROUP.tar``, one tar per group and shard): members a
 with ``webdataset.TarWriter``. Streaming reads the tars front to back (tar headers checked,
 the whole file's sha256 compared with the receipt at its end); random access uses the recorded
 member offsets.
+
+Both read any fsspec location, HTTP(S) included: every read is a byte range of a file the receipt
+names. Over 500 lines because the backends and the read path they share are one concept: a new
+backend stays a change of this file alone (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -29,13 +33,14 @@ import hashlib
 import io
 import math
 import tarfile
+import threading
 from collections import OrderedDict
 
 import google_crc32c
 import numpy as np
 
 from . import fsutil
-from .errors import CorruptShardError
+from .errors import CacheError, CorruptShardError
 from .layout import SHARDS, shard_name
 
 BLOB_SUFFIX = ".dkb"
@@ -47,9 +52,11 @@ class ReadStats:
 
     def __init__(self):
         self.bytes_by_path: dict[str, int] = {}
+        self._lock = threading.Lock()         # reads run in several threads (the trainer's read-ahead)
 
     def add(self, path: str, nbytes: int) -> None:
-        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + int(nbytes)
+        with self._lock:
+            self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + int(nbytes)
 
     def total(self, contains: str = "") -> int:
         return sum(v for k, v in self.bytes_by_path.items() if contains in k)
@@ -87,6 +94,10 @@ class Backend:
         read for them into the span; None when this backend cannot say (then ``read_span``)."""
         return None
 
+    def prepare(self, receipt: dict, group: str) -> None:
+        """Read now what ``plan_span`` will need for this shard's group (its metadata), so that a batch
+        can do it for all its shards concurrently (``Cache.get_many``); by default nothing."""
+
     def read_span(self, receipt: dict, group: str, start: int, end: int):
         plan = self.plan_span(receipt, group, start, end)
         if plan is None:
@@ -115,6 +126,9 @@ class Backend:
         for (shard, rel, a, b), data in zip(ranges, out):
             if isinstance(data, BaseException):
                 raise CorruptShardError(f"shard {shard}: cannot read {rel} bytes {a}:{b} ({data})")
+            if len(data) > b - a:        # a whole file for a range: an HTTP server that ignores Range
+                raise CacheError(f"{self.url}: asked for bytes {a}:{b} of {rel}, got {len(data)} bytes: the server "
+                                 "does not serve byte ranges (HTTP Range requests), which reading a cache needs")
             if len(data) != b - a:
                 raise CorruptShardError(f"shard {shard}: {rel} is truncated (wanted bytes {a}:{b})")
             self.stats.add(rel, len(data))
@@ -172,6 +186,14 @@ class Backend:
                 offsets, sizes = layout["offsets"][r], layout["nbytes"][r]
                 yield r, {f: data[offsets[c] - start: offsets[c] - start + sizes[c]] for f, c in zip(fields, cols)}
             row = last + 1
+
+
+def touch(lru: OrderedDict, key) -> None:
+    """Mark ``key`` recently used; another reading thread may have evicted it meanwhile."""
+    try:
+        lru.move_to_end(key)
+    except KeyError:
+        pass
 
 
 def _row_span(layout: dict, row: int, cols: list[int]) -> tuple[int, int]:
@@ -297,6 +319,11 @@ class ZarrBackend(Backend):
             return ranges, _only_part
         return ranges, lambda parts: _join_segments(segments, parts)
 
+    def prepare(self, receipt, group):
+        layout = self._direct_layout(receipt, group)
+        if layout is not None:
+            self._shard_index(receipt, layout)
+
     def _direct_layout(self, receipt, group):
         """(shard file key, array bytes, inner chunk, chunks, chunk area start, end) or None."""
         path = receipt["groups"][group]["path"]
@@ -336,7 +363,7 @@ class ZarrBackend(Backend):
             if len(self._indexes) > 64:
                 self._indexes.popitem(last=False)
         else:
-            self._indexes.move_to_end(key)
+            touch(self._indexes, key)
         return index
 
     def read_span(self, receipt, group, start, end):

@@ -1,5 +1,9 @@
 """fsspec paths and atomic commits.
 
+A cache is read from any fsspec location, HTTP(S) included (``http://host/path/cache``: files by
+name and byte ranges, never a directory listing); it is written only where files can be put:
+``resolve(url, write=True)`` refuses an HTTP(S) URL.
+
 On a local file system a file or directory is written under a temporary name
 (``NAME.tmp-PID-RANDOM``), fsynced, renamed into place, and its parent directory fsynced. On other
 file systems (memory in tests, object stores) each file is one atomic put. Either way, what makes
@@ -16,12 +20,24 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import CacheError
+
 TMP_MARK = ".tmp-"
+READ_ONLY_PROTOCOLS = ("http", "https")     # fsspec's HTTPFileSystem: GET and HEAD only
 
 
-def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def resolve(url: str, write: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a cache URL; with ``write``, refused when that location is read-only."""
     fs, path = fsspec.core.url_to_fs(str(url))
+    if write and is_read_only(fs):
+        raise CacheError(f"{url}: an HTTP(S) location is read-only: write the cache to a directory or an object "
+                         "store (s3://, gs://, ...) and serve it over HTTP from there")
     return fs, path.rstrip("/") or "/"
+
+
+def is_read_only(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(p in READ_ONLY_PROTOCOLS for p in protocols)
 
 
 def join(*parts: str) -> str:

@@ -101,7 +101,7 @@ class CacheLock:
     def acquire(cls, url: str, log=None) -> "CacheLock":
         """Take the cache for a new run; ``log`` (default: stderr) hears of a stale lock taken over."""
         log = log or (lambda text: print(text, file=sys.stderr))
-        fs, root = fsutil.resolve(url)
+        fs, root = fsutil.resolve(url, write=True)
         fs.makedirs(root, exist_ok=True)
         owner = dict(run_id=uuid.uuid4().hex, pid=os.getpid(), host=socket.gethostname(),
                      proc_start=_process_start(os.getpid()),

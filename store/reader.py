@@ -16,13 +16,16 @@ and ``__view__`` (its view spec from the manifest).
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from . import fsutil
-from .backends import ReadStats, make_backend
+from .backends import ReadStats, make_backend, touch
 from .errors import CacheError, CorruptShardError, IncompleteCacheError
 from .integrity import blob_checksum
 from .layout import MANIFEST, key_index, read_artifacts, read_receipt, read_receipts, receipt_name, shard_summary
@@ -31,6 +34,7 @@ from .schema import FIELDS, expand_fields, group_of
 
 DECODES = ("numpy", "torch", "compact")
 RECEIPTS_KEPT = 256        # receipts kept in memory per process (a receipt is ~1 KiB per sample)
+METADATA_THREADS = 16      # concurrent metadata reads of a batch from a remote store (get_many)
 
 
 def open_cache(url: str, expect: dict | None = None, allow_incomplete: bool = False) -> "Cache":
@@ -52,6 +56,9 @@ class Cache:
         if manifest["complete"]:
             self.shards = {int(s["index"]): s for s in manifest["shards"]}     # summaries; receipts on demand
             keys = self._load_index()
+        elif fsutil.is_read_only(self.fs):     # HTTP: files by name only; an unfinished cache's are found by listing
+            raise IncompleteCacheError(f"{self.url} is not finalized: over HTTP(S) only a complete cache can be read "
+                                       "(its manifest names every file; HTTP lists no directories)")
         else:
             receipts = read_receipts(self.fs, self.root, manifest.declaration_id)
             self.shards = {i: shard_summary(r) for i, r in receipts.items()}
@@ -77,6 +84,8 @@ class Cache:
             raise CacheError(f"{self.url}: sample (image_id={a['image_id']}, view={a['view_index']}) is in shard "
                              f"{a['shard']} and shard {b['shard']}")
         self._checked_files: set[str] = set()
+        self._prepared: set[tuple[int, str]] = set()      # (shard, group) whose metadata were read (_read_metadata)
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None     # (pid, pool) reading metadata
 
     def _load_index(self) -> np.ndarray:
         info = self.manifest["index"]
@@ -102,7 +111,7 @@ class Cache:
             if len(self._receipts) > RECEIPTS_KEPT:
                 self._receipts.popitem(last=False)
         else:
-            self._receipts.move_to_end(index)
+            touch(self._receipts, index)
         return receipt
 
     # ------------------------------------------------------------------ index
@@ -148,19 +157,22 @@ class Cache:
 
     def _check_files(self, receipt: dict, group: str) -> None:
         """Cheap truncation check the first time a shard's group files are touched: sizes only."""
+        for rel in self._unchecked_files(receipt, group):
+            self._check_file(receipt, rel)
+
+    def _unchecked_files(self, receipt: dict, group: str) -> list[str]:
         prefix = receipt["groups"][group]["path"]
-        for rel, info in receipt["files"].items():
-            if not rel.startswith(prefix) or rel in self._checked_files:
-                continue
-            path = fsutil.join(self.root, rel)
-            try:
-                size = self.fs.size(path)
-            except FileNotFoundError:
-                raise CorruptShardError(f"shard {receipt['index']}: file {rel} is missing") from None
-            if size != info["nbytes"]:
-                raise CorruptShardError(f"shard {receipt['index']}: file {rel} has {size} bytes, "
-                                        f"the receipt says {info['nbytes']} (truncated or replaced)")
-            self._checked_files.add(rel)
+        return [rel for rel in receipt["files"] if rel.startswith(prefix) and rel not in self._checked_files]
+
+    def _check_file(self, receipt: dict, rel: str) -> None:
+        try:
+            size = self.fs.size(fsutil.join(self.root, rel))
+        except FileNotFoundError:
+            raise CorruptShardError(f"shard {receipt['index']}: file {rel} is missing") from None
+        if size != receipt["files"][rel]["nbytes"]:
+            raise CorruptShardError(f"shard {receipt['index']}: file {rel} has {size} bytes, "
+                                    f"the receipt says {receipt['files'][rel]['nbytes']} (truncated or replaced)")
+        self._checked_files.add(rel)
 
     def _decode(self, receipt: dict, group: str, row: int, field: str, blob, decode: str):
         layout = receipt["groups"][group]
@@ -212,6 +224,9 @@ class Cache:
         concurrent on a remote filesystem); every check of ``get`` is made, for every sample."""
         _check_decode(decode)
         groups = self.select(fields)
+        keys = [(int(image_id), int(view_index)) for image_id, view_index in keys]
+        if not fsutil.is_local(self.fs):
+            self._read_metadata({self.locate(*key)[0] for key in keys}, groups)
         located, requests = [], []
         for image_id, view_index in keys:
             receipt, row = self._locate_checked(int(image_id), int(view_index))
@@ -222,6 +237,30 @@ class Cache:
         found = iter(self.backend.read_many(requests))
         return [self._sample(receipt, row, {group: next(found) for group in groups}, decode)
                 for receipt, row in located]
+
+    def _read_metadata(self, shards: set[int], groups) -> None:
+        """What a batch's reads need that this process has not read yet, in a pool of threads: the
+        shards' receipts, then at once every file's size check and every group's backend metadata
+        (zarr's array metadata and shard index). Each is a round trip to a remote store; one after
+        the other, a batch over shards not read before would wait for all of them in turn."""
+        if self._pool is None or self._pool[0] != os.getpid():     # threads do not survive a fork
+            self._pool = (os.getpid(), ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="cache-metadata"))
+        pool = self._pool[1]
+        for _ in pool.map(self.receipt, sorted(s for s in shards if s not in self._receipts)):
+            pass
+        checks, prepares = [], []       # the file checks first: theirs is the error a damaged file gets
+        for index in sorted(shards):
+            receipt = self.receipt(index)
+            for group in groups:
+                checks += [partial(self._check_file, receipt, rel) for rel in self._unchecked_files(receipt, group)]
+                if (index, group) not in self._prepared:
+                    prepares.append(partial(self._prepare, receipt, group))
+        for _ in pool.map(_call, checks + prepares):
+            pass
+
+    def _prepare(self, receipt: dict, group: str) -> None:
+        self.backend.prepare(receipt, group)
+        self._prepared.add((receipt["index"], group))
 
     def _locate_checked(self, image_id: int, view_index: int) -> tuple[dict, int]:
         shard, row = self.locate(image_id, view_index)
@@ -303,6 +342,10 @@ class Cache:
 def _combine(image_id, view_index):
     """One sortable int64 per key (view indices < 2**16, image ids < 2**47)."""
     return (np.asarray(image_id, np.int64) << 16) | np.asarray(view_index, np.int64)
+
+
+def _call(task):
+    return task()
 
 
 def _as_list(fields) -> list:

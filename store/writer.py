@@ -112,7 +112,7 @@ def finalize(url: str) -> Manifest:
     """Fold shard receipts and artifacts into manifest.json and mark the cache complete.
 
     Requires every declared shard (num_samples known) to be committed."""
-    fs, root = fsutil.resolve(url)
+    fs, root = fsutil.resolve(url, write=True)
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise CacheError(f"{url}: no {MANIFEST}")
@@ -280,7 +280,7 @@ class CacheWriter:
     def __init__(self, url: str, manifest: Manifest, rank: int = 0, world_size: int = 1,
                  shards=None, encode_threads: int = 0, run_id: str | None = None, discard_foreign: bool = False):
         self.url = str(url)
-        self.fs, self.root = fsutil.resolve(self.url)
+        self.fs, self.root = fsutil.resolve(self.url, write=True)
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size, self.run_id = rank, world_size, run_id

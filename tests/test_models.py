@@ -81,7 +81,7 @@ def test_forward_api_shapes(name):
         out = model(images, image_sizes, make_targets(num_classes))
     assert isinstance(out, DetectorOutput)
     num_anchors = 9 if config.family == "retina" else 1
-    box_channels = 4 * num_anchors if config.family == "retina" else 4 * (config.reg_max + 1)
+    box_channels = 4 * (config.reg_max + 1) if config.family == "gfl" else 4 * num_anchors
     level_shapes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
     assert out.strides == (8, 16, 32, 64, 128)
     for level, (h, w) in enumerate(level_shapes):
@@ -98,8 +98,9 @@ def test_forward_api_shapes(name):
             assert assignment["atss_threshold"].shape == (len(target["boxes"]),)
     assert (out.assignment[0]["matched_gt"] >= 0).any()
     assert (out.assignment[1]["matched_gt"] == IGNORE).any()  # image 1's batch padding
-    expected_terms = {"cls", "box"} if config.family == "retina" else {"qfl", "dfl", "giou"}
-    assert set(out.losses) == expected_terms
+    expected_terms = {"retina": {"cls", "box"}, "gfl": {"qfl", "dfl", "giou"}, "fcos": {"cls", "box", "centerness"}}
+    assert set(out.losses) == expected_terms[config.family]
+    assert (out.centerness is not None) == (config.family == "fcos")
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.losses.values())
     if small:
         sum(out.losses.values()).backward()
@@ -276,8 +277,8 @@ def test_family_defaults_and_shared_base():
     assert (retina.fg_iou_thresh, retina.bg_iou_thresh) == (0.5, 0.4)
     with pytest.raises(TypeError, match="shared keys only"):
         DetectorConfig(relu_before_p7=True, nms_thresh=0.5, detections_per_img=1)
-    with pytest.raises(ValueError, match="unknown detector family 'fcos'"):
-        config_from_dict({"family": "fcos"})
+    with pytest.raises(ValueError, match="unknown detector family 'yolo'"):
+        config_from_dict({"family": "yolo"})
 
 
 # Configs as checkpoints and cache manifests stored them before configs were per family: one flat

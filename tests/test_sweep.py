@@ -158,6 +158,39 @@ def test_report_on_fabricated_sweep(tmp_path):
     assert report["unfinished"] == [str(tmp_path / "runs" / "defeat_s0")]
 
 
+def test_ap_vs_time_shows_the_costs_beside_ap_and_its_legend_covers_no_panel(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from train import figures
+    _fabricate(tmp_path)
+    groups = report_module.group_runs(report_module.collect(tmp_path)[0])
+    cache = report_module.CacheInfo("c", teacher="gfl-small", teacher_metrics={"AP": 20.0}, stored_bytes=240_000_000,
+                                    samples=200, write_seconds=600.0, artifact_seconds=60.0)
+    drawn, close = [], figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", lambda fig: (drawn.append(fig), close(fig)))
+    _assert_png(figures.ap_vs_time(groups, cache, tmp_path / "ap_vs_time.png"))
+    (fig,) = drawn
+    time_ax, disk_ax, total_ax = fig.axes
+    # disk per view: the bytes each run read over the images it saw (20 iterations x batch 8 = 160)
+    read = sorted(float(x) for points in disk_ax.collections for x, _ in points.get_offsets())
+    assert read == pytest.approx([0.0, 0.0, 1e6 / 160 / 1e6, 4e6 / 160 / 1e6, 6e6 / 160 / 1e6])
+    assert disk_ax.lines[-1].get_xdata()[0] == pytest.approx(1.2)         # stored: 240 MB / 200 views
+    title = fig.get_suptitle()
+    assert "1.20 MB per view x 200 views = 0.24 GB" in title and "precompute 11.0 min once" in title
+    assert "students 1.9 min per run" in title                           # mean of 100, 110, 120, 130, 105 s
+    assert [line.get_ydata()[0] for line in total_ax.lines] == pytest.approx([660 / 3600, 0.0])
+    canvas = FigureCanvasAgg(fig)                # closed figures lose theirs; lay it out and draw it again
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = fig.legends
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    box = legend.get_window_extent(renderer)
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    for ax in fig.axes:                  # each panel with its tick labels, axis labels and title
+        assert not box.overlaps(ax.get_tightbbox(renderer)), f"the legend covers {ax.get_title()!r}"
+        assert ax.yaxis.label.get_text()
+
+
 def test_report_labels_grid_settings_and_matches_baselines(tmp_path):
     for name, method, lr, weight, ap in [("none_lr=0.01_s0", "none", 0.01, None, 10.0),
                                          ("none_lr=0.02_s0", "none", 0.02, None, 20.0),

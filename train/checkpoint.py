@@ -27,8 +27,8 @@ from detectors.detector import Detector
 STATE_FORMAT = "detkd-student-train/1"
 
 # Options that may change between a run and its resumption: they do not change the weights' trajectory.
-RESUME_FREE_KEYS = ("out", "on_error", "workers", "eval", "eval_every", "eval_batch_size", "ckpt_every",
-                    "stop_after", "resume", "log_every", "tensorboard", "progress", "device")
+RESUME_FREE_KEYS = ("out", "on_error", "workers", "prefetch_batches", "eval", "eval_every", "eval_batch_size",
+                    "ckpt_every", "stop_after", "resume", "log_every", "tensorboard", "progress", "device")
 
 
 def run_state(config: dict[str, Any], **state: Any) -> dict[str, Any]:

@@ -91,6 +91,10 @@ class TrainConfig:
         "default_text": "auto: bf16 on CUDA, none on CPU"})
     device: str = field(default="auto", metadata={"group": OPTIMISATION, "help": "auto | cpu | cuda | cuda:N"})
     workers: int = field(default=2, metadata={"group": DATA, "help": "loader processes per rank"})
+    prefetch_batches: int = field(default=2, metadata={
+        "group": DATA, "help": "teacher reads of the next N batches started ahead of the step, concurrently, in "
+                               "each loader process: hides a remote cache's latency (HTTP, object store); 0: read "
+                               "with the batch"})
     eval: bool = field(default=True, metadata={
         "group": OUTPUT, "help": "no COCO evaluation (results.json without metrics)"})
     eval_every: int = field(default=0, metadata={
@@ -127,7 +131,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "eval_every", "ckpt_every", "max_iters", "stop_after", "warmup_iters"):
+        for name in ("workers", "prefetch_batches", "eval_every", "ckpt_every", "max_iters", "stop_after",
+                     "warmup_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         MethodSpec.parse(self.method)

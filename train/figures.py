@@ -4,14 +4,16 @@
                         the baseline (no distillation) and the teacher as lines
     loss_curves.png     training loss against iteration (mean over seeds), and the distillation
                         terms alone
-    ap_vs_time.png      AP against wall time per run with the one-off precompute cost shared by the
-                        runs that read the cache, and the total time of N student runs from the cache
-                        against an online teacher (the amortisation that makes caching pay)
+    ap_vs_time.png      AP next to its costs: against wall time per run with the one-off precompute
+                        cost shared by the runs that read the cache, against the cache bytes each run
+                        read per view, and the total time of N student runs from the cache against an
+                        online teacher (the amortisation that makes caching pay)
 """
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -153,55 +155,73 @@ def loss_curves(groups, path: Path) -> Path | None:
 
 
 def ap_vs_time(groups, cache, path: Path) -> Path | None:
+    """AP next to what it costs, the three costs a user chooses a cache by: student time per run
+    (with its share of the one-off precompute), disk per view (the cache bytes each run read per
+    image), and the cumulative time of the sweep's runs from the cache against an online teacher.
+    One legend below the panels, so that none covers a panel or its labels."""
     runs = [(g, r) for g in groups for r in g.runs if r.final.get("AP") is not None]
     if not runs:
         return None
     readers = [r for _, r in runs if r.mode == "cache" and r.cache_bytes_read > 0]
     precompute = cache.precompute_seconds
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (time_ax, disk_ax, total_ax) = plt.subplots(1, 3, figsize=(15, 5), layout="constrained")
     share = precompute / len(readers) if precompute and readers else 0.0
     seen = set()
     for index, (group, run) in enumerate(runs):
-        reads = run in readers
-        x = (run.train_seconds + (share if reads else 0.0)) / 60
+        reads, ap, run_color = run in readers, run.final["AP"], color(group.method, index)
         label = group.label if group.label not in seen else None
         seen.add(group.label)
-        left.scatter(x, run.final["AP"], color=color(group.method, index), label=label, s=30, zorder=3)
+        time_ax.scatter((run.train_seconds + (share if reads else 0.0)) / 60, ap, color=run_color, label=label,
+                        s=30, zorder=3)
         if reads and precompute:  # the first run alone would carry the whole precompute
-            left.scatter((run.train_seconds + precompute) / 60, run.final["AP"], facecolors="none",
-                         edgecolors=color(group.method, index), s=30, zorder=2)
+            time_ax.scatter((run.train_seconds + precompute) / 60, ap, facecolors="none", edgecolors=run_color,
+                            s=30, zorder=2)
+        per_view = run.cache_bytes_read / run.images_seen if reads and run.images_seen else 0.0
+        disk_ax.scatter(per_view / 1e6, ap, color=run_color, s=30, zorder=3)
     teacher_ap = (cache.teacher_metrics or {}).get("AP")
     if teacher_ap is not None and not math.isnan(teacher_ap):
-        left.axhline(teacher_ap, color="black", linestyle="--", label=f"teacher ({teacher_ap:.1f})")
-    left.set_xlabel("wall time per run (min): training + its share of the precompute")
-    left.set_ylabel("COCO AP (val, %)")
-    shared = f"precompute {precompute / 60:.1f} min shared by {len(readers)} runs; hollow: not shared" \
-        if precompute and readers else "precompute cost unknown (cache not reachable)"
-    left.set_title(f"AP vs wall time ({shared})", fontsize=9)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+        time_ax.axhline(teacher_ap, color="black", linestyle="--", label=f"teacher ({teacher_ap:.1f})")
+        disk_ax.axhline(teacher_ap, color="black", linestyle="--")
+    if cache.bytes_per_view:
+        disk_ax.axvline(cache.bytes_per_view / 1e6, color="black", linestyle=":",
+                        label=f"cache stored per view, every field ({cache.bytes_per_view / 1e6:.2f} MB)")
+    time_ax.set_xlabel("wall time per run (min): training + its share of the precompute\n"
+                       "(hollow: the whole precompute on one run)")
+    time_ax.set_title("AP vs student time", fontsize=10)
+    disk_ax.set_xlabel("cache bytes read per view (MB; 0: online or no teacher)")
+    disk_ax.set_title("AP vs disk per view", fontsize=10)
+    for ax in (time_ax, disk_ax):
+        ax.set_ylabel("COCO AP (val, %)")
+        ax.grid(alpha=0.3)
 
     if precompute and readers and cache.samples:
         # Online, every view a run sees costs a teacher pass; the precompute's time per view stands in
-        # for it (its forward plus extraction: an estimate, see bench_train for measured step ratios).
+        # for it (its forward plus extraction and encoding: an upper bound; bench_train measures steps).
         per_view = (cache.write_seconds or 0.0) / cache.samples
         cached, online = [precompute / 3600], [0.0]
         for run in readers:
             cached.append(cached[-1] + run.train_seconds / 3600)
             online.append(online[-1] + (run.train_seconds + run.images_seen * per_view) / 3600)
         n = list(range(len(readers) + 1))
-        right.plot(n, cached, marker="o", label="from the cache (precompute once + student runs)")
-        right.plot(n, online, marker="s", label="online teacher (estimated: + the precompute's time per view seen, "
-                                                "encoding included, so an upper bound)")
-        right.set_xlabel("student runs trained (distilled runs of this sweep)")
-        right.set_ylabel("cumulative wall time (hours)")
-        right.set_title("What caching costs and saves", fontsize=9)
-        right.legend(fontsize=7)
-        right.grid(alpha=0.3)
+        total_ax.plot(n, cached, marker="o", color="#444444", label="from the cache: precompute once, then runs")
+        total_ax.plot(n, online, marker="s", color="#444444", linestyle="--",
+                      label="online teacher (estimated from the precompute's time per view)")
+        total_ax.set_xlabel("student runs trained (distilled runs of this sweep)")
+        total_ax.set_ylabel("cumulative wall time (hours)")
+        total_ax.set_title("Cumulative time: cache vs online teacher", fontsize=10)
+        total_ax.grid(alpha=0.3)
     else:
-        right.axis("off")
-        right.text(0.5, 0.5, "no cache-reading runs with a known precompute cost", ha="center", va="center")
-    fig.tight_layout()
+        total_ax.axis("off")
+        total_ax.text(0.5, 0.5, "no cache-reading runs with a known precompute cost", ha="center", va="center")
+    costs = [f"students {statistics.fmean(r.train_seconds for _, r in runs) / 60:.1f} min per run"]
+    if precompute:
+        costs.insert(0, f"precompute {precompute / 60:.1f} min once")
+    if cache.bytes_per_view:
+        costs.insert(0, f"cache {cache.bytes_per_view / 1e6:.2f} MB per view x {cache.samples} views "
+                        f"= {cache.stored_bytes / 1e9:.2f} GB on disk")
+    fig.suptitle("What AP costs: " + " · ".join(costs), fontsize=10)
+    entries = [entry for ax in (time_ax, disk_ax, total_ax) for entry in zip(*ax.get_legend_handles_labels())]
+    fig.legend(*zip(*entries), loc="outside lower center", ncol=min(4, len(entries)), fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

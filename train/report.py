@@ -114,6 +114,11 @@ class CacheInfo:
     def precompute_seconds(self) -> float | None:
         return None if self.write_seconds is None else self.write_seconds + self.artifact_seconds
 
+    @property
+    def bytes_per_view(self) -> float | None:
+        """Stored bytes per view over every field the cache holds (its disk cost per view)."""
+        return self.stored_bytes / self.samples if self.stored_bytes and self.samples else None
+
     @classmethod
     def read(cls, url: str | None) -> CacheInfo:
         if url is None:

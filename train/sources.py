@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,6 +47,7 @@ from store.schema import DEFAULT_VLR_RULE, IMAGE_HASHES_ARTIFACT, LD_VLR_RULE_OP
 
 KEY = "__key__"
 NBYTES = "__nbytes__"
+_OPENING = threading.Lock()      # CachedTeacher.cache: one thread of a process opens the cache
 
 
 def field_names(groups: Iterable[str]) -> list[str]:
@@ -118,11 +121,17 @@ class CachedTeacher:
             self._cache = open_cache(self.url, expect=expect or None)
         elif expect:
             cache.manifest.check(expect, where=self.url)
+        self._cache_pid = os.getpid()
 
     @property
     def cache(self) -> Cache:
-        if self._cache is None:  # in a loader worker: each process opens its own (checked in the parent)
-            self._cache = open_cache(self.url)
+        # A loader worker opens its own (checked in the parent), a forked one too: an HTTP or object-store
+        # filesystem's event loop does not survive a fork. Its read-ahead threads (train.student_data)
+        # ask at once: one opens it.
+        if self._cache is None or self._cache_pid != os.getpid():
+            with _OPENING:
+                if self._cache is None or self._cache_pid != os.getpid():
+                    self._cache, self._cache_pid = open_cache(self.url), os.getpid()
         return self._cache
 
     @property

@@ -21,12 +21,21 @@ always for an image whose bytes differ from the hash the cache recorded, the ite
 one-line error (``StudentItem.error``) that the trainer raises: an exception raised in a loader
 worker would reach the user wrapped in the worker's traceback.
 
+Read-ahead (``prefetch_batches`` = N > 0): when a process builds batch ``k`` it has already
+started the teacher reads of the next N batches it will build (``k + j * workers``: the loader
+hands batches to its workers in turn), in a pool of N threads; the read of batch ``k`` is then
+mostly done, so a remote cache's round trips (HTTP, object store) overlap the steps instead of
+adding to them. The payloads are the same bytes either way; a batch whose images the skip policy
+replaced is read again for its actual views.
+
 The data position is ``(epoch, step)``: a resumed run rebuilds the epoch's plan from the seed and
 starts its loader at batch ``step``, so it sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +107,35 @@ def _pin(payload: Any) -> Any:
     return payload
 
 
+class ReadAhead:
+    """The teacher payloads of a plan's batches, read ``depth`` batches ahead in a pool of ``depth`` threads.
+
+    ``take(k, stride)`` returns the future of batch ``k``'s read and starts those of batches
+    ``k + stride``, ..., ``k + depth * stride`` (the next batches this process builds); reads of
+    batches before ``k`` that were never taken are cancelled. The pool lives in the process that
+    first calls ``take`` (a loader worker makes its own).
+    """
+
+    def __init__(self, source: Any, keys: Sequence[list[tuple[int, int]]], depth: int) -> None:
+        self.source, self.keys, self.depth = source, keys, depth
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+
+    def take(self, k: int, stride: int = 1) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="teacher-read-ahead")
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        for stale in [i for i in self._pending if i < k]:
+            self._pending.pop(stale).cancel()
+        for ahead in range(k, min(len(self.keys), k + (self.depth + 1) * stride), stride):
+            if ahead not in self._pending:
+                self._pending[ahead] = self._pool.submit(self.source.prefetch_many, self.keys[ahead])
+        return self._pending.pop(k)
+
+    def __getstate__(self) -> dict:      # a loader worker starts with no pool and no reads of its own
+        return dict(self.__dict__, _pool=None, _pending={})
+
+
 class StudentBatches(torch.utils.data.Dataset):
     """Item ``k``: batch ``k`` of a plan, images viewed and collated, zipped with the teacher payloads.
 
@@ -105,16 +143,26 @@ class StudentBatches(torch.utils.data.Dataset):
         dataset: the training split with the cache's views (``CocoDetection(..., views=cache views)``).
         plan: batches of (image_index, view_index), e.g. ``epoch_plan(...)[start_step:]``.
         source: the teacher source (``train.sources``), or None when the method reads no field.
+        prefetch_batches: how many batches ahead the teacher reads start (see the module docstring).
     """
 
-    def __init__(self, dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any = None) -> None:
+    def __init__(self, dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any = None,
+                 prefetch_batches: int = 0) -> None:
         self.dataset, self.plan, self.source = dataset, [list(b) for b in plan], source
+        self.read_ahead = None
+        if source is not None and prefetch_batches > 0:
+            keys = [[(int(dataset.image_ids[i]), int(v)) for i, v in batch] for batch in self.plan]
+            self.read_ahead = ReadAhead(source, keys, prefetch_batches)
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, k: int) -> StudentItem:
         samples, replaced = [], []
+        ahead = None
+        if self.read_ahead is not None:
+            info = torch.utils.data.get_worker_info()
+            ahead = self.read_ahead.take(k, 1 if info is None else info.num_workers)
         try:
             for image_index, view_index in self.plan[k]:
                 sample = self.dataset.load(image_index, view_index)
@@ -127,16 +175,22 @@ class StudentBatches(torch.utils.data.Dataset):
         batch = collate(samples)
         payloads = None
         if self.source is not None:     # the batch's views in one read (a cache's Cache.get_many)
-            payloads = self.source.prefetch_many(list(zip(batch.image_ids, batch.view_indices)))
+            keys = [(int(i), int(v)) for i, v in zip(batch.image_ids, batch.view_indices)]
+            if ahead is not None and keys == self.read_ahead.keys[k]:
+                payloads = ahead.result()
+            else:                       # no read-ahead, or the skip policy replaced an image
+                payloads = self.source.prefetch_many(keys)
         return StudentItem(batch, payloads, replaced)
 
 
 def make_loader(dataset: CocoDetection, plan: Sequence[Sequence[View]], source: Any, workers: int,
-                seed: int, epoch: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A loader over the plan's batches in order. Its own generator keeps the global RNG untouched
-    (creating a loader iterator otherwise draws from it, and a resumed run would diverge)."""
+                seed: int, epoch: int, pin_memory: bool = False, prefetch_batches: int = 0
+                ) -> torch.utils.data.DataLoader:
+    """A loader over the plan's batches in order, with teacher reads ``prefetch_batches`` batches ahead.
+    Its own generator keeps the global RNG untouched (creating a loader iterator otherwise draws from
+    it, and a resumed run would diverge)."""
     generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
     return torch.utils.data.DataLoader(
-        StudentBatches(dataset, plan, source), batch_size=None, shuffle=False, num_workers=workers,
-        pin_memory=pin_memory, prefetch_factor=2 if workers else None, persistent_workers=False,
-        generator=generator)
+        StudentBatches(dataset, plan, source, prefetch_batches), batch_size=None, shuffle=False,
+        num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        persistent_workers=False, generator=generator)

@@ -240,7 +240,8 @@ class StudentTrainer:
             plan = epoch_plan(len(self.train_set.image_ids), len(self.views), c.seed + 1, epoch, c.batch_size,
                               self.rank, self.world_size)
             for item in make_loader(self.train_set, plan[:count - done], self._prefetching_source, c.workers,
-                                    c.seed + 1, epoch, pin_memory=self.device.type == "cuda"):
+                                    c.seed + 1, epoch, pin_memory=self.device.type == "cuda",
+                                    prefetch_batches=c.prefetch_batches):
                 if item.error is not None:
                     raise DataError(item.error)
                 batch = item.batch.to(self.device, non_blocking=True)
@@ -308,7 +309,7 @@ class StudentTrainer:
         plan = epoch_plan(len(self.train_set.image_ids), len(self.views), c.seed, self.epoch, c.batch_size,
                           self.rank, self.world_size)
         loader = make_loader(self.train_set, plan[self.step:], self._prefetching_source, c.workers, c.seed,
-                             self.epoch, pin_memory=self.device.type == "cuda")
+                             self.epoch, pin_memory=self.device.type == "cuda", prefetch_batches=c.prefetch_batches)
         tick = time.perf_counter()
         for item in loader:
             if item.error is not None:  # a bad image under on_error="raise", or a changed image
