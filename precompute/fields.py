@@ -7,10 +7,15 @@ mode computes in process, so the cached and online paths cannot drift apart.
 
 Field names and shapes are the store's vocabulary (store/schema.py). Per image of a batch:
 
-- ``fpn.pL`` (C, H_l, W_l), ``head.cls.pL`` (A*K, H_l, W_l), ``head.box.pL`` (A*B, H_l, W_l):
-  the teacher's dense outputs on the image padded on its own to a multiple of 32 (canonical
-  padding), so they do not depend on the batch. (H_l, W_l) = ``valid_level_sizes(valid_hw)``.
-  A batch whose images have different canonical sizes is run as one forward per size.
+- ``fpn.pL`` (C, H_l, W_l), ``head.cls.pL`` (A*K, H_l, W_l), ``head.box.pL`` (A*B, H_l, W_l),
+  ``head.ctr.pL`` (A, H_l, W_l): the teacher's dense outputs on the image padded on its own to a
+  multiple of 32 (canonical padding), so they do not depend on the batch. (H_l, W_l) =
+  ``valid_level_sizes(valid_hw)``. A batch whose images have different canonical sizes is run as
+  one forward per size.
+- ``head.ctr.*`` (an optional field of the store's schema) is the centerness of a head that has
+  that branch (FCOS's ``DetectorOutput.centerness``): "all" and the group "head" bring it for such
+  a teacher; for another, they leave it out and naming it (``head.ctr``, ``head.ctr.p3``) is an
+  error naming the teacher's family (:class:`TeacherOutputs`).
 - ``region.*``: LD's rows (Li et al., "Localization Distillation"; HikariTJU/LD
   ``mmdet/core/bbox/assigners/atss_assigner.py`` and ``ld_head.py``), from the anchors of the
   image's canonical region and its GT boxes only (:func:`ld_regions`), with the teacher's class
@@ -44,15 +49,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from detectors.atss import ATSS_TOPK, atss_assign
-from detectors.detector import Detector, valid_level_sizes
+from detectors.detector import Detector, DetectorOutput, valid_level_sizes
 from detectors.views import Batch, padded_size
-from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+from store import FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields, group_of
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES
 from train.methods import (METHODS, DistillationMethod, MethodSpec,  # what each method reads: its class says
                            artifact_makers, method_configs, methods_named, named_field_sets, parse_overrides,
@@ -65,6 +71,11 @@ VIEW_META = ("meta.orig_hw", "meta.valid_hw", "meta.level_hw")
 ALWAYS_META = KEY_META + VIEW_META
 GT_META = ("meta.gt_boxes_xyxy", "meta.gt_labels")
 REGION_FIELDS = tuple(name for name in expand_fields(["region"]))
+# Dense head fields that only some heads produce: prefix -> the DetectorOutput attribute they are
+# read from (None for a family whose head lacks the branch).
+OPTIONAL_HEAD_FIELDS = {"head.ctr": "centerness"}
+# The image a teacher is probed on (TeacherOutputs.probe): the smallest canonical size, one cell on P5..P7.
+PROBE_SIZE = (32, 32)
 
 # mmdetection's eps in bbox_overlaps(mode="diou"): both denominators are clamped to at least it.
 DIOU_EPS = 1e-6
@@ -78,27 +89,94 @@ def _items(spec: str | Iterable[str]) -> list[str]:
     return [item.strip() for item in spec if item.strip()]
 
 
-def resolve_fields(spec: str | Iterable[str]) -> list[str]:
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """Which of the optional head fields (``OPTIONAL_HEAD_FIELDS``) a teacher produces."""
+
+    family: str
+    lacking: tuple[str, ...]   # prefixes of OPTIONAL_HEAD_FIELDS whose output the teacher's head does not have
+
+    @classmethod
+    def of(cls, model: Detector, out: DetectorOutput) -> TeacherOutputs:
+        """From one of the teacher's forward outputs."""
+        return cls(model.config.family, tuple(prefix for prefix, attribute in OPTIONAL_HEAD_FIELDS.items()
+                                              if getattr(out, attribute) is None))
+
+    @classmethod
+    @torch.no_grad()
+    def probe(cls, model: Detector) -> TeacherOutputs:
+        """From a forward of ``model`` (in eval mode, restored after) on one black image of
+        ``PROBE_SIZE``: what a run must know before its first batch (precompute's declaration)."""
+        device = next(model.parameters()).device
+        training = model.training
+        model.eval()
+        try:
+            out = model(torch.zeros(1, 3, *PROBE_SIZE, device=device), [PROBE_SIZE])
+        finally:
+            model.train(training)
+        return cls.of(model, out)
+
+    def check(self, item: str, source: str) -> None:
+        """Refuses a ``--fields`` item that names (or lies under) a field this teacher does not produce."""
+        for prefix in self.lacking:
+            if item == prefix or item.startswith(prefix + "."):
+                attribute = OPTIONAL_HEAD_FIELDS[prefix]
+                raise ValueError(f"{source} {item!r}: a {self.family!r} teacher has no {attribute} output "
+                                 f"(DetectorOutput.{attribute} is None for its head), so it cannot provide "
+                                 f"{prefix}.*; only a head with that branch (FCOS) does")
+
+    @property
+    def provided(self) -> tuple[str, ...]:
+        """Prefixes of the optional head fields the teacher produces."""
+        return tuple(prefix for prefix in OPTIONAL_HEAD_FIELDS if prefix not in self.lacking)
+
+
+def resolve_fields(spec: str | Iterable[str], teacher: TeacherOutputs | None = None) -> list[str]:
     """Field names (store vocabulary, schema order) for "all", method names and their field presets
     (what each method class declares: ``train.methods.named_field_sets``), groups, prefixes, names.
 
     Always adds ``meta.image_id``, ``meta.view_index``, ``meta.orig_hw``, ``meta.valid_hw``,
-    ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta.
+    ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta. A group
+    (``head``, also through "all") brings the optional head fields ``teacher`` produces (FCOS's
+    ``head.ctr``), none without ``teacher``; an item naming one the teacher lacks (the field, its
+    prefix, a method's field set), or a method without official values for the teacher's family,
+    is a ValueError naming the family.
     """
     method_sets = named_field_sets()
     wanted: list[str] = []
+    groups: set[str] = set()   # groups asked for directly or by "all": they bring the teacher's optional fields
     for item in _items(spec):
         if item == "all":
             wanted += ALL_GROUPS
+            groups.update(ALL_GROUPS)
         elif item in method_sets:
+            if teacher is not None:
+                _check_method_family(item, teacher.family)
+                for group in method_sets[item]:
+                    teacher.check(group, f"--fields {item} (the method's fields)")
             wanted += method_sets[item]
         else:
+            if teacher is not None:
+                teacher.check(item, "--fields")
             wanted.append(item)  # group, prefix or name: expand_fields checks it
+            if "." not in item:
+                groups.add(item)
+    if teacher is not None:
+        wanted += [prefix for prefix in teacher.provided if group_of(prefix) in groups]
     names = set(expand_fields(wanted + list(ALWAYS_META)))
     if names & set(REGION_FIELDS):
         names |= set(REGION_FIELDS) | set(GT_META)
-    order = expand_fields(["fpn", "head", "region", "meta", "image", "backbone"])  # schema order
-    return [name for name in order if name in names]
+    return [name for name in FIELDS if name in names]  # schema order
+
+
+def _check_method_family(item: str, family: str) -> None:
+    """Refuses a method (or preset) of ``--fields`` without official values for the teacher's family:
+    its cache could never be used (LD: GFL only; DeFeat: no FCOS)."""
+    for name in methods_named([item]).names:
+        try:
+            METHODS[name].Config.for_family(family)
+        except ValueError as error:
+            raise ValueError(f"--fields {item}: {error}") from None
 
 
 def methods_of(spec: str | Iterable[str]) -> MethodSpec:
@@ -285,14 +363,16 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
             in its manifest's ``options`` (:func:`cache_options`).
     Returns:
         per image: {field name: tensor}; float fields float32, integer fields in the schema dtype.
+    Raises:
+        ValueError: ``fields`` names a field the teacher's head does not produce (``head.ctr`` of a
+            family without centerness); groups and "all" leave it out (:class:`TeacherOutputs`).
     """
-    names = [n for n in resolve_fields(fields) if not n.startswith("image.")]  # image.*: the source file bytes
+    # image.*: the source file bytes; narrowed to what the teacher's head produces after its forward
+    names = [n for n in resolve_fields(fields) if not n.startswith("image.")]
     wanted = set(names)
     device = next(model.parameters()).device
     output_device = torch.device(output_device) if output_device is not None else device
     num_anchors, strides = model.num_anchors, tuple(model.strides)
-    want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in LEVELS]
-                  for group in ("fpn", "head.cls", "head.box")}
     want_backbone = [f"backbone.{stage}" in wanted for stage in BACKBONE_STAGES]  # C3..C5
     want_region = bool(wanted & set(REGION_FIELDS))
     images = batch.images.to(device, non_blocking=True)
@@ -312,7 +392,13 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
         sub_sizes = [sizes[i] for i in members]
         out = model(sub_images, sub_sizes, return_backbone=any(want_backbone), amp_dtype=amp_dtype)  # float32 maps
         cls_logits, box_outputs, anchors, stages = out.cls_logits, out.box_outputs, out.anchors, out.backbone_features
-        maps = {"fpn": out.features, "head.cls": cls_logits, "head.box": box_outputs}
+        # The optional head fields this teacher produces (head.ctr: FCOS's centerness) are known from its output.
+        names = [n for n in resolve_fields(fields, TeacherOutputs.of(model, out)) if not n.startswith("image.")]
+        wanted = set(names)
+        maps = {"fpn": out.features, "head.cls": cls_logits, "head.box": box_outputs,
+                **{prefix: getattr(out, attribute) for prefix, attribute in OPTIONAL_HEAD_FIELDS.items()
+                   if getattr(out, attribute) is not None}}
+        want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in LEVELS] for group in maps}
         map_sizes = [tuple(f.shape[-2:]) for f in out.features]
         moved = {group: [m.to(output_device, non_blocking=True) if want else None
                          for m, want in zip(maps[group], want_dense[group])]

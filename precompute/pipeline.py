@@ -32,7 +32,8 @@ from detectors.image_scan import scan_images
 from detectors.runtime import dist_env, resolve_amp, resolve_device
 from detectors.views import ViewSpec, collate, parse_view_list
 from precompute.config import PrecomputeConfig
-from precompute.fields import artifact_configs, artifacts_for, cache_options, extract_fields, resolve_fields
+from precompute.fields import (TeacherOutputs, artifact_configs, artifacts_for, cache_options, extract_fields,
+                              resolve_fields)
 from precompute.plan import (TaskOrder, ViewBatches, calibration_positions, padded_shape_fn, plan_batches,
                              plan_windows)
 from precompute.sinks import ProcessSink, ThreadSink, die_with_parent
@@ -78,7 +79,7 @@ class Run:
         self.amp_dtype = resolve_amp(config.amp, self.device)
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)
-        self.fields = resolve_fields(config.fields)
+        self.fields = resolve_fields(config.fields, TeacherOutputs.probe(self.teacher.model))  # head.ctr: FCOS only
         # The configs of the methods with artefacts (the teacher's family, --set), and the artefacts
         # (name -> the method class that makes it) that they make
         self.method_configs = artifact_configs(config.fields, self.teacher.model.config.family, config.overrides)

@@ -124,3 +124,24 @@ def serve_directory(root, latency: float = 0.0, handler: type[SimpleHTTPRequestH
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def main(argv=None) -> None:
+    """``python -m store.http_server DIR [--port N] [--latency S]``: serve a cache directory until Ctrl-C."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="directory to serve (a cache, or a directory holding caches)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds waited before every answer [0]")
+    args = parser.parse_args(argv)
+    with serve_directory(args.root, latency=args.latency, host=args.host, port=args.port) as base:
+        print(f"serving {args.root} read-only at {base} (python -m train --cache {base} ...); Ctrl-C stops")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -9,8 +9,12 @@ bytes of ``fpn``.
     fpn     fpn.p3 .. fpn.p7      (C, H_l, W_l)    float    FPN output of level l (stride 2**l)
     head    head.cls.p3 .. p7     (A*K, H_l, W_l)  float    dense class logits (pre-sigmoid)
     head    head.box.p3 .. p7     (A*B, H_l, W_l)  float    dense box outputs: RetinaNet deltas
-                                                            (B=4) or GFL distribution logits
-                                                            (B=4*(reg_max+1)), after Scale
+                                                            (B=4), GFL distribution logits
+                                                            (B=4*(reg_max+1)), after Scale, or
+                                                            FCOS side distances (B=4, stride units)
+    head    head.ctr.p3 .. p7     (A, H_l, W_l)    float    dense centerness logits (pre-sigmoid) of
+                                                            a head with a centerness branch (FCOS,
+                                                            A=1); other families have none
     backbone backbone.c3 .. c5    (CB_l, H_l, W_l) float    ResNet stage outputs C3, C4, C5 (strides 8,
                                                             16, 32; layer2..layer4), the FPN's inputs;
                                                             C3 has P3's H_l, W_l, C4 P4's, C5 P5's
@@ -36,6 +40,12 @@ bytes of ``fpn``.
 ``meta.image_id`` and ``meta.view_index`` are in every cache; the rest is what a precompute run
 chose to write. The view spec itself lives once in the manifest (``views[view_index]``) and a
 reader returns it as ``meta.view``.
+
+Optional fields (``FieldSpec.optional``) are outputs only some detector families have: today
+``head.ctr``, FCOS's centerness. A group (``head``) expands to its fields every family has, so
+``head`` means ``head.cls`` and ``head.box`` for every cache; a prefix (``head.ctr``) or a name
+(``head.ctr.p3``) names an optional field. (precompute's ``--fields`` grammar adds a teacher's
+optional fields to the groups it asks for: ``precompute.fields.resolve_fields``.)
 
 Shape symbols are checked per sample: all ``fpn`` levels share ``C``; ``head.*.p3`` has the
 ``H_l, W_l`` of ``fpn.p3``; all ``region.*`` share ``R``; ``meta.level_hw`` agrees with every
@@ -89,6 +99,7 @@ class FieldSpec:
     shape: tuple[str | int, ...]  # symbolic; "_l" in a symbol is bound per level (H_l -> H_p3)
     default_codec: str            # a codec spec of store.codecs.make_codec ("klt", "klt:0.04")
     doc: str
+    optional: bool = False        # only some families produce it: named by prefix or name, not by its group
 
     @property
     def group(self) -> str:
@@ -118,6 +129,14 @@ def _build() -> dict[str, FieldSpec]:
     for level in LEVELS:
         specs.append(FieldSpec(f"head.box.{level}", "float", None, ("AB", "H_l", "W_l"), "int8",
                                f"dense box outputs at {level.upper()}"))
+    # fp16, not int8: int8's error is a per-map fraction of the logits' range (range/510), which
+    # training does not bound (only positives get the centerness loss); fp16's is relative to each
+    # value. On an fcos-small demo teacher (7.4 AP, 96 views 160:256 of the demo set) int8 moved
+    # σ(ctr) by up to 0.66 % of itself, fp16 by 0.08 %, for 1328 vs 1874 B/view (head group
+    # 10.9 vs 11.4 kB/view). No method reads it yet (FRS, ICD, MasKD's FCOS code does not).
+    for level in LEVELS:
+        specs.append(FieldSpec(f"head.ctr.{level}", "float", None, ("A", "H_l", "W_l"), "fp16",
+                               f"dense centerness logits at {level.upper()} (FCOS)", optional=True))
     specs += [
         FieldSpec("region.level", "int", "int8", ("R",), "raw", "level index into LEVELS"),
         FieldSpec("region.index", "int", "int32", ("R",), "raw", "flat (h*W+w)*A+a on the level"),
@@ -153,13 +172,14 @@ def field_spec(name: str) -> FieldSpec:
 
 def expand_fields(names) -> list[str]:
     """Expand field names ("fpn.p3"), groups ("fpn") and dotted prefixes ("head.cls") into field
-    names, in the order given (schema order within a group or prefix)."""
+    names, in the order given (schema order within a group or prefix). A group leaves out its
+    optional fields ("head": head.cls and head.box, not FCOS's head.ctr); a prefix keeps them."""
     out: list[str] = []
     for item in names:
         if item in FIELDS:
             matches = [item]
         else:
-            matches = [n for n in FIELDS if n.startswith(item + ".")]
+            matches = [n for n in FIELDS if n.startswith(item + ".") and ("." in item or not FIELDS[n].optional)]
             if not matches:
                 raise SchemaError(f"{item!r} is not a field, group or prefix; known fields: {', '.join(FIELDS)}")
         out += [n for n in matches if n not in out]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schema import LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES
+from .schema import GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, expand_fields
 
 
 def _smooth(z: np.ndarray, sigma: float) -> np.ndarray:
@@ -59,7 +59,8 @@ def level_sizes(valid_hw: tuple[int, int]) -> list[tuple[int, int]]:
 def make_sample(image_id: int, view_index: int, valid_hw=(96, 128), fields=None, *, channels: int = 16,
                 num_classes: int = 5, anchors: int = 1, box_dims: int = 4, regions: int = 12, gt: int = 3,
                 fpn: StructuredFPN | None = None, seed: int | None = None) -> dict:
-    """A sample with every field of the schema (or the ``fields`` given), consistent shapes."""
+    """A sample with every field of the schema but the optional ones (FCOS's ``head.ctr``), or
+    the ``fields`` given (which may name them), consistent shapes."""
     rng = np.random.default_rng(seed if seed is not None else image_id * 1009 + view_index)
     sizes = level_sizes(valid_hw)
     sample = {
@@ -76,6 +77,7 @@ def make_sample(image_id: int, view_index: int, valid_hw=(96, 128), fields=None,
                                   else rng.standard_normal((channels, h, w)).astype(np.float32))
         sample[f"head.cls.{level}"] = (rng.standard_normal((anchors * num_classes, h, w)) * 2 - 5).astype(np.float32)
         sample[f"head.box.{level}"] = rng.standard_normal((anchors * box_dims, h, w)).astype(np.float32)
+        sample[f"head.ctr.{level}"] = (rng.standard_normal((anchors, h, w)) * 2 - 2).astype(np.float32)
     level = rng.integers(0, len(LEVELS), regions)
     sample.update({
         "region.level": level.astype(np.int8),
@@ -87,8 +89,5 @@ def make_sample(image_id: int, view_index: int, valid_hw=(96, 128), fields=None,
         "region.box_dist": rng.standard_normal((regions, box_dims)).astype(np.float32),
         "image.encoded": rng.integers(0, 256, 200 + image_id % 50).astype(np.uint8),
     })
-    if fields is not None:
-        from .schema import KEY_FIELDS, expand_fields
-        keep = set(expand_fields(fields)) | set(KEY_FIELDS)
-        sample = {k: v for k, v in sample.items() if k in keep}
-    return sample
+    keep = set(expand_fields(GROUPS if fields is None else fields)) | set(KEY_FIELDS)
+    return {k: v for k, v in sample.items() if k in keep}

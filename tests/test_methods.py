@@ -250,6 +250,30 @@ def test_ld_matches_hand_computation():
         build_method("ld", "gfl", {"normalize": False})  # dividing by the positives is gone
 
 
+def test_fcos_official_values_and_the_methods_that_refuse_fcos():
+    """FCOS values of the official configs (each FAMILY_DEFAULTS comment names its file); LD (whose
+    FCOS variant needs a distribution head) and DeFeat (no FCOS code) refuse it, saying why."""
+    frs = FRS.Config.for_family("fcos")
+    assert (frs.feat_weight, frs.cls_weight, frs.warmup_iters) == (0.01, 0.05, 500)
+    assert ICD.Config.for_family("fcos") == ICD.Config.for_family("retina")   # WEIGHT_VALUE 8.0, the rest default
+    maskd = MasKD.Config.for_family("fcos")
+    assert (maskd.loss_weight, maskd.student_mask_warmup, maskd.head_weight) == (10.0, 5000, 0.0)
+    assert (maskd.stage1_iters, maskd.stage1_batch_size, maskd.stage1_lr) == (2000, 16, 0.01)
+    # no head term: the FCOS config distils the neck alone, and no method reads the centerness
+    assert MasKD(maskd, ReceptiveTokens(channels=4, num_levels=1), 4, 4, 1).fields == ("fpn",)
+    assert all(not any(f.startswith("head.ctr") for f in cls.FIELDS) for cls in METHODS.values())
+    with pytest.raises(ValueError, match=r"'fcos' \(LD distils box distributions .*which FCOS's head does not "
+                                         r"predict; the official FCOS variant, configs/ld/ld_r50_fcos_r101_1x\.py.*"
+                                         r"FCOSGFLHead.*supported: \['gfl'\]"):
+        build_method("ld", "fcos")
+    with pytest.raises(ValueError, match=r"'retina' \(LD distils box distributions .*RetinaNet's head.*"
+                                         r"RetinaGFLHead"):
+        build_method("ld", "retina")
+    with pytest.raises(ValueError, match=r"'fcos' \(the official code builds its GT mask in "
+                                         r"AnchorHead.get_gt_mask.*supported: \['gfl', 'retina'\]"):
+        build_method("defeat", "fcos")
+
+
 def test_ld_declares_and_checks_the_vlr_rule_of_the_cache():
     method = build_method("ld", "gfl")
     assert method.cache_options == {"ld_vlr_rule": "official"}
@@ -575,8 +599,8 @@ def random_case(family, seed=0):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator) * scale).requires_grad_(False)
 
-    num_anchors = 1 if family == "gfl" else 3
-    box_channels = 8 if family == "gfl" else 4
+    num_anchors = 3 if family == "retina" else 1     # GFL and FCOS: one point per location
+    box_channels = 8 if family == "gfl" else 4       # GFL reg_max 1; RetinaNet deltas, FCOS distances
     features = [randn(2, C_S, h, w).requires_grad_() for h, w in LEVEL_MAPS]
     cls_logits = [randn(2, num_anchors * K, h, w).requires_grad_() for h, w in LEVEL_MAPS]
     box_outputs = [randn(2, num_anchors * box_channels, h, w).requires_grad_() for h, w in LEVEL_MAPS]

@@ -1,5 +1,6 @@
 """precompute.fields: LD regions (hand-checked and against a brute-force reference), canonical
-dense fields independent of batching, region rows equal to the dense maps, field resolution."""
+dense fields independent of batching, region rows equal to the dense maps, field resolution, and
+the optional head fields (FCOS's centerness) a teacher does or does not provide."""
 import math
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 
 from detectors import build_detector, valid_level_sizes
 from detectors.views import Batch, padded_size
-from precompute.fields import (ALWAYS_META, GT_META, artifact_configs, artifacts_for, canonical_anchors, diou_matrix,
-                               extract_fields, ld_regions, parse_method_settings, resolve_fields)
-from store import LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
+from precompute.fields import (ALWAYS_META, GT_META, OPTIONAL_HEAD_FIELDS, TeacherOutputs, artifact_configs,
+                               artifacts_for, canonical_anchors, diou_matrix, extract_fields, ld_regions,
+                               parse_method_settings, resolve_fields)
+from store import FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields
 from train.methods import MasKD
 
 torch.set_num_threads(2)
@@ -149,7 +151,7 @@ def _batch(images, sizes, boxes, first_id=10):
                  orig_sizes=[(2 * h, 2 * w) for h, w in sizes])
 
 
-@pytest.mark.parametrize("name", ["gfl-nano", "retina-nano"])
+@pytest.mark.parametrize("name", ["gfl-nano", "retina-nano", "fcos-nano"])
 def test_fields_of_an_image_do_not_depend_on_its_batch(name):
     torch.manual_seed(0)
     model = build_detector(name, num_classes=3).eval()
@@ -158,15 +160,20 @@ def test_fields_of_an_image_do_not_depend_on_its_batch(name):
     boxes = [torch.tensor([[4.0, 6.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0]]),
              torch.tensor([[2.0, 2.0, 30.0, 30.0]]), torch.zeros(0, 4)]  # the last: a negative image
     together = extract_fields(model, _batch(images, sizes, boxes), "all")
+    everything = resolve_fields("all", TeacherOutputs.probe(model))
+    # "all" holds the centerness exactly when the head has it
+    assert ("head.ctr.p3" in everything) == (name == "fcos-nano")
     for i in range(len(sizes)):
         alone = extract_fields(model, _batch([images[i]], [sizes[i]], [boxes[i]], first_id=10 + i), "all")[0]
-        assert set(together[i]) == set(alone) == set(resolve_fields("all"))
+        assert set(together[i]) == set(alone) == set(everything)
         for key, value in alone.items():
             torch.testing.assert_close(together[i][key], value, rtol=1e-4, atol=1e-4, msg=key)
         level_sizes = valid_level_sizes(sizes[i])
         for level, (h, w) in zip(LEVELS, level_sizes):
             assert alone[f"fpn.{level}"].shape == (model.config.fpn_channels, h, w)
             assert alone[f"head.cls.{level}"].shape == (model.num_anchors * 3, h, w)
+            if name == "fcos-nano":
+                assert alone[f"head.ctr.{level}"].shape == (1, h, w)
         assert alone["meta.level_hw"].tolist() == [list(s) for s in level_sizes]
         assert alone["meta.valid_hw"].tolist() == list(sizes[i])
         assert alone["meta.orig_hw"].tolist() == [2 * sizes[i][0], 2 * sizes[i][1]]
@@ -195,6 +202,74 @@ def test_region_rows_are_the_dense_outputs_at_their_locations(name):
         torch.testing.assert_close(sample["region.cls"][r], cls)
         torch.testing.assert_close(sample["region.box_dist"][r], box)
     assert sample["region.gt"].max() < sample["meta.gt_boxes_xyxy"].shape[0]
+
+
+def test_fcos_dense_fields_are_the_model_outputs_on_the_canonical_region():
+    """head.cls/box/ctr of an FCOS teacher are its own maps (box: side distances in stride units)."""
+    torch.manual_seed(4)
+    model = build_detector("fcos-nano", num_classes=3).eval()
+    batch = _batch([torch.randn(3, 64, 96)], [(64, 96)], [torch.tensor([[8.0, 8.0, 60.0, 40.0]])])
+    sample = extract_fields(model, batch, ["fpn", "head"])[0]
+    with torch.no_grad():
+        out = model(batch.images, batch.image_sizes)
+    for level, name in enumerate(LEVELS):
+        h, w = valid_level_sizes((64, 96))[level]
+        for field, maps in (("fpn", out.features), ("head.cls", out.cls_logits), ("head.box", out.box_outputs),
+                            ("head.ctr", out.centerness)):
+            assert torch.equal(sample[f"{field}.{name}"], maps[level][0, :, :h, :w]), f"{field}.{name}"
+    assert (sample["head.box.p3"] >= 0).all()  # ReLU'd distances (norm_on_bbox)
+
+
+@pytest.mark.parametrize("name,family", [("gfl-nano", "gfl"), ("retina-nano", "retina")])
+def test_a_teacher_without_centerness_refuses_head_ctr_and_leaves_it_out_of_groups(name, family):
+    torch.manual_seed(5)
+    model = build_detector(name, num_classes=3).eval()
+    teacher = TeacherOutputs.probe(model)
+    assert teacher == TeacherOutputs(family, ("head.ctr",))
+    for spec in ("head.ctr", "head.ctr.p4", "fpn,head.ctr"):
+        with pytest.raises(ValueError, match=f"a '{family}' teacher has no centerness output.*only a head with "
+                                             f"that branch \\(FCOS\\)"):
+            resolve_fields(spec, teacher)
+    batch = _batch([torch.randn(3, 64, 64)], [(64, 64)], [torch.zeros(0, 4)])
+    with pytest.raises(ValueError, match=f"'{family}' teacher has no centerness"):
+        extract_fields(model, batch, "head.ctr.p3")
+    # groups and "all" leave it out
+    assert set(resolve_fields("head", teacher)) == set(expand_fields(["head.cls", "head.box"]) + list(ALWAYS_META))
+    assert resolve_fields("all", teacher) == resolve_fields("all")
+    assert set(extract_fields(model, batch, "head")[0]) == set(resolve_fields("head", teacher))
+
+
+def test_groups_bring_the_centerness_of_a_teacher_that_has_it():
+    # the schema's optional fields are those precompute reads from an optional DetectorOutput attribute
+    assert {n.rsplit(".", 1)[0] for n, spec in FIELDS.items() if spec.optional} == set(OPTIONAL_HEAD_FIELDS)
+    fcos = TeacherOutputs("fcos", ())
+    ctr = expand_fields(["head.ctr"])
+    assert ctr == [f"head.ctr.p{i}" for i in range(3, 8)]
+    assert set(resolve_fields("all", fcos)) == set(resolve_fields("all")) | set(ctr)
+    assert set(resolve_fields("head", fcos)) == set(resolve_fields("head")) | set(ctr)
+    assert resolve_fields("fpn,head.cls", fcos) == resolve_fields("fpn,head.cls")   # a prefix: only what it names
+    assert resolve_fields("frs", fcos) == resolve_fields("frs")                       # no method reads it
+    assert set(resolve_fields("head.ctr.p5")) == {"head.ctr.p5", *ALWAYS_META}      # the vocabulary has it by name
+    assert "head.ctr.p3" not in resolve_fields("all")                               # no teacher: groups without it
+    # a method without official values for the teacher's family is refused (its cache would be unusable)
+    with pytest.raises(ValueError, match=r"--fields ld: LDConfig has no official settings for detector family "
+                                         r"'fcos' \(LD distils box distributions"):
+        resolve_fields("frs,ld", fcos)
+    with pytest.raises(ValueError, match=r"--fields defeat-coco: DeFeatConfig .* 'fcos' \(the official code"):
+        resolve_fields("defeat-coco", fcos)
+    with pytest.raises(ValueError, match=r"--fields ld: .* 'retina'"):
+        resolve_fields("ld", TeacherOutputs("retina", ("head.ctr",)))
+    # schema order, the centerness after the box outputs
+    names = resolve_fields("all", fcos)
+    assert names.index("head.box.p7") < names.index("head.ctr.p3") < names.index("region.level")
+
+
+def test_the_probe_leaves_the_teacher_as_it_was():
+    model = build_detector("fcos-nano", num_classes=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert TeacherOutputs.probe(model) == TeacherOutputs("fcos", ())
+    assert model.training  # restored; BatchNorm running statistics untouched (the probe ran in eval mode)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_bf16_autocast_outputs_are_float32_and_close():

@@ -63,6 +63,27 @@ def test_valid_region_sources_agree_and_mismatch_is_an_error():
         collate_teacher([dense_sample((64, 96))], valid_level_sizes((32, 32)), "cpu")
 
 
+def test_fcos_centerness_is_collated_like_the_other_dense_maps():
+    sizes = [(64, 96), (33, 50)]
+    samples = [dense_sample(size, image_id=i, seed=i, groups=("head.cls", "head.box")) for i, size in enumerate(sizes)]
+    for i, (sample, size) in enumerate(zip(samples, sizes)):
+        sample.update(dense_sample(size, channels=1, seed=10 + i, groups=("head.ctr",)))
+    batch = collate_teacher(samples, BATCH_LEVEL_SIZES, "cpu")
+    assert batch.fpn is None and batch.cls is not None and batch.box is not None
+    for level, name in enumerate(LEVELS):
+        assert batch.ctr[level].shape == (2, 1, *BATCH_LEVEL_SIZES[level])
+        for index, (sample, size) in enumerate(zip(samples, sizes)):
+            h, w = valid_level_sizes(size)[level]
+            assert torch.equal(batch.ctr[level][index, :, :h, :w],
+                               torch.from_numpy(sample[f"head.ctr.{name}"].astype(np.float32)))
+            outside = torch.ones(BATCH_LEVEL_SIZES[level], dtype=torch.bool)
+            outside[:h, :w] = False
+            assert not batch.ctr[level][index][:, outside].any()
+    assert collate_teacher([dense_sample((64, 96))], BATCH_LEVEL_SIZES, "cpu").ctr is None  # other families
+    with pytest.raises(ValueError, match="'head.ctr'"):
+        collate_teacher([samples[0], dense_sample((64, 96), groups=("head.cls", "head.box"))], BATCH_LEVEL_SIZES, "cpu")
+
+
 def test_groups_must_be_complete_and_consistent():
     full = dense_sample((64, 96))
     missing_level = {k: v for k, v in full.items() if k != "fpn.p7"}

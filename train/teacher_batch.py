@@ -28,7 +28,7 @@ from detectors.detector import valid_level_sizes
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS, STRIDES
 
 # Dense field prefixes and the TeacherBatch attribute each fills.
-DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box"}
+DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box", "head.ctr": "ctr"}
 REGION_PREFIX = "region."
 REGION_INT_FIELDS = ("level", "index", "kind", "gt")
 
@@ -50,6 +50,9 @@ class TeacherBatch:
     # grid of the level of the same stride (c4 -> P4: ``valid[1]``), zero outside valid; None
     # when the samples hold no ``backbone.*`` field.
     backbone: dict[str, Tensor] | None = None
+    # Per level (N, A, H_l, W_l) centerness logits (``head.ctr``: FCOS), zero outside valid; None
+    # when the samples hold none.
+    ctr: list[Tensor] | None = None
 
     @property
     def num_images(self) -> int:
@@ -74,8 +77,8 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
             image comes from, in order: this argument, the sample's ``meta.valid_hw``,
             ``meta.level_hw``, or the shapes of its dense maps. Dense maps must match it exactly.
 
-    Only the groups present in the samples are filled (``fpn``/``cls``/``box``/``region`` are
-    ``None`` otherwise); a group must be present in every sample or in none. ``backbone`` holds
+    Only the groups present in the samples are filled (``fpn``/``cls``/``box``/``ctr``/``region``
+    are ``None`` otherwise); a group must be present in every sample or in none. ``backbone`` holds
     the stages the samples carry (any subset of c3..c5, the same in every sample).
     """
     if not samples:
@@ -133,7 +136,7 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
 
     return TeacherBatch(fpn=dense["fpn"], cls=dense["cls"], box=dense["box"], valid=valid,
                         region=_collate_region(samples, device), valid_sizes=valid_sizes, image_ids=image_ids,
-                        backbone=backbone)
+                        backbone=backbone, ctr=dense["ctr"])
 
 
 def _stack_dense(samples: Sequence[dict], name: str, level: int, map_size: tuple[int, int],

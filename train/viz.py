@@ -11,17 +11,15 @@ For each chosen (image, view) of a COCO-layout split, PNG files (matplotlib's Ag
 This module is the shared frame: loading the views, the figure layout and drawing helpers, saving,
 and the detections picture. What is drawn for a method is said by its class in train/methods/
 (``PICTURE_FIELDS``, ``PICTURE_HELP``, ``PICTURE_OPTIONS``, ``draw_picture``), with the method's
-own code (FRS's ``richness_score``, ICD's ``decode_instances``, ...); the registry's order is the
-pictures' order.
+own code (FRS's ``richness_score``, ICD's ``decode_instances``, ...), in the registry's order.
 
-Everything is drawn in view pixels on the view image (the resized, possibly flipped image the
-teacher saw, de-normalised), so maps, anchors and boxes line up with what was cached. A level-l
-map cell (i, j) is drawn as a stride-sized square centred on its anchor centre (j·s, i·s), the
-convention of ``Detector.grid_anchors``.
+Everything is drawn in view pixels on the view image (the resized, possibly flipped image the teacher
+saw, de-normalised), so maps, anchors and boxes line up with what was cached. A level-l map cell
+(i, j) is a stride-sized square centred on its anchor centre (j·s, i·s), as ``Detector.grid_anchors``.
 
-A picture whose inputs are missing (the cache lacks its fields, no student checkpoint, ...) is
-skipped with a printed reason; the others are drawn. Bad arguments (an image id that is not in the
-split or the cache, a view index out of range) raise ``ValueError`` naming them.
+A picture whose inputs are missing (no fields, no student checkpoint, ...) is skipped with a printed
+reason; the others are drawn. Bad arguments (an image id not in the split or the cache, a view index
+out of range) raise ``ValueError`` naming them.
 """
 from __future__ import annotations
 
@@ -280,9 +278,10 @@ class Painter:
         cls_maps, box_maps = view.level_maps("head.cls"), view.level_maps("head.box")
         # The cached maps are the teacher's outputs on the view's own canonical grid: a batch of one.
         out = DetectorOutput(features=[], cls_logits=[m[None] for m in cls_maps],
-                             box_outputs=[m[None] for m in box_maps],
+                             box_outputs=[m[None] for m in box_maps], image_sizes=[view.image_hw],
                              anchors=teacher.grid_anchors(view.level_hw, cls_maps[0]), strides=tuple(teacher.strides),
-                             image_sizes=[view.image_hw])
+                             centerness=[m[None] for m in view.level_maps("head.ctr")] if "head.ctr.p3" in view.fields
+                             else None)
         with torch.no_grad():
             teacher_dets = teacher.postprocess(out)[0]
             batch = collate([view.sample])
@@ -422,7 +421,8 @@ def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "
                       student_ckpt=None if student_ckpt is None else str(student_ckpt), score_thresh=score_thresh,
                       options=options, log=log)
     fields = sorted({name for picture in pictures for name in
-                     (DETECTION_FIELDS if picture == DETECTIONS else painter.methods[picture].PICTURE_FIELDS)})
+                     (DETECTION_FIELDS + ("head.ctr",) if picture == DETECTIONS  # FCOS: its centerness too
+                      else painter.methods[picture].PICTURE_FIELDS)})
     written: list[Path] = []
     for image_id in chosen:
         written += painter.draw(load_view(dataset, opened, image_id, view, fields), pictures)

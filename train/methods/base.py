@@ -58,11 +58,14 @@ class MethodConfig:
     """
 
     FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {"retina": {}, "gfl": {}}
+    # Why a family is not supported (family -> reason), for the refusal: e.g. the official code has no such config.
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def for_family(cls, family: str, **overrides: Any):
         if family not in cls.FAMILY_DEFAULTS:
-            raise ValueError(f"{cls.__qualname__} has no official settings for detector family {family!r}; "
+            why = f" ({cls.UNSUPPORTED[family]})" if family in cls.UNSUPPORTED else ""
+            raise ValueError(f"{cls.__qualname__} has no official settings for detector family {family!r}{why}; "
                              f"supported: {sorted(cls.FAMILY_DEFAULTS)}")
         known = config_keys(cls)
         unknown = sorted(set(overrides) - set(known))

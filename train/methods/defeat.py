@@ -127,6 +127,14 @@ class DeFeatConfig(MethodConfig):
     backbone_stages: tuple[int, ...] = (4, 5)  # ResNet stages distilled: 3 = C3, 4 = C4, 5 = C5
     #                                            (the author's "stage 3 and 4" = C4, C5)
 
+    # ggjy/DeFeat.pytorch @c46a793: the GT mask is AnchorHead.get_gt_mask (dense_heads/anchor_head.py),
+    # called by SingleStageDetectorKD (detectors/single_stage_kd.py); released configs: Faster R-CNN (VOC).
+    # RetinaNet is the paper's one-stage result; GFL (an anchor head too) is not in that code: the same
+    # values here. Its FCOSHead (dense_heads/fcos_head.py) has no get_gt_mask: no FCOS.
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}}
+    UNSUPPORTED = {"fcos": "the official code builds its GT mask in AnchorHead.get_gt_mask, which FCOS's "
+                           "anchor-free head lacks, and neither its configs nor its paper have an FCOS run"}
+
     def __post_init__(self) -> None:
         stages = tuple(int(s) for s in self.backbone_stages)
         if (any(s not in BACKBONE_STAGE_NUMBERS or s != t for s, t in zip(stages, self.backbone_stages))

@@ -17,6 +17,16 @@ Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's 
 official ``ADAP`` neck), trained with the student. The richness mask is dense: it keeps rich
 features outside GT boxes and drops background-like ones inside.
 
+Official weights per family (``FAMILY_DEFAULTS``; ``distill_feat_weight``, ``distill_cls_weight``,
+``distill_warm_step`` of ``config/distill_frs/resnet50_resnet101_{retinanet,gfl,fcos}_frs.py``):
+RetinaNet (0.005, 0.02), GFL (0.1, 0.05), FCOS (0.01, 0.05), ramp 500 for all three.
+
+FCOS: the same code reads ``bbox_head(x)[0]``, the class scores, for both S and the head term;
+the centerness (``[2]``) is read nowhere, so S is max σ(class logits) without the centerness
+factor of FCOS's detection score, and the head term covers the class logits only. (That config's
+models are mmdetection's original FCOS, ``fcos_r50_caffe_fpn_gn-head_mstrain_640-800_2x_coco``
+student, ``fcos_r101_caffe_...`` teacher: ``detectors.fcos.MMDET_PLAIN_FCOS``.)
+
 Batch semantics: the official runs put 2 images on each GPU and divide by the Σ S of those 2
 images; DDP then averages the GPUs. So a batch of B images is split into groups of 2 consecutive
 images (the last group of an odd B holds 1 image), ``feat`` and ``cls`` are computed per group as
@@ -63,9 +73,12 @@ def richness_score(cls_logits: Tensor) -> Tensor:
 class FRSConfig(MethodConfig):
     feat_weight: float = 0.005      # w_f (RetinaNet); GFL 0.1; FCOS 0.01
     cls_weight: float = 0.02        # w_c (RetinaNet); GFL 0.05; FCOS 0.05
-    warmup_iters: int = 500         # linear ramp of both terms from 0
+    warmup_iters: int = 500         # linear ramp of both terms from 0 (distill_warm_step, every family)
 
-    FAMILY_DEFAULTS = {"retina": {}, "gfl": {"feat_weight": 0.1, "cls_weight": 0.05}}
+    # duzhixing/FRS @decd60c config/distill_frs/resnet50_resnet101_{retinanet,gfl,fcos}_frs.py
+    FAMILY_DEFAULTS = {"retina": {},
+                       "gfl": {"feat_weight": 0.1, "cls_weight": 0.05},
+                       "fcos": {"feat_weight": 0.01, "cls_weight": 0.05}}
 
 
 class FRS(DistillationMethod):

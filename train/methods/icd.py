@@ -15,6 +15,8 @@ point inside it, its scale) and the decoder must tell real boxes from fake ones 
 box from the point (the auxiliary task). Its attention of a real instance's query over all
 positions says where the teacher's features hold that instance; the student is distilled there.
 The teacher side reads nothing but the cached F_t, so it trains from the cache alone.
+The same holds for every family: the official FCOS run (``FCOS_R50_R101_icd.yaml``, AdelaiDet's
+FCOS) uses the RetinaNet values and reads no head output (centerness included).
 
 Per batch (all positions of all levels flattened into one sequence of length S, batch padding
 masked out of every attention):
@@ -431,6 +433,11 @@ class ICDConfig(MethodConfig):
     key_region: str = "official"        # "official" mask_out_padding | "canonical" (teacher.valid)
     pretrain_batches: int = 0           # teacher side trained alone on N batches before the student starts
     #                                     (not in the official code; for short schedules, see the docstring)
+
+    # megvii-research/ICD @acf2726 pytorch_release/configs/Distillation-ICD/retinanet_R_50_R101_icd_FPN_1x.yaml
+    # and FCOS_R50_R101_icd.yaml (AdelaiDet's FCOS): INS_ATT_MIMIC.WEIGHT_VALUE 8.0 in both, every other
+    # distiller key at its default (utils/build.py), so FCOS is RetinaNet's values. No GFL config: the same.
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}, "fcos": {}}
 
     def __post_init__(self) -> None:
         for key, allowed in (("scale_bins", SCALE_BIN_RULES), ("scale_image", SCALE_IMAGE_RULES),

@@ -121,8 +121,18 @@ class LDConfig(MethodConfig):
     imitation_weight: float = 0.0   # 'finegrained' FPN imitation (loss_im): 0 in the R18/R34/R101 configs, 2.0 in
     #                                 the R50 COCO recipe (--set ld.imitation_weight=2; the cache needs fpn)
 
-    # LD needs box distributions: GFL only.
+    # HikariTJU/LD @4287990 configs/ld/ld_r*_gflv1_r101_fpn_coco_1x.py (GFL). Its RetinaNet and FCOS
+    # configs (ld_retina_r50_1x.py, ld_r50_fcos_r101_1x.py) put distribution heads on those detectors
+    # (LDRetinaHead(RetinaGFLHead), LDFCOSHead(FCOSGFLHead), reg_max bins) with matching teachers
+    # (retinagfl_r101_2x, fcos_gfl_r101_2x_center): not the families here, whose box outputs are deltas
+    # and distances.
     FAMILY_DEFAULTS = {"gfl": {}}
+    UNSUPPORTED = {family: f"LD distils box distributions (4·(reg_max+1) logits per location), which {name}'s "
+                           f"head does not predict; the official {name} variant, {config}, swaps in a "
+                           f"distribution head ({head}) and a teacher trained with it"
+                   for family, name, config, head in (
+                       ("retina", "RetinaNet", "configs/ld/ld_retina_r50_1x.py", "RetinaGFLHead"),
+                       ("fcos", "FCOS", "configs/ld/ld_r50_fcos_r101_1x.py", "FCOSGFLHead"))}
 
     def __post_init__(self) -> None:
         if self.images_per_group < 1:

@@ -25,12 +25,16 @@ plus, when ``head_weight`` > 0, ``maskd_head = head_weight · Σ_l mean |box_s �
 valid locations and all box channels (the official config distils ``bbox_head.retina_reg`` with
 mmdet's ``L1Loss``, reduction mean, once per level).
 
-Official settings: RetinaNet λ = 7, student masks after 7000 iterations, head term weight 1
-(``retinanet_r101-retinanet_r50_coco.py``). The official repository has no GFL config; GFL uses
-its closest released one-stage config, FCOS (``fcos_r101-fcos_r50_coco.py``): λ = 10, student
-masks after 5000 iterations, no head term (our choice; L1 on GFL's distribution logits is not
-something the authors tried). The official runs also initialise the student's neck and head from
-the teacher ("inherit"); that is the trainer's business.
+Official settings (``mmrazor/configs/distill/maskd/``): RetinaNet λ = 7, student masks after
+7000 iterations, head term weight 1 (``retinanet_r101-retinanet_r50_coco.py``); FCOS λ = 10,
+student masks after 5000 iterations, no head term (``fcos_r101-fcos_r50_coco.py`` distils the
+neck alone: nothing reads the box outputs or the centerness). Stage 1 is the same for both
+(``mmdetection/configs/maskd/{retinanet_r101_fpn_2x,fcos_r101_caffe_fpn_gn-head_mstrain_640-800_2x}_coco.py``;
+for FCOS the frozen head's loss includes its centerness term, as ``Detector.losses`` does). The
+official repository has no GFL config; GFL uses the closest released one-stage config, FCOS's
+(no head term: L1 on GFL's distribution logits is not something the authors tried). The official
+runs also initialise the student's neck and head from the teacher ("inherit"); that is the
+trainer's business.
 
 Batch semantics: the official runs put 2 images on each GPU and DDP averages the GPUs. The
 feature term is already a mean over images (``MasKDLoss.forward``: per image and token, Σ_hw /
@@ -89,16 +93,21 @@ class ReceptiveTokensLike(Protocol):
 
 @dataclass(frozen=True)
 class MasKDConfig(MethodConfig):
-    loss_weight: float = 7.0            # λ (RetinaNet 7; FCOS, used for GFL, 10)
+    loss_weight: float = 7.0            # λ (RetinaNet 7; FCOS, and GFL, 10)
     student_mask_warmup: int = 7000     # iterations before masks are also multiplied by the student's
-    head_weight: float = 1.0            # L1 on dense box outputs (RetinaNet 1; GFL 0, see the docstring)
+    head_weight: float = 1.0            # L1 on dense box outputs (RetinaNet 1; FCOS and GFL 0)
     # Stage 1 (the receptive tokens; official mmdetection/configs/maskd/*: 2000 iterations, 16 images,
     # Adam lr 0.01). Not student iterations: the sweep's schedule checks leave them alone.
     stage1_iters: int = field(default=2000, metadata={"student_schedule": False})  # 0: no tokens made
     stage1_batch_size: int = 16         # images per stage-1 iteration
     stage1_lr: float = 0.01             # stage 1's Adam lr (cosine to 1e-6)
 
-    FAMILY_DEFAULTS = {"retina": {}, "gfl": {"loss_weight": 10.0, "student_mask_warmup": 5000, "head_weight": 0.0}}
+    # hunto/MasKD @b5af34f mmrazor/configs/distill/maskd/retinanet_r101-retinanet_r50_coco.py (RetinaNet) and
+    # fcos_r101-fcos_r50_coco.py (FCOS: loss_weight=10, custom_mask_warmup=5000, no bbox_head component);
+    # no GFL config: FCOS's values (the docstring).
+    FAMILY_DEFAULTS = {"retina": {},
+                       "fcos": {"loss_weight": 10.0, "student_mask_warmup": 5000, "head_weight": 0.0},
+                       "gfl": {"loss_weight": 10.0, "student_mask_warmup": 5000, "head_weight": 0.0}}
 
 
 class MasKD(DistillationMethod):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from detectors.detector import DetectorOutput
+from detectors.zoo import FAMILIES
 from train.methods.base import DistillationMethod, MethodConfig
 from train.teacher_batch import TeacherBatch
 
@@ -16,6 +17,8 @@ from train.teacher_batch import TeacherBatch
 @dataclass(frozen=True)
 class NoneConfig(MethodConfig):
     """No hyperparameters."""
+
+    FAMILY_DEFAULTS = {family: {} for family in FAMILIES}   # the baseline of every detector family
 
 
 class NoDistillation(DistillationMethod):
