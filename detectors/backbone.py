@@ -1,4 +1,4 @@
-"""ResNet + FPN P3–P7 backbone, torchvision modules and torchvision state-dict keys.
+"""ResNet + FPN P3–P7 (or P2–P6) backbone, torchvision modules and torchvision state-dict keys.
 
 The body is a torchvision ``ResNet`` (depth 18/34/50/101) or a small ResNet of the same layout
 (``conv1, bn1, relu, maxpool, layer1..layer4``) built from torchvision's ``BasicBlock`` with chosen
@@ -6,6 +6,10 @@ block counts and widths, for CPU demos. The neck is torchvision's ``FeaturePyram
 C3–C5 plus :class:`LastLevelP6P7` for P6/P7. The whole module is a torchvision
 ``BackboneWithFPN``, so its keys are ``body.*`` and ``fpn.*`` exactly as in torchvision's
 ``retinanet_resnet50_fpn`` (prefixed ``backbone.`` inside a detector).
+
+``levels="p2-p6"`` is the two-stage pyramid (torchvision's ``fasterrcnn_resnet50_fpn``, mmdetection's
+Faster R-CNN FPN with ``add_extra_convs=False``): the FPN on C2–C5 and P6 = 1×1 stride-2 max-pool of
+P5 (torchvision's ``LastLevelMaxPool``, no parameters), strides 4..64.
 
 Neck options (see DETECTORS.md): P6 is computed from the P5 *output* (torchvision RetinaNet,
 mmdetection GFL) or from C5 (mmdetection RetinaNet, torchvision RetinaNet v2), and a ReLU is applied
@@ -24,10 +28,12 @@ from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 NORMS = ("frozen_bn", "bn", "gn")
 RESNET_DEPTHS = (18, 34, 50, 101)
+# Pyramid layouts: the ResNet stages the FPN reads (torchvision names) and the levels it returns.
+PYRAMID_STAGES = {"p3-p7": ("layer2", "layer3", "layer4"), "p2-p6": ("layer1", "layer2", "layer3", "layer4")}
 # Names of the ResNet stages from the last one back, as torchvision's trainable_layers counts them.
 _STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
@@ -121,26 +127,37 @@ class LastLevelP6P7(ExtraFPNBlock):
 
 
 class ResNetFPN(BackboneWithFPN):
-    """ResNet body + FPN P3–P7; ``forward(images)`` returns an OrderedDict of 5 maps (N, C, H_l, W_l).
+    """ResNet body + FPN P3–P7 (or P2–P6, ``levels``); ``forward(images)`` returns an OrderedDict of 5 maps
+    (N, C, H_l, W_l).
 
     The ``trainable_layers`` top stages train (torchvision's count: 3 = layer2..layer4, 5 = all);
     the others have ``requires_grad=False`` and stay in eval mode under ``.train()`` (so trainable
     BatchNorm statistics of frozen stages do not drift, as mmdetection's frozen_stages).
     """
 
-    def __init__(self, body: nn.Module, stage_channels: tuple[int, int, int], fpn_channels: int,
-                 p6_from: str = "p5", relu_before_p7: bool = True, trainable_layers: int = 5) -> None:
+    def __init__(self, body: nn.Module, stage_channels: tuple[int, ...], fpn_channels: int,
+                 p6_from: str = "p5", relu_before_p7: bool = True, trainable_layers: int = 5,
+                 levels: str = "p3-p7") -> None:
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
-        p6_in_channels = fpn_channels if p6_from == "p5" else stage_channels[-1]
+        if levels not in PYRAMID_STAGES:
+            raise ValueError(f"levels must be one of {tuple(PYRAMID_STAGES)}, got {levels!r}")
+        stages = PYRAMID_STAGES[levels]
+        if len(stage_channels) != len(stages):
+            raise ValueError(f"levels {levels!r} reads {len(stages)} stages, got {len(stage_channels)} stage widths")
+        if levels == "p3-p7":
+            p6_in_channels = fpn_channels if p6_from == "p5" else stage_channels[-1]
+            extra_blocks = LastLevelP6P7(p6_in_channels, fpn_channels, p6_from, relu_before_p7)
+        else:
+            extra_blocks = LastLevelMaxPool()
         super().__init__(
             body,
-            return_layers={"layer2": "c3", "layer3": "c4", "layer4": "c5"},
+            return_layers={name: f"c{int(name[-1]) + 1}" for name in stages},  # layer2 -> c3, ...
             in_channels_list=list(stage_channels),
             out_channels=fpn_channels,
-            extra_blocks=LastLevelP6P7(p6_in_channels, fpn_channels, p6_from, relu_before_p7),
+            extra_blocks=extra_blocks,
         )
-        self.stage_channels = tuple(stage_channels)  # C3, C4, C5 widths (forward_with_stages)
+        self.stage_channels = tuple(stage_channels)  # widths of the stages the FPN reads (forward_with_stages)
         trainable = list(_STAGES_FROM_TOP[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
         self.frozen_modules = [name for name, _ in self.body.named_children()
                                if name not in trainable and name not in ("relu", "maxpool")]
@@ -148,11 +165,12 @@ class ResNetFPN(BackboneWithFPN):
             getattr(self.body, name).requires_grad_(False)
 
     def forward_with_stages(self, images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(pyramid, stages): the P3..P7 maps of ``forward`` and the ResNet stage outputs they come from.
+        """(pyramid, stages): the pyramid maps of ``forward`` and the ResNet stage outputs they come from.
 
-        ``stages`` is an OrderedDict ``c3, c4, c5`` (layer2..layer4, strides 8, 16, 32), each
-        (N, C_l, H_l, W_l) with the (H_l, W_l) of P3, P4, P5. One pass: the same maps ``forward``
-        feeds the FPN, returned instead of dropped (DeFeat's backbone terms distil them).
+        ``stages`` is an OrderedDict ``c3, c4, c5`` (layer2..layer4, strides 8, 16, 32; ``c2`` first,
+        stride 4, for ``levels="p2-p6"``), each (N, C_l, H_l, W_l) with the (H_l, W_l) of the pyramid
+        level of the same stride. One pass: the same maps ``forward`` feeds the FPN, returned instead
+        of dropped (DeFeat's backbone terms distil them).
         """
         stages = self.body(images)  # OrderedDict c3, c4, c5
         return self.fpn(stages), stages
@@ -167,8 +185,11 @@ class ResNetFPN(BackboneWithFPN):
 def build_resnet_fpn(depth: int | None = 50, blocks: tuple[int, ...] | None = None,
                      widths: tuple[int, ...] | None = None, norm: str = "frozen_bn", norm_eps: float = 1e-5,
                      fpn_channels: int = 256, p6_from: str = "p5", relu_before_p7: bool = True,
-                     trainable_layers: int = 3, weights: str | None = None) -> ResNetFPN:
+                     trainable_layers: int = 3, weights: str | None = None, levels: str = "p3-p7") -> ResNetFPN:
     """Builds the backbone from either a torchvision ``depth`` or custom ``blocks``/``widths``.
+
+    ``levels``: "p3-p7" (the dense families) or "p2-p6" (Faster R-CNN; ``p6_from`` and
+    ``relu_before_p7`` do not apply to it).
 
     ``weights``: optional ResNet (ImageNet) weights for a torchvision depth: a file holding a
     torchvision ResNet state dict, or a torchvision weights name such as
@@ -187,22 +208,27 @@ def build_resnet_fpn(depth: int | None = 50, blocks: tuple[int, ...] | None = No
         if weights is not None:
             raise ValueError("backbone weights can only be loaded into a torchvision depth (18/34/50/101)")
         body = SmallResNet(tuple(blocks), tuple(widths), norm_layer)
-    stage_channels = resnet_stage_channels(depth, widths)
-    return ResNetFPN(body, stage_channels, fpn_channels, p6_from, relu_before_p7, trainable_layers)
+    stage_channels = resnet_stage_channels(depth, widths, levels)
+    return ResNetFPN(body, stage_channels, fpn_channels, p6_from, relu_before_p7, trainable_layers, levels)
 
 
-def resnet_stage_channels(depth: int | None, widths: tuple[int, ...] | None = None) -> tuple[int, int, int]:
-    """Widths of C3, C4, C5 for a torchvision ``depth`` or a custom ``widths`` (its last three).
+def resnet_stage_channels(depth: int | None, widths: tuple[int, ...] | None = None,
+                          levels: str = "p3-p7") -> tuple[int, ...]:
+    """Widths of C3, C4, C5 (C2..C5 for ``levels="p2-p6"``) for a torchvision ``depth`` or a custom ``widths``.
 
     The teacher's and student's values size DeFeat's backbone adapters; a detector config (or a
     cache manifest's ``teacher.config``) gives ``depth`` and ``widths``.
     """
+    if levels not in PYRAMID_STAGES:
+        raise ValueError(f"levels must be one of {tuple(PYRAMID_STAGES)}, got {levels!r}")
     if depth is not None:
         expansion = 1 if depth in (18, 34) else 4
-        return (128 * expansion, 256 * expansion, 512 * expansion)
-    if widths is None or len(widths) != 4:
+        all_widths = tuple(64 * 2 ** stage * expansion for stage in range(4))  # C2..C5
+    elif widths is None or len(widths) != 4:
         raise ValueError(f"a custom backbone needs 4 stage widths, got {widths}")
-    return tuple(int(w) for w in widths[1:])
+    else:
+        all_widths = tuple(int(w) for w in widths)
+    return all_widths[-len(PYRAMID_STAGES[levels]):]
 
 
 def _load_resnet_weights(weights: str) -> dict[str, Tensor]:

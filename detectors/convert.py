@@ -11,8 +11,9 @@ source's key layout to the keys of :mod:`detectors.zoo` models and refuses keys 
     model.load_state_dict(convert_mmdet_gfl(state_dict))                  # strict: no missing keys
 
 mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``configs/gfl/gfl_r50_fpn_1x_coco.py``,
-``configs/fcos/fcos_r50-caffe_fpn_gn-head*``; FCOS keys from mmdetection 3.3
-``mmdet/models/dense_heads/{fcos,anchor_free}_head.py``):
+``configs/fcos/fcos_r50-caffe_fpn_gn-head*``, ``configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``; FCOS keys
+from mmdetection 3.3 ``mmdet/models/dense_heads/{fcos,anchor_free}_head.py``, Faster R-CNN keys from its
+``dense_heads/rpn_head.py`` and ``roi_heads/bbox_heads/{bbox_head,convfc_bbox_head}.py``):
 
     mmdetection                                   this project
     backbone.{conv1,bn1,layerX.Y.*}               backbone.body.{conv1,bn1,layerX.Y.*}
@@ -37,12 +38,21 @@ mmdetection layouts (``configs/retinanet/retinanet_r50_fpn_1x_coco.py``, ``confi
     bbox_head.conv_reg.*  (early 2.x: fcos_reg.*) head.regression_head.bbox_reg.*
     bbox_head.conv_centerness.* (fcos_centerness.*)  head.regression_head.bbox_ctrness.*
     bbox_head.scales.i.scale                      head.scales.i.scale
+    Faster R-CNN (torchvision's fasterrcnn_resnet50_fpn keys; the neck reads C2..C5, its P6 has no weights)
+    neck.lateral_convs.i.conv.*  (i = 0..3)       backbone.fpn.inner_blocks.i.0.*
+    neck.fpn_convs.i.conv.*  (i = 0..3)           backbone.fpn.layer_blocks.i.0.*
+    rpn_head.rpn_conv.*  (num_convs > 1: .i.conv.*)  rpn.head.conv.(i).0.*
+    rpn_head.rpn_cls.* / rpn_head.rpn_reg.*       rpn.head.cls_logits.* / rpn.head.bbox_pred.*
+    roi_head.bbox_head.shared_fcs.0.* / .1.*      roi_heads.box_head.fc6.* / fc7.*
+    roi_head.bbox_head.fc_cls.*  (K+1 rows)       roi_heads.box_predictor.cls_score.*  (background row moved first)
+    roi_head.bbox_head.fc_reg.*  (4K rows)        roi_heads.box_predictor.bbox_pred.*  (4 zero background rows first)
 
 Architecture differences the converted model must be built with (:func:`mmdet_config_overrides`):
 mmdetection's RetinaNet builds P6 from C5 (``add_extra_convs='on_input'``) and its GFL from the P5
 output (``'on_output'``); neither applies a ReLU before P7. Its FCOS builds P6 from the P5 output with
-a ReLU before P7 (``relu_before_extra_convs=True``) on a caffe-style ResNet. Its ResNet BatchNorm eps
-is 1e-5. An FCOS checkpoint's head switches are not in its keys: the defaults of
+a ReLU before P7 (``relu_before_extra_convs=True``) on a caffe-style ResNet. Its Faster R-CNN is the
+defaults of ``detectors.frcnn.FasterRCNNConfig``. Its ResNet BatchNorm eps is 1e-5. An FCOS
+checkpoint's head switches are not in its keys: the defaults of
 ``detectors.fcos.FCOSConfig`` are the ``center-normbbox-centeronreg-giou`` configs', and
 ``detectors.fcos.MMDET_PLAIN_FCOS`` the original ``fcos_r50-caffe_fpn_gn-head`` ones (tower convs
 without bias: a checkpoint without ``cls_convs.0.conv.bias`` needs ``head_conv_bias=False``). mmdetection's
@@ -62,6 +72,7 @@ import torch
 from torch import Tensor
 
 from detectors.fcos import TORCHVISION_FCOS
+from detectors.frcnn import TORCHVISION_FRCNN
 
 MMDET_SOURCE = "mmdet"
 TORCHVISION_SOURCE = "torchvision"
@@ -99,6 +110,21 @@ _FCOS_HEAD = [
     (r"^bbox_head\.(?:conv|fcos)_centerness\.(weight|bias)$", r"head.regression_head.bbox_ctrness.\1"),
     (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
 ]
+_FRCNN_NECK = [
+    (r"^neck\.lateral_convs\.([0-3])\.conv\.(weight|bias)$", r"backbone.fpn.inner_blocks.\1.0.\2"),
+    (r"^neck\.fpn_convs\.([0-3])\.conv\.(weight|bias)$", r"backbone.fpn.layer_blocks.\1.0.\2"),
+]
+_FRCNN_HEADS = [
+    (r"^rpn_head\.rpn_conv\.(?:(\d+)\.conv\.)?(weight|bias)$", lambda m: f"rpn.head.conv.{m[1] or 0}.0.{m[2]}"),
+    (r"^rpn_head\.rpn_cls\.(weight|bias)$", r"rpn.head.cls_logits.\1"),
+    (r"^rpn_head\.rpn_reg\.(weight|bias)$", r"rpn.head.bbox_pred.\1"),
+    (r"^roi_head\.bbox_head\.shared_fcs\.0\.(weight|bias)$", r"roi_heads.box_head.fc6.\1"),
+    (r"^roi_head\.bbox_head\.shared_fcs\.1\.(weight|bias)$", r"roi_heads.box_head.fc7.\1"),
+    (r"^roi_head\.bbox_head\.fc_cls\.(weight|bias)$", r"roi_heads.box_predictor.cls_score.\1"),
+    (r"^roi_head\.bbox_head\.fc_reg\.(weight|bias)$", r"roi_heads.box_predictor.bbox_pred.\1"),
+]
+_MMDET_FRCNN_KEY = "roi_head.bbox_head.fc_cls.weight"
+_TORCHVISION_FRCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
 _FCOS_CENTERNESS_KEYS = ("bbox_head.conv_centerness.weight", "bbox_head.fcos_centerness.weight")
 _TORCHVISION_FCOS_KEY = "head.regression_head.bbox_ctrness.weight"
 # Levels of torchvision's FCOS (P3..P7): one Scale each here.
@@ -129,8 +155,13 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
 
 
 def detect_source(state_dict: Mapping[str, Tensor]) -> tuple[str, str]:
-    """(source, family) from the key layout: ("mmdet" | "torchvision" | "project", "gfl" | "retina" | "fcos")."""
+    """(source, family) from the key layout: ("mmdet" | "torchvision" | "project", "gfl" | "retina" | "fcos" |
+    "frcnn")."""
     keys = set(state_dict)
+    if _MMDET_FRCNN_KEY in keys:
+        return MMDET_SOURCE, "frcnn"
+    if _TORCHVISION_FRCNN_KEY in keys:
+        return TORCHVISION_SOURCE, "frcnn"  # torchvision's keys are this project's Faster R-CNN keys
     if "bbox_head.gfl_cls.weight" in keys:
         return MMDET_SOURCE, "gfl"
     if "bbox_head.retina_cls.weight" in keys:
@@ -144,8 +175,9 @@ def detect_source(state_dict: Mapping[str, Tensor]) -> tuple[str, str]:
     if "head.gfl_cls.weight" in keys:
         return PROJECT_SOURCE, "gfl"
     raise ValueError("cannot tell the checkpoint's layout: none of bbox_head.gfl_cls / bbox_head.retina_cls / "
-                     "bbox_head.conv_centerness (mmdetection), head.classification_head.cls_logits (torchvision "
-                     "RetinaNet), head.regression_head.bbox_ctrness (torchvision FCOS) or head.gfl_cls (this "
+                     f"bbox_head.conv_centerness / {_MMDET_FRCNN_KEY} (mmdetection), "
+                     "head.classification_head.cls_logits (torchvision RetinaNet), head.regression_head.bbox_ctrness "
+                     f"(torchvision FCOS), {_TORCHVISION_FRCNN_KEY} (torchvision Faster R-CNN) or head.gfl_cls (this "
                      f"project) is present; first keys: {sorted(keys)[:8]}")
 
 
@@ -201,6 +233,45 @@ def convert_mmdet_fcos(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _rename(unwrap_state_dict(state_dict), _BACKBONE + _NECK + _FCOS_HEAD, "mmdetection FCOS")
 
 
+def convert_mmdet_frcnn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An mmdetection Faster R-CNN (ResNet-FPN, ``Shared2FCBBoxHead``) state dict -> ``frcnn-r*`` keys.
+
+    Renamed as the module table says; the classifier's rows are rotated (mmdetection's background
+    is its last class, here the first) and 4 zero rows are put before the class-specific deltas
+    for the background (mmdetection has none; no output reads them), so the converted head's
+    class-k column is mmdetection's class k. Build the model with the defaults
+    (``mmdet_config_overrides("frcnn")``); a class-agnostic regression head is refused.
+    """
+    state = _rename(unwrap_state_dict(state_dict), _BACKBONE + _FRCNN_NECK + _FRCNN_HEADS,
+                    "mmdetection Faster R-CNN")
+    cls_key, reg_key = "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"
+    if f"{cls_key}.weight" not in state or f"{reg_key}.weight" not in state:
+        raise ValueError("the mmdetection Faster R-CNN state dict lacks roi_head.bbox_head.fc_cls or fc_reg")
+    num_classes = state[f"{cls_key}.weight"].shape[0] - 1
+    if state[f"{reg_key}.weight"].shape[0] != 4 * num_classes:
+        raise ValueError(f"roi_head.bbox_head.fc_reg has {state[f'{reg_key}.weight'].shape[0]} rows for "
+                         f"{num_classes} classes; only class-specific regression (4 per class, "
+                         "reg_class_agnostic=False) converts")
+    for suffix in ("weight", "bias"):
+        rows = state[f"{cls_key}.{suffix}"]
+        state[f"{cls_key}.{suffix}"] = torch.cat([rows[-1:], rows[:-1]])  # background first
+        rows = state[f"{reg_key}.{suffix}"]
+        state[f"{reg_key}.{suffix}"] = torch.cat([rows.new_zeros((4,) + rows.shape[1:]), rows])
+    return state
+
+
+def convert_torchvision_frcnn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ``fasterrcnn_resnet50_fpn`` state dict -> this project's ``frcnn-r50`` keys (the same keys;
+    a DataParallel/DDP ``module.`` prefix is dropped, and torchvision's ``RPNHead`` renames its v1 keys when
+    loading). Build the model with ``torchvision_config_overrides("frcnn")`` (``TORCHVISION_FRCNN`` and, for
+    its COCO weights, ``norm_eps=0.0``, 90 classes: torchvision's 91 outputs are background + category ids)."""
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def _torchvision_frcnn_filter(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return convert_torchvision_frcnn(unwrap_state_dict(state_dict))
+
+
 def convert_torchvision_fcos(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A torchvision ``fcos_resnet50_fpn`` state dict -> this project's ``fcos-r50`` keys.
 
@@ -250,6 +321,8 @@ CHECKPOINT_FILTERS: dict[tuple[str, str], Callable[[Mapping[str, Tensor]], dict[
     (TORCHVISION_SOURCE, "retina"): _torchvision_retinanet_filter,
     (MMDET_SOURCE, "fcos"): convert_mmdet_fcos,
     (TORCHVISION_SOURCE, "fcos"): _torchvision_fcos_filter,
+    (MMDET_SOURCE, "frcnn"): convert_mmdet_frcnn,
+    (TORCHVISION_SOURCE, "frcnn"): _torchvision_frcnn_filter,
 }
 
 
@@ -285,9 +358,11 @@ def infer_resnet_depth(state_dict: Mapping[str, Tensor]) -> int:
 
 def num_classes_of(state_dict: Mapping[str, Tensor], family: str, num_anchors: int = 9) -> int:
     """Classes of a converted state dict (GFL: gfl_cls rows; FCOS: cls_logits rows; RetinaNet: cls_logits
-    rows / anchors)."""
+    rows / anchors; Faster R-CNN: cls_score rows less the background)."""
     if family == "gfl":
         return int(state_dict["head.gfl_cls.weight"].shape[0])
+    if family == "frcnn":
+        return int(state_dict[_TORCHVISION_FRCNN_KEY].shape[0]) - 1
     rows = int(state_dict["head.classification_head.cls_logits.weight"].shape[0])
     if family == "fcos":
         return rows
@@ -324,6 +399,8 @@ def mmdet_config_overrides(family: str) -> dict:
         return {"p6_from": "p5", "relu_before_p7": False}
     if family == "fcos":  # every caffe FCOS config; the lsj-200e ones use style="pytorch"
         return {"p6_from": "p5", "relu_before_p7": True, "resnet_style": "caffe"}
+    if family == "frcnn":  # faster-rcnn_r50_fpn: the config's defaults (the *-caffe_fpn ones: resnet_style="caffe")
+        return {}
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -333,4 +410,6 @@ def torchvision_config_overrides(family: str) -> dict:
         return {"norm_eps": 0.0}  # torchvision overwrites the frozen BatchNorm eps of its COCO weights
     if family == "fcos":
         return dict(TORCHVISION_FCOS)
+    if family == "frcnn":
+        return {**TORCHVISION_FRCNN, "norm_eps": 0.0}  # its COCO weights: overwrite_eps(model, 0.0)
     raise ValueError(f"torchvision has no {family!r} detector")

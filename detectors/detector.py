@@ -1,8 +1,12 @@
-"""The ``Detector`` base class every family subclasses, the ``DetectorOutput`` it returns, valid regions.
+"""The detector base classes, the ``DetectorOutput`` the dense ones return, valid regions.
 
-A family (detectors/gfl.py, detectors/retinanet.py, detectors/fcos.py) subclasses ``Detector``
-with its head, anchors, matching, losses and box decoding, and ``DetectorConfig``
-(detectors/config.py) with its keys; detectors/zoo.py registers it by name.
+``BaseDetector`` is what every family shares: its config class and the check that refuses another
+family's config, the input checks, and the backbone pass (``extract_features``). A dense family
+(detectors/gfl.py, detectors/retinanet.py, detectors/fcos.py) subclasses ``Detector`` (a
+``BaseDetector``) with its head, anchors, matching, losses and box decoding; the two-stage family
+(detectors/frcnn.py) subclasses ``BaseDetector`` directly, since its forward returns proposals and
+RoI outputs rather than dense maps (``detectors.frcnn.TwoStageOutput``). Each family also subclasses
+``DetectorConfig`` (detectors/config.py) with its keys; detectors/zoo.py registers it by name.
 
 A detector maps a zero-padded batch ``images (N, 3, H, W)`` (H, W multiples of 32) and the valid
 ``image_sizes`` to per-level FPN features, class logits and box outputs on P3–P7 (and, for a head
@@ -102,15 +106,107 @@ def flatten_levels(maps: list[Tensor], num_anchors: int) -> Tensor:
     return torch.cat(rows, dim=1)
 
 
-def build_backbone(config: DetectorConfig) -> ResNetFPN:
-    """The ResNet-FPN P3–P7 that ``config`` describes: every family's default backbone."""
+def grid_anchors(anchor_generator: AnchorGenerator, strides: tuple[int, ...], level_shapes: list[tuple[int, int]],
+                 like: Tensor) -> list[Tensor]:
+    """Per level (H_l*W_l*A, 4) xyxy pixel anchors of ``anchor_generator`` at (j*stride, i*stride), order (h, w, a).
+
+    Uses the true strides, not torchvision's ``AnchorGenerator.forward`` estimate ``padded size //
+    map size``, which is off on the coarsest levels unless the batch is a multiple of their stride
+    and would make anchors depend on the batch's padding.
+    """
+    anchor_generator.set_cell_anchors(like.dtype, like.device)
+    level_strides = [[torch.tensor(s, device=like.device), torch.tensor(s, device=like.device)] for s in strides]
+    return anchor_generator.grid_anchors([list(shape) for shape in level_shapes], level_strides)
+
+
+def valid_anchor_mask(image_size_hw: tuple[int, int], level_shapes: list[tuple[int, int]], num_anchors: int,
+                      strides: tuple[int, ...] = STRIDES, device: torch.device | None = None) -> Tensor:
+    """(A_total,) bool over the batch grid's anchors (order level, h, w, a): inside the image's
+    canonical-padding region of each level (:func:`valid_level_sizes`)."""
+    masks = []
+    for (map_h, map_w), (valid_h, valid_w) in zip(level_shapes, valid_level_sizes(image_size_hw, strides)):
+        mask = torch.zeros(map_h, map_w, num_anchors, dtype=torch.bool, device=device)
+        mask[:valid_h, :valid_w] = True
+        masks.append(mask.reshape(-1))
+    return torch.cat(masks)
+
+
+def build_backbone(config: DetectorConfig, levels: str = "p3-p7") -> ResNetFPN:
+    """The ResNet-FPN that ``config`` describes: P3–P7 for the dense families, P2–P6 for Faster R-CNN."""
     return build_resnet_fpn(config.depth, config.blocks, config.widths, config.norm, config.norm_eps,
                             config.fpn_channels, config.p6_from, config.relu_before_p7, config.trainable_layers,
-                            config.backbone_weights)
+                            config.backbone_weights, levels)
 
 
-class Detector(nn.Module):
-    """Base of the dense one-stage detectors (RetinaNet, GFL): backbone -> head -> ``DetectorOutput``.
+class BaseDetector(nn.Module):
+    """What every family shares: config, backbone, the input checks and the backbone pass.
+
+    Subclasses set ``config_class`` and ``strides`` (pixels per cell of the pyramid levels the
+    backbone returns) and define ``forward`` and ``postprocess``.
+    """
+
+    strides: tuple[int, ...]
+    config_class: ClassVar[type[DetectorConfig]]  # the family's config (its ``family`` names the family)
+
+    def __init__(self, config: DetectorConfig, backbone: nn.Module) -> None:
+        self.check_config(config)
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.backbone = backbone
+
+    @classmethod
+    def check_config(cls, config: DetectorConfig) -> None:
+        """Refuse another family's config (families call it first, before building parts from its keys)."""
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__} (family "
+                             f"{cls.config_class.family!r}), got a {type(config).__name__}")
+
+    def extract_features(self, images: Tensor, return_backbone: bool = False) -> tuple[list[Tensor],
+                                                                                     list[Tensor] | None]:
+        """(pyramid maps, stage maps or None): backbone and neck on a padded batch, no head.
+
+        The pyramid is P3..P7 (P2..P6 for Faster R-CNN), the stage maps C3..C5 (C2..C5).
+        """
+        if not return_backbone:
+            return list(self.backbone(images).values()), None  # each (N, C, H_l, W_l)
+        if not hasattr(self.backbone, "forward_with_stages"):
+            raise ValueError(f"{type(self.backbone).__name__} does not expose its stage maps (forward_with_stages); "
+                             f"backbone features need a detectors.backbone.ResNetFPN")
+        pyramid, stages = self.backbone.forward_with_stages(images)
+        return list(pyramid.values()), list(stages.values())  # stage maps, each (N, C_l, H_l, W_l)
+
+    def _check_inputs(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                      targets: list[dict[str, Tensor]] | None) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
+            raise ValueError(f"batch size {height}x{width} is not a multiple of {SIZE_DIVISOR}; pad the batch "
+                             f"(detectors.views.collate does)")
+        if len(image_sizes) != images.shape[0]:
+            raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
+        for size in image_sizes:
+            pad_h, pad_w = padded_size(size)
+            if pad_h > height or pad_w > width or min(size) < 1:
+                raise ValueError(f"image size {size} (padded {pad_h}x{pad_w}) does not fit the batch "
+                                 f"{height}x{width}")
+        if targets is None:
+            return
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]} images")
+        for target in targets:
+            boxes, labels = target["boxes"], target["labels"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"target boxes must be (n, 4) with labels (n,), got {tuple(boxes.shape)} "
+                                 f"and {tuple(labels.shape)}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"target labels must be in [0, {self.num_classes}), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+class Detector(BaseDetector):
+    """Base of the dense one-stage detectors (RetinaNet, GFL, FCOS): backbone -> head -> ``DetectorOutput``.
 
     Subclasses provide their config class, the head, the anchor generator and three methods:
     ``match`` (one image's assignment), ``compute_losses`` and ``decode_boxes`` (for ``postprocess``).
@@ -119,25 +215,13 @@ class Detector(nn.Module):
     """
 
     strides: tuple[int, ...] = STRIDES
-    config_class: ClassVar[type[DetectorConfig]]  # the family's config (its ``family`` names the family)
 
     def __init__(self, config: DetectorConfig, backbone: nn.Module, anchor_generator: AnchorGenerator,
                  head: nn.Module) -> None:
-        self.check_config(config)
-        super().__init__()
-        self.config = config
-        self.num_classes = config.num_classes
-        self.backbone = backbone
+        super().__init__(config, backbone)
         self.anchor_generator = anchor_generator
         self.head = head
         self.num_anchors = anchor_generator.num_anchors_per_location()[0]
-
-    @classmethod
-    def check_config(cls, config: DetectorConfig) -> None:
-        """Refuse another family's config (families call it first, before building parts from its keys)."""
-        if not isinstance(config, cls.config_class):
-            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__} (family "
-                             f"{cls.config_class.family!r}), got a {type(config).__name__}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
@@ -170,17 +254,6 @@ class Detector(nn.Module):
         out = self._outputs(features, head_maps, image_sizes, targets)
         out.backbone_features = stages
         return out
-
-    def extract_features(self, images: Tensor, return_backbone: bool = False) -> tuple[list[Tensor],
-                                                                                     list[Tensor] | None]:
-        """(P3..P7 maps, C3..C5 stage maps or None): backbone and neck on a padded batch, no head."""
-        if not return_backbone:
-            return list(self.backbone(images).values()), None  # P3..P7, each (N, C, H_l, W_l)
-        if not hasattr(self.backbone, "forward_with_stages"):
-            raise ValueError(f"{type(self.backbone).__name__} does not expose its stage maps (forward_with_stages); "
-                             f"backbone features need a detectors.backbone.ResNetFPN")
-        pyramid, stages = self.backbone.forward_with_stages(images)
-        return list(pyramid.values()), list(stages.values())  # C3..C5, each (N, C_l, H_l, W_l)
 
     def forward_features(self, features: list[Tensor], image_sizes: list[tuple[int, int]],
                          targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
@@ -218,56 +291,15 @@ class Detector(nn.Module):
             out.losses = self.compute_losses(out, targets)
         return out
 
-    def _check_inputs(self, images: Tensor, image_sizes: list[tuple[int, int]],
-                      targets: list[dict[str, Tensor]] | None) -> None:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
-        height, width = images.shape[-2:]
-        if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
-            raise ValueError(f"batch size {height}x{width} is not a multiple of {SIZE_DIVISOR}; pad the batch "
-                             f"(detectors.views.collate does)")
-        if len(image_sizes) != images.shape[0]:
-            raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]} images")
-        for size in image_sizes:
-            pad_h, pad_w = padded_size(size)
-            if pad_h > height or pad_w > width or min(size) < 1:
-                raise ValueError(f"image size {size} (padded {pad_h}x{pad_w}) does not fit the batch "
-                                 f"{height}x{width}")
-        if targets is None:
-            return
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"{len(targets)} targets for a batch of {images.shape[0]} images")
-        for target in targets:
-            boxes, labels = target["boxes"], target["labels"]
-            if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
-                raise ValueError(f"target boxes must be (n, 4) with labels (n,), got {tuple(boxes.shape)} "
-                                 f"and {tuple(labels.shape)}")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"target labels must be in [0, {self.num_classes}), got "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
-
     # ------------------------------------------------------------------ anchors and valid regions
     def grid_anchors(self, level_shapes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
-        """Per level (H_l*W_l*A, 4) xyxy pixel anchors centred at (j*stride, i*stride), order (h, w, a).
-
-        Uses the true strides (8..128), not torchvision's ``AnchorGenerator.forward`` estimate
-        ``padded size // map size``, which is off on P6/P7 unless the batch is a multiple of 128
-        and would make anchors depend on the batch's padding.
-        """
-        self.anchor_generator.set_cell_anchors(like.dtype, like.device)
-        strides = [[torch.tensor(s, device=like.device), torch.tensor(s, device=like.device)]
-                   for s in self.strides]
-        return self.anchor_generator.grid_anchors([list(shape) for shape in level_shapes], strides)
+        """Per level (H_l*W_l*A, 4) xyxy pixel anchors centred at (j*stride, i*stride), order (h, w, a)."""
+        return grid_anchors(self.anchor_generator, self.strides, level_shapes, like)
 
     def valid_anchor_mask(self, image_size_hw: tuple[int, int], level_shapes: list[tuple[int, int]],
                           device: torch.device | None = None) -> Tensor:
         """(A_total,) bool: anchors inside the image's canonical-padding region of each level."""
-        masks = []
-        for (map_h, map_w), (valid_h, valid_w) in zip(level_shapes, valid_level_sizes(image_size_hw, self.strides)):
-            mask = torch.zeros(map_h, map_w, self.num_anchors, dtype=torch.bool, device=device)
-            mask[:valid_h, :valid_w] = True
-            masks.append(mask.reshape(-1))
-        return torch.cat(masks)
+        return valid_anchor_mask(image_size_hw, level_shapes, self.num_anchors, self.strides, device)
 
     # ------------------------------------------------------------------ assignment
     @torch.no_grad()

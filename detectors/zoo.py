@@ -11,6 +11,9 @@ in every size of ``SIZES``, named ``{family}-{size}`` (``list_models()``):
     gfl-nano / retina-nano / fcos-nano: CPU demo student, BasicBlocks (1, 1, 1, 1), widths
         (8, 16, 32, 64), FPN 32, 2 head convs, trainable BatchNorm (GFL's sized so that the demo
         teacher beats it by about 10 AP on the synthetic set after the same schedule; BENCHMARKS.md).
+    frcnn-*: Faster R-CNN (P2..P6) in the same sizes; a family's config may change a size's shared
+        values (``SIZE_OVERRIDES``): frcnn-small and frcnn-nano keep one RPN conv and RoI heads of
+        fc 256 and 64 (``detectors.frcnn.FasterRCNNConfig``).
 
 A checkpoint stores the config next to the state dict, so ``load_checkpoint`` rebuilds the model
 without being told its architecture.
@@ -25,13 +28,14 @@ import torch
 
 from detectors.backbone import RESNET_DEPTHS
 from detectors.config import DetectorConfig
-from detectors.detector import Detector
+from detectors.detector import BaseDetector
 from detectors.fcos import FCOS
+from detectors.frcnn import FasterRCNN
 from detectors.gfl import GFL
 from detectors.retinanet import RetinaNet
 
-# Family name ("family" of its config) -> its Detector class. A new family: its file, then one entry here.
-FAMILIES: dict[str, type[Detector]] = {cls.config_class.family: cls for cls in (GFL, RetinaNet, FCOS)}
+# Family name ("family" of its config) -> its detector class. A new family: its file, then one entry here.
+FAMILIES: dict[str, type[BaseDetector]] = {cls.config_class.family: cls for cls in (GFL, RetinaNet, FCOS, FasterRCNN)}
 CHECKPOINT_FORMAT = "detkd-detector/1"
 _SMALL = dict(depth=None, norm="bn", trainable_layers=5)  # from scratch: every stage and BatchNorm trains
 # Size name -> the shared config keys it sets, the same for every family.
@@ -45,7 +49,9 @@ SIZES: dict[str, dict[str, Any]] = {
 def _registry() -> dict[str, DetectorConfig]:
     models: dict[str, DetectorConfig] = {}
     for family, detector_class in FAMILIES.items():
+        size_overrides = getattr(detector_class.config_class, "SIZE_OVERRIDES", {})  # only some families have them
         for size, keys in SIZES.items():
+            keys = {**keys, **size_overrides.get(size, {})}
             models[f"{family}-{size}"] = detector_class.config_class(name=f"{family}-{size}", **keys)
     for depth in RESNET_DEPTHS:  # family-free names: GFL
         models[f"r{depth}"] = models[f"gfl-r{depth}"].replace(name=f"r{depth}")
@@ -68,7 +74,7 @@ def get_config(name: str, **overrides: Any) -> DetectorConfig:
 
 
 def build_detector(name_or_config: str | DetectorConfig, num_classes: int | None = None,
-                   **overrides: Any) -> Detector:
+                   **overrides: Any) -> BaseDetector:
     """A freshly initialised detector from a zoo name or a config, with ``overrides`` applied.
 
     ``num_classes`` defaults to the config's own (80 for zoo names).
@@ -100,7 +106,7 @@ def config_from_dict(values: dict[str, Any]) -> DetectorConfig:
     return config_class(**{k: v for k, v in values.items() if k not in other_families_keys})
 
 
-def save_checkpoint(path: str | os.PathLike, model: Detector, **extra: Any) -> None:
+def save_checkpoint(path: str | os.PathLike, model: BaseDetector, **extra: Any) -> None:
     """Writes {config, state_dict, extra} atomically (temporary file, then rename).
 
     ``extra`` must hold plain containers, numbers, strings and tensors (it is read back with
@@ -114,7 +120,7 @@ def save_checkpoint(path: str | os.PathLike, model: Detector, **extra: Any) -> N
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Detector, dict]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BaseDetector, dict]:
     """(model in eval mode, extra) from a ``save_checkpoint`` file; the architecture comes from its config."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
