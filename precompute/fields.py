@@ -16,6 +16,14 @@ Field names and shapes are the store's vocabulary (store/schema.py). Per image o
   that branch (FCOS's ``DetectorOutput.centerness``): "all" and the group "head" bring it for such
   a teacher; for another, they leave it out and naming it (``head.ctr``, ``head.ctr.p3``) is an
   error naming the teacher's family (:class:`TeacherOutputs`).
+- A two-stage teacher (Faster R-CNN, ``detectors.frcnn.TwoStageOutput``) gives its FPN maps
+  ``fpn.p2`` .. ``fpn.p6`` and its RPN's ``head.rpn.obj.pL`` (A, H_l, W_l) objectness logits and
+  ``head.rpn.box.pL`` (4A, H_l, W_l) deltas, on P2..P6 (optional fields of the schema), cut to the
+  canonical region like the dense maps, and the meta; for it the group "fpn" means P2..P6, "head"
+  its RPN maps, and "all" those and the meta. It has no dense head, LD rows or backbone fields
+  (naming them is an error, as naming ``fpn.p2`` or ``head.rpn`` for a dense teacher is); its RoI
+  head is the cache artefact ``store.schema.ROI_HEAD_ARTIFACT`` (precompute.pipeline), run by
+  ``train.partial_teacher``.
 - ``region.*``: LD's rows (Li et al., "Localization Distillation"; HikariTJU/LD
   ``mmdet/core/bbox/assigners/atss_assigner.py`` and ``ld_head.py``), from the anchors of the
   image's canonical region and its GT boxes only (:func:`ld_regions`), with the teacher's class
@@ -35,8 +43,9 @@ Field names and shapes are the store's vocabulary (store/schema.py). Per image o
           overlap / area(anchor) − ρ²/c²;
         "diou": the true DIoU, IoU − ρ²/c².
   ``region.index`` = (h·W_l + w)·A + a on the image's level map, ``region.level`` indexes P3..P7.
-- ``meta.*``: image id, view index, source and view sizes, level sizes; the GT boxes (view
-  pixels) and labels when regions are written (``region.gt`` indexes them) or asked for.
+- ``meta.*``: image id, view index, source and view sizes, level sizes (P3..P7 for every teacher);
+  the GT boxes (view pixels) and labels when regions are written (``region.gt`` indexes them) or
+  asked for.
 - ``backbone.c3`` .. ``backbone.c5`` (C_l, H_l, W_l): the ResNet stage outputs the FPN is built
   on (strides 8, 16, 32), cut to the same valid region as P3, P4, P5, from the same forward.
   Opt-in (not in "all"): the ``backbone`` group, or the preset ``defeat-coco`` (DeFeat's COCO
@@ -56,10 +65,12 @@ import torch
 from torch import Tensor
 
 from detectors.atss import ATSS_TOPK, atss_assign
-from detectors.detector import Detector, DetectorOutput, valid_level_sizes
+from detectors.detector import BaseDetector, DetectorOutput, valid_level_sizes
+from detectors.frcnn import TwoStageOutput
 from detectors.views import Batch, padded_size
-from store import FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields, group_of
-from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES
+from store import FIELDS, GROUPS, LEVELS, REGION_POSITIVE, REGION_VLR, expand_fields, group_of
+from store.schema import (BACKBONE_LEVEL, BACKBONE_STAGES, DEFAULT_VLR_RULE, LD_VLR_RULE_OPTION, LD_VLR_RULES,
+                          ROI_HEAD_ARTIFACT, TWO_STAGE_LEVELS)
 from train.methods import (METHODS, DistillationMethod, MethodSpec,  # what each method reads: its class says
                            artifact_makers, method_configs, methods_named, named_field_sets, parse_overrides,
                            split_overrides)
@@ -71,9 +82,18 @@ VIEW_META = ("meta.orig_hw", "meta.valid_hw", "meta.level_hw")
 ALWAYS_META = KEY_META + VIEW_META
 GT_META = ("meta.gt_boxes_xyxy", "meta.gt_labels")
 REGION_FIELDS = tuple(name for name in expand_fields(["region"]))
-# Dense head fields that only some heads produce: prefix -> the DetectorOutput attribute they are
-# read from (None for a family whose head lacks the branch).
-OPTIONAL_HEAD_FIELDS = {"head.ctr": "centerness"}
+# The schema's optional fields (only some families produce them), by prefix -> the attribute of the
+# teacher's output they are read from: a dense head's branch (DetectorOutput.centerness, None for a
+# head without it), or a two-stage teacher's P2 (the first of its features) and RPN maps (TwoStageOutput).
+OPTIONAL_HEAD_FIELDS = {"head.ctr": "centerness", "fpn": "features", "head.rpn.obj": "rpn_objectness",
+                        "head.rpn.box": "rpn_deltas"}
+# The optional branches of a dense head (TeacherOutputs.lacking names those a teacher's head lacks).
+DENSE_OPTIONAL = ("head.ctr",)
+# What a two-stage teacher gives besides the meta and image groups: FPN P2..P6 and its RPN maps.
+TWO_STAGE_FIELDS = tuple(name for name, spec in FIELDS.items() if spec.level in TWO_STAGE_LEVELS
+                         and (group_of(name) == "fpn" or name.startswith("head.rpn.")))
+TWO_STAGE_ONLY = tuple(name for name in TWO_STAGE_FIELDS if FIELDS[name].optional)   # fpn.p2, head.rpn.*
+EVERY_TEACHER_GROUPS = ("meta", "image")
 # The image a teacher is probed on (TeacherOutputs.probe): the smallest canonical size, one cell on P5..P7.
 PROBE_SIZE = (32, 32)
 
@@ -91,20 +111,24 @@ def _items(spec: str | Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """Which of the optional head fields (``OPTIONAL_HEAD_FIELDS``) a teacher produces."""
+    """What a teacher's forward gives: a dense head's maps (and which optional branches,
+    ``DENSE_OPTIONAL``, its head lacks), or a two-stage teacher's ``TWO_STAGE_FIELDS``."""
 
     family: str
-    lacking: tuple[str, ...]   # prefixes of OPTIONAL_HEAD_FIELDS whose output the teacher's head does not have
+    lacking: tuple[str, ...]   # prefixes of DENSE_OPTIONAL whose output the teacher's head does not have
+    two_stage: bool = False    # a TwoStageOutput (detectors.frcnn): FPN P2..P6 and RPN maps, no dense head
 
     @classmethod
-    def of(cls, model: Detector, out: DetectorOutput) -> TeacherOutputs:
+    def of(cls, model: BaseDetector, out: DetectorOutput | TwoStageOutput) -> TeacherOutputs:
         """From one of the teacher's forward outputs."""
-        return cls(model.config.family, tuple(prefix for prefix, attribute in OPTIONAL_HEAD_FIELDS.items()
-                                              if getattr(out, attribute) is None))
+        if isinstance(out, TwoStageOutput):
+            return cls(model.config.family, (), two_stage=True)
+        return cls(model.config.family, tuple(prefix for prefix in DENSE_OPTIONAL
+                                              if getattr(out, OPTIONAL_HEAD_FIELDS[prefix]) is None))
 
     @classmethod
     @torch.no_grad()
-    def probe(cls, model: Detector) -> TeacherOutputs:
+    def probe(cls, model: BaseDetector) -> TeacherOutputs:
         """From a forward of ``model`` (in eval mode, restored after) on one black image of
         ``PROBE_SIZE``: what a run must know before its first batch (precompute's declaration)."""
         device = next(model.parameters()).device
@@ -116,19 +140,44 @@ class TeacherOutputs:
             model.train(training)
         return cls.of(model, out)
 
+    def gives(self, name: str) -> bool:
+        """Whether the teacher produces the field ``name``."""
+        if group_of(name) in EVERY_TEACHER_GROUPS:
+            return True
+        if self.two_stage:
+            return name in TWO_STAGE_FIELDS
+        return name not in TWO_STAGE_ONLY and not any(name.startswith(prefix + ".") for prefix in self.lacking)
+
+    def group_fields(self, group: str) -> list[str]:
+        """The fields of ``group`` the teacher produces, optional ones included (schema order)."""
+        return [name for name in FIELDS if group_of(name) == group and self.gives(name)]
+
     def check(self, item: str, source: str) -> None:
-        """Refuses a ``--fields`` item that names (or lies under) a field this teacher does not produce."""
+        """Refuses a ``--fields`` item that names (or lies under) a field this teacher does not produce,
+        or a group of which it produces nothing."""
+        names = self.group_fields(item) if item in GROUPS else expand_fields([item])
+        missing = [name for name in names if not self.gives(name)]
+        if names and not missing:
+            return
+        what = ", ".join(dict.fromkeys(_field_kind(name) for name in missing)) or f"the {item} group"
+        if self.two_stage:
+            raise ValueError(f"{source} {item!r}: a {self.family!r} teacher is a two-stage detector, so it cannot "
+                             f"provide {what}: it gives fpn.p2 .. fpn.p6 (its FPN), head.rpn.* (its RPN's objectness "
+                             f"and deltas) and meta; its RoI head is the cache artefact {ROI_HEAD_ARTIFACT!r}")
         for prefix in self.lacking:
-            if item == prefix or item.startswith(prefix + "."):
+            if any(name.startswith(prefix + ".") for name in missing):
                 attribute = OPTIONAL_HEAD_FIELDS[prefix]
                 raise ValueError(f"{source} {item!r}: a {self.family!r} teacher has no {attribute} output "
                                  f"(DetectorOutput.{attribute} is None for its head), so it cannot provide "
                                  f"{prefix}.*; only a head with that branch (FCOS) does")
+        raise ValueError(f"{source} {item!r}: a {self.family!r} teacher is a dense detector (FPN P3..P7, no RPN), so "
+                         f"it cannot provide {what}: those are a two-stage teacher's (Faster R-CNN, 'frcnn')")
 
-    @property
-    def provided(self) -> tuple[str, ...]:
-        """Prefixes of the optional head fields the teacher produces."""
-        return tuple(prefix for prefix in OPTIONAL_HEAD_FIELDS if prefix not in self.lacking)
+
+def _field_kind(name: str) -> str:
+    """``head.cls.p3`` -> ``head.cls``; an FPN level or a field without a level is itself (``fpn.p7``)."""
+    base, _, last = name.rpartition(".")
+    return base if base != "fpn" and (last in LEVELS or last in TWO_STAGE_LEVELS) else name
 
 
 def resolve_fields(spec: str | Iterable[str], teacher: TeacherOutputs | None = None) -> list[str]:
@@ -136,19 +185,20 @@ def resolve_fields(spec: str | Iterable[str], teacher: TeacherOutputs | None = N
     (what each method class declares: ``train.methods.named_field_sets``), groups, prefixes, names.
 
     Always adds ``meta.image_id``, ``meta.view_index``, ``meta.orig_hw``, ``meta.valid_hw``,
-    ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta. A group
-    (``head``, also through "all") brings the optional head fields ``teacher`` produces (FCOS's
-    ``head.ctr``), none without ``teacher``; an item naming one the teacher lacks (the field, its
-    prefix, a method's field set), or a method without official values for the teacher's family,
-    is a ValueError naming the family.
+    ``meta.level_hw``; a region field brings every ``region.*`` field and the GT meta. With
+    ``teacher``, a group (also through "all") means the fields of it the teacher produces
+    (:meth:`TeacherOutputs.group_fields`): FCOS's ``head.ctr`` with ``head``, a two-stage teacher's
+    P2..P6 for ``fpn`` and RPN maps for ``head``; "all" leaves out the groups it produces nothing of.
+    Without ``teacher`` a group is its fields every dense family has. An item naming a field the
+    teacher lacks (the field, its prefix, a group it has nothing of, a method's field set), or a
+    method without official values for the teacher's family, is a ValueError naming the family.
     """
     method_sets = named_field_sets()
     wanted: list[str] = []
-    groups: set[str] = set()   # groups asked for directly or by "all": they bring the teacher's optional fields
     for item in _items(spec):
         if item == "all":
-            wanted += ALL_GROUPS
-            groups.update(ALL_GROUPS)
+            wanted += list(ALL_GROUPS) if teacher is None else [name for group in ALL_GROUPS
+                                                                for name in teacher.group_fields(group)]
         elif item in method_sets:
             if teacher is not None:
                 _check_method_family(item, teacher.family)
@@ -158,11 +208,8 @@ def resolve_fields(spec: str | Iterable[str], teacher: TeacherOutputs | None = N
         else:
             if teacher is not None:
                 teacher.check(item, "--fields")
-            wanted.append(item)  # group, prefix or name: expand_fields checks it
-            if "." not in item:
-                groups.add(item)
-    if teacher is not None:
-        wanted += [prefix for prefix in teacher.provided if group_of(prefix) in groups]
+            # a group means what the teacher produces of it; a prefix or name, what it names (expand_fields checks it)
+            wanted += teacher.group_fields(item) if teacher is not None and "." not in item else [item]
     names = set(expand_fields(wanted + list(ALWAYS_META)))
     if names & set(REGION_FIELDS):
         names |= set(REGION_FIELDS) | set(GT_META)
@@ -202,9 +249,20 @@ def parse_method_settings(spec: str | Iterable[str], texts: Mapping[str, str], f
 def artifact_configs(spec: str | Iterable[str], family: str, settings: Mapping[str, Any] | None = None
                      ) -> dict[str, Any]:
     """The config of each method with artefacts that the field spec names: ``Config.for_family``
-    of the teacher's ``family`` with precompute's ``--set`` ``settings`` (what its artefacts are made with)."""
+    of the teacher's ``family`` with precompute's ``--set`` ``settings`` (what its artefacts are made with).
+    "all" names the methods with official values for ``family`` (none for a two-stage teacher yet)."""
     methods = methods_of(spec)
-    return method_configs(methods, family, settings, only=[n for n in methods.names if METHODS[n].ARTIFACTS])
+    named = methods_of([item for item in _items(spec) if item != "all"]).names
+    return method_configs(methods, family, settings, only=[
+        n for n in methods.names if METHODS[n].ARTIFACTS and (n in named or _has_family(n, family))])
+
+
+def _has_family(method: str, family: str) -> bool:
+    try:
+        METHODS[method].Config.for_family(family)
+    except ValueError:
+        return False
+    return True
 
 
 def artifacts_for(spec: str | Iterable[str], configs: Mapping[str, Any] | None = None
@@ -212,7 +270,9 @@ def artifacts_for(spec: str | Iterable[str], configs: Mapping[str, Any] | None =
     """Per-cache artefact -> the method class that makes it, for a field spec: the artefacts of the
     methods it names (by name or preset), every method's for "all"; with the methods' ``configs``
     (:func:`artifact_configs`), those made with them (``train.methods.artifact_makers``)."""
-    return artifact_makers(methods_of(spec).names, configs)
+    names = methods_of(spec).names
+    return artifact_makers(names if configs is None else [n for n in names if n in configs or not METHODS[n].ARTIFACTS],
+                           configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +403,14 @@ def gather_rows(maps: list[Tensor], image: int, level: Tensor, index: Tensor, nu
 
 
 @torch.no_grad()
-def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *,
+def extract_fields(model: BaseDetector, batch: Batch, fields: str | Iterable[str], *,
                    amp_dtype: torch.dtype | None = None,
                    output_device: torch.device | str | None = None,
                    ld_vlr_rule: str = DEFAULT_VLR_RULE) -> list[dict[str, Tensor]]:
     """Runs the frozen teacher on ``batch`` and returns one store-vocabulary dict per image.
 
     Args:
-        model: the teacher, in eval mode.
+        model: the teacher, in eval mode: a dense ``Detector`` or a two-stage ``FasterRCNN``.
         batch: images (N, 3, H, W) zero-padded (``detectors.views.collate``), sizes, targets, ids;
             the GT (``batch.targets``) is used only for regions and ``meta.gt_*``.
         fields: anything :func:`resolve_fields` takes.
@@ -364,17 +424,18 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
     Returns:
         per image: {field name: tensor}; float fields float32, integer fields in the schema dtype.
     Raises:
-        ValueError: ``fields`` names a field the teacher's head does not produce (``head.ctr`` of a
-            family without centerness); groups and "all" leave it out (:class:`TeacherOutputs`).
+        ValueError: ``fields`` names a field the teacher does not produce (``head.ctr`` of a family
+            without centerness, ``head.cls`` or ``region`` of a two-stage teacher, ``head.rpn`` of a
+            dense one); groups and "all" leave it out (:class:`TeacherOutputs`).
     """
-    # image.*: the source file bytes; narrowed to what the teacher's head produces after its forward
+    # image.*: the source file bytes; narrowed to what the teacher produces after its forward
     names = [n for n in resolve_fields(fields) if not n.startswith("image.")]
     wanted = set(names)
     device = next(model.parameters()).device
     output_device = torch.device(output_device) if output_device is not None else device
     num_anchors, strides = model.num_anchors, tuple(model.strides)
-    want_backbone = [f"backbone.{stage}" in wanted for stage in BACKBONE_STAGES]  # C3..C5
-    want_region = bool(wanted & set(REGION_FIELDS))
+    levels = [f"p{int(math.log2(stride))}" for stride in strides]  # P3..P7, or P2..P6 for a two-stage teacher
+    want_backbone = any(f"backbone.{stage}" in wanted for stage in BACKBONE_STAGES)  # C3..C5
     images = batch.images.to(device, non_blocking=True)
     sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
     if batch.orig_sizes is None and "meta.orig_hw" in wanted:
@@ -390,35 +451,41 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
         else:
             sub_images = images[torch.tensor(members, device=device), :, :pad_h, :pad_w]
         sub_sizes = [sizes[i] for i in members]
-        out = model(sub_images, sub_sizes, return_backbone=any(want_backbone), amp_dtype=amp_dtype)  # float32 maps
-        cls_logits, box_outputs, anchors, stages = out.cls_logits, out.box_outputs, out.anchors, out.backbone_features
-        # The optional head fields this teacher produces (head.ctr: FCOS's centerness) are known from its output.
+        out = model(sub_images, sub_sizes, return_backbone=want_backbone, amp_dtype=amp_dtype)  # float32 maps
+        # What this teacher produces (head.ctr: FCOS's centerness; a two-stage teacher's P2 and RPN maps)
+        # is known from its output.
         names = [n for n in resolve_fields(fields, TeacherOutputs.of(model, out)) if not n.startswith("image.")]
         wanted = set(names)
-        maps = {"fpn": out.features, "head.cls": cls_logits, "head.box": box_outputs,
+        want_region = bool(wanted & set(REGION_FIELDS))  # a dense teacher's only
+        # every prefix's per-level maps, the optional ones read from the attribute OPTIONAL_HEAD_FIELDS names
+        two_stage = isinstance(out, TwoStageOutput)
+        dense_head = {} if two_stage else {"head.cls": out.cls_logits, "head.box": out.box_outputs}
+        maps = {"fpn": out.features, **dense_head,
                 **{prefix: getattr(out, attribute) for prefix, attribute in OPTIONAL_HEAD_FIELDS.items()
-                   if getattr(out, attribute) is not None}}
-        want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in LEVELS] for group in maps}
-        map_sizes = [tuple(f.shape[-2:]) for f in out.features]
+                   if getattr(out, attribute, None) is not None}}
+        want_dense = {group: [f"{group}.{lvl}" in wanted for lvl in levels] for group in maps}
         moved = {group: [m.to(output_device, non_blocking=True) if want else None
                          for m, want in zip(maps[group], want_dense[group])]
                  for group in want_dense}
         # C3..C5 share the map sizes of P3..P5, so each is cut to the valid region of that level.
-        moved_stages = [m.to(output_device, non_blocking=True) if want else None
-                        for m, want in zip(stages or [None] * len(BACKBONE_STAGES), want_backbone)]
+        stages = None if two_stage else out.backbone_features  # C2..C5 for a two-stage teacher: none is a field
+        moved_stages = [m.to(output_device, non_blocking=True) if f"backbone.{stage}" in wanted else None
+                        for m, stage in zip(stages or [None] * len(BACKBONE_STAGES), BACKBONE_STAGES)]
         for position, index in enumerate(members):
             valid = valid_level_sizes(sizes[index], strides)
             sample: dict[str, Tensor] = {}
             for group, level_maps in moved.items():
-                for lvl, (level_map, (h, w)) in enumerate(zip(level_maps, valid)):
+                for level, level_map, (h, w) in zip(levels, level_maps, valid):
                     if level_map is not None:
-                        sample[f"{group}.{LEVELS[lvl]}"] = level_map[position, :, :h, :w]  # (C, h_l, w_l)
+                        sample[f"{group}.{level}"] = level_map[position, :, :h, :w]  # (C, h_l, w_l)
             for stage, stage_map in zip(BACKBONE_STAGES, moved_stages):
                 if stage_map is not None:
                     h, w = valid[LEVELS.index(BACKBONE_LEVEL[stage])]
                     sample[f"backbone.{stage}"] = stage_map[position, :, :h, :w]  # (C_l, h_l, w_l)
             if want_region:
-                canonical, counts = canonical_anchors(anchors, map_sizes, valid, num_anchors)
+                cls_logits, box_outputs = out.cls_logits, out.box_outputs
+                map_sizes = [tuple(f.shape[-2:]) for f in out.features]
+                canonical, counts = canonical_anchors(out.anchors, map_sizes, valid, num_anchors)
                 gt_boxes = batch.targets[index]["boxes"].to(device)
                 # a teacher without ATSS of its own (RetinaNet) takes LD's topk
                 topk = getattr(model.config, "atss_topk", ATSS_TOPK)
@@ -436,7 +503,8 @@ def extract_fields(model: Detector, batch: Batch, fields: str | Iterable[str], *
                                                    num_anchors, widths),
                 }
                 sample.update({k: v.to(output_device, non_blocking=True) for k, v in region.items()})
-            sample.update(_meta(batch, index, sizes[index], valid, wanted, output_device))
+            # meta.level_hw is the dense pyramid's P3..P7 for every teacher (the schema's LEVELS)
+            sample.update(_meta(batch, index, sizes[index], valid_level_sizes(sizes[index]), wanted, output_device))
             samples[index] = {name: sample[name] for name in names if name in sample}
     return samples  # type: ignore[return-value]
 

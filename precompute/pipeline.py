@@ -41,8 +41,9 @@ from precompute.teacher import Teacher, as_recorded, load_teacher, neck_head_met
 from store import (FIELDS, Manifest, ManifestMismatch, expand_fields, finalize, fsutil, load_manifest, open_cache,
                    open_writer, parse_codec_spec)
 from store.lock import CacheLock, read_lock
-from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT
+from store.schema import IMAGE_HASHES_ARTIFACT, INHERIT_ARTIFACT, ROI_HEAD_ARTIFACT
 from train.methods import ArtifactInputs, method_sources, register_method_sources
+from train.partial_teacher import roi_head_artifact
 
 
 @dataclass
@@ -79,13 +80,16 @@ class Run:
         self.amp_dtype = resolve_amp(config.amp, self.device)
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)
-        self.fields = resolve_fields(config.fields, TeacherOutputs.probe(self.teacher.model))  # head.ctr: FCOS only
+        # what the teacher gives (head.ctr: FCOS only; fpn.p2, head.rpn and its RoI head: a two-stage teacher)
+        self.outputs = TeacherOutputs.probe(self.teacher.model)
+        self.fields = resolve_fields(config.fields, self.outputs)
         # The configs of the methods with artefacts (the teacher's family, --set), and the artefacts
         # (name -> the method class that makes it) that they make
         self.method_configs = artifact_configs(config.fields, self.teacher.model.config.family, config.overrides)
         self.artifact_makers = artifacts_for(config.fields, self.method_configs)
-        # declared: the cache is complete only with the hash table
-        self.artifacts = [*self.artifact_makers, IMAGE_HASHES_ARTIFACT]
+        # declared: the cache is complete only with the hash table (and a two-stage teacher's RoI head)
+        self.artifacts = [*self.artifact_makers, IMAGE_HASHES_ARTIFACT,
+                          *([ROI_HEAD_ARTIFACT] if self.outputs.two_stage else [])]
         self.codecs = field_codecs(self.fields, config.codecs)
         self.rank = rank
         self.run_id: str | None = None    # the writer run holding the cache's lock (store/lock.py)
@@ -270,7 +274,8 @@ def run_rank(run: Run, manifest: Manifest, rank: int, world_size: int) -> RankSt
 
 def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
     """Store the per-cache artefacts that are missing: the image hash table, the teacher's neck+head
-    weights, and the methods' artefacts, each made by its method's ``make_artifact``."""
+    weights, a two-stage teacher's RoI head, and the methods' artefacts, each made by its method's
+    ``make_artifact``."""
     existing = set(open_cache(run.config.cache, allow_incomplete=True).artifacts())
     writer = open_writer(run.config.cache, manifest, shards=[], run_id=run.run_id)
     written = []
@@ -281,6 +286,9 @@ def write_artifacts(run: Run, manifest: Manifest) -> list[str]:
         if INHERIT_ARTIFACT not in existing:
             writer.put_artifact(INHERIT_ARTIFACT, neck_head_state(run.teacher.model), neck_head_meta(run.teacher.model))
             written.append(INHERIT_ARTIFACT)
+        if ROI_HEAD_ARTIFACT in run.artifacts and ROI_HEAD_ARTIFACT not in existing:
+            writer.put_artifact(ROI_HEAD_ARTIFACT, *roi_head_artifact(run.teacher.model))
+            written.append(ROI_HEAD_ARTIFACT)
         config = run.config
         for name, method in run.artifact_makers.items():
             if name in existing:

@@ -7,6 +7,8 @@ bytes of ``fpn``.
 
     group   field                 shape            dtype    what
     fpn     fpn.p3 .. fpn.p7      (C, H_l, W_l)    float    FPN output of level l (stride 2**l)
+    fpn     fpn.p2                (C, H_l, W_l)    float    FPN output P2 (stride 4) of a two-stage
+                                                            teacher (Faster R-CNN: P2..P6, no P7)
     head    head.cls.p3 .. p7     (A*K, H_l, W_l)  float    dense class logits (pre-sigmoid)
     head    head.box.p3 .. p7     (A*B, H_l, W_l)  float    dense box outputs: RetinaNet deltas
                                                             (B=4), GFL distribution logits
@@ -15,6 +17,10 @@ bytes of ``fpn``.
     head    head.ctr.p3 .. p7     (A, H_l, W_l)    float    dense centerness logits (pre-sigmoid) of
                                                             a head with a centerness branch (FCOS,
                                                             A=1); other families have none
+    head    head.rpn.obj.p2 .. p6 (A, H_l, W_l)    float    RPN objectness logits (pre-sigmoid) of a
+                                                            two-stage teacher, A anchors per cell
+    head    head.rpn.box.p2 .. p6 (4A, H_l, W_l)   float    RPN deltas on those anchors (rpn_box_stds
+                                                            units)
     backbone backbone.c3 .. c5    (CB_l, H_l, W_l) float    ResNet stage outputs C3, C4, C5 (strides 8,
                                                             16, 32; layer2..layer4), the FPN's inputs;
                                                             C3 has P3's H_l, W_l, C4 P4's, C5 P5's
@@ -41,11 +47,20 @@ bytes of ``fpn``.
 chose to write. The view spec itself lives once in the manifest (``views[view_index]``) and a
 reader returns it as ``meta.view``.
 
-Optional fields (``FieldSpec.optional``) are outputs only some detector families have: today
-``head.ctr``, FCOS's centerness. A group (``head``) expands to its fields every family has, so
-``head`` means ``head.cls`` and ``head.box`` for every cache; a prefix (``head.ctr``) or a name
-(``head.ctr.p3``) names an optional field. (precompute's ``--fields`` grammar adds a teacher's
-optional fields to the groups it asks for: ``precompute.fields.resolve_fields``.)
+Optional fields (``FieldSpec.optional``) are outputs only some detector families have: ``head.ctr``,
+FCOS's centerness, and a two-stage teacher's (Faster R-CNN's) ``fpn.p2`` and RPN maps ``head.rpn.*``.
+A group (``head``) expands to its fields every dense family has, so ``head`` means ``head.cls`` and
+``head.box`` for every cache and ``fpn`` means P3..P7; a prefix (``head.ctr``, ``head.rpn``) or a
+name (``head.ctr.p3``, ``fpn.p2``) names an optional field. (precompute's ``--fields`` grammar
+adds a teacher's optional fields to the groups it asks for, and leaves out of them what the teacher
+lacks: ``precompute.fields.resolve_fields``.)
+
+The RPN is a two-stage detector's dense head (mmdetection's ``dense_heads.RPNHead``, torchvision's
+``rpn.head``), so its maps are in the ``head`` group, under ``head.rpn`` so that no reader of
+``head.cls``/``head.box`` mistakes its one class-agnostic objectness per anchor for class logits. A
+two-stage teacher's levels are ``TWO_STAGE_LEVELS`` (P2..P6); its RoI head is not a field (its
+inputs, the RoIs, are the student's) but the per-cache artefact ``ROI_HEAD_ARTIFACT``, which
+``train.partial_teacher`` runs on the cached P2..P5 maps.
 
 Shape symbols are checked per sample: all ``fpn`` levels share ``C``; ``head.*.p3`` has the
 ``H_l, W_l`` of ``fpn.p3``; all ``region.*`` share ``R``; ``meta.level_hw`` agrees with every
@@ -63,6 +78,9 @@ import numpy as np
 from .errors import SchemaError
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
+# A two-stage teacher's pyramid (Faster R-CNN: P2..P6, detectors.frcnn.STRIDES); LEVELS stays the
+# dense pyramid that meta.level_hw and region.level index.
+TWO_STAGE_LEVELS = ("p2", "p3", "p4", "p5", "p6")
 # Pixels per cell of each level, the one definition: the detectors (detectors.detector) import it
 # from here, as store stays free of torch.
 STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -89,6 +107,9 @@ INHERIT_ARTIFACT = "teacher_neck_head"   # teacher backbone.fpn.* and head.* wei
 # The per-image hash table (image ids (n,) int64 sorted, sha256 digests (n, 32) uint8 of the image
 # files); the declaration's dataset.image_hashes holds its digest (detectors.data.image_hash_digest).
 IMAGE_HASHES_ARTIFACT = "image_hashes"
+# A two-stage teacher's RoI head alone (detectors.frcnn.RoIBoxHead: its weights and settings), written
+# by precompute for such a teacher; train.partial_teacher runs it on the cached maps.
+ROI_HEAD_ARTIFACT = "teacher_roi_head"
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ class FieldSpec:
         last = self.name.rsplit(".", 1)[-1]
         if self.group == "backbone":
             return BACKBONE_LEVEL.get(last)
-        return last if last in LEVELS else None
+        return last if last in LEVELS or last in TWO_STAGE_LEVELS else None
 
 
 def group_of(name: str) -> str:
@@ -119,7 +140,8 @@ def group_of(name: str) -> str:
 
 
 def _build() -> dict[str, FieldSpec]:
-    specs: list[FieldSpec] = []
+    specs: list[FieldSpec] = [FieldSpec("fpn.p2", "float", None, ("C", "H_l", "W_l"), "klt",
+                                        "FPN output P2 (two-stage teachers)", optional=True)]
     for level in LEVELS:
         specs.append(FieldSpec(f"fpn.{level}", "float", None, ("C", "H_l", "W_l"), "klt",
                                f"FPN output {level.upper()}"))
@@ -137,6 +159,12 @@ def _build() -> dict[str, FieldSpec]:
     for level in LEVELS:
         specs.append(FieldSpec(f"head.ctr.{level}", "float", None, ("A", "H_l", "W_l"), "fp16",
                                f"dense centerness logits at {level.upper()} (FCOS)", optional=True))
+    # fp16 for the RPN maps as for the centerness: an error relative to each value, where int8's is a
+    # fraction of each map's range, which a few confident anchors stretch.
+    for kind, shape, what in (("obj", "A", "objectness logits"), ("box", "4A", "deltas")):
+        for level in TWO_STAGE_LEVELS:
+            specs.append(FieldSpec(f"head.rpn.{kind}.{level}", "float", None, (shape, "H_l", "W_l"), "fp16",
+                                   f"RPN {what} at {level.upper()} (two-stage teachers)", optional=True))
     specs += [
         FieldSpec("region.level", "int", "int8", ("R",), "raw", "level index into LEVELS"),
         FieldSpec("region.index", "int", "int32", ("R",), "raw", "flat (h*W+w)*A+a on the level"),

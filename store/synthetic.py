@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schema import GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, expand_fields
+from .schema import (GROUPS, KEY_FIELDS, LEVELS, REGION_POSITIVE, REGION_VLR, STRIDES, TWO_STAGE_LEVELS,
+                     expand_fields)
 
 
 def _smooth(z: np.ndarray, sigma: float) -> np.ndarray:
@@ -58,9 +59,10 @@ def level_sizes(valid_hw: tuple[int, int]) -> list[tuple[int, int]]:
 
 def make_sample(image_id: int, view_index: int, valid_hw=(96, 128), fields=None, *, channels: int = 16,
                 num_classes: int = 5, anchors: int = 1, box_dims: int = 4, regions: int = 12, gt: int = 3,
-                fpn: StructuredFPN | None = None, seed: int | None = None) -> dict:
-    """A sample with every field of the schema but the optional ones (FCOS's ``head.ctr``), or
-    the ``fields`` given (which may name them), consistent shapes."""
+                rpn_anchors: int = 3, fpn: StructuredFPN | None = None, seed: int | None = None) -> dict:
+    """A sample with every field of the schema but the optional ones (FCOS's ``head.ctr``, a
+    two-stage teacher's ``fpn.p2`` and ``head.rpn.*``), or the ``fields`` given (which may name
+    them), consistent shapes."""
     rng = np.random.default_rng(seed if seed is not None else image_id * 1009 + view_index)
     sizes = level_sizes(valid_hw)
     sample = {
@@ -90,4 +92,11 @@ def make_sample(image_id: int, view_index: int, valid_hw=(96, 128), fields=None,
         "image.encoded": rng.integers(0, 256, 200 + image_id % 50).astype(np.uint8),
     })
     keep = set(expand_fields(GROUPS if fields is None else fields)) | set(KEY_FIELDS)
+    if any(name == "fpn.p2" or name.startswith("head.rpn.") for name in keep):
+        # drawn last and only when asked: the other fields stay those of the same seed without them
+        two_stage_sizes = dict(zip(TWO_STAGE_LEVELS, [(2 * sizes[0][0], 2 * sizes[0][1]), *sizes[:4]]))  # P2 = 2 x P3
+        sample["fpn.p2"] = rng.standard_normal((channels, *two_stage_sizes["p2"])).astype(np.float32)
+        for level, (h, w) in two_stage_sizes.items():
+            sample[f"head.rpn.obj.{level}"] = (rng.standard_normal((rpn_anchors, h, w)) * 2 - 3).astype(np.float32)
+            sample[f"head.rpn.box.{level}"] = rng.standard_normal((4 * rpn_anchors, h, w)).astype(np.float32)
     return {k: v for k, v in sample.items() if k in keep}

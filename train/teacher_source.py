@@ -8,6 +8,7 @@
     source = teacher.fields_source(method)   # what the loop fetches per batch (``train.sources``)
     teacher.check_pairing(source.fields, student, num_classes)
     teacher.inherit_into(student)            # --inherit
+    partial = teacher.partial_teacher(device)   # a two-stage teacher's RoI head alone (train.partial_teacher)
 
 Each step refuses what does not fit, naming the difference, before any training step: a cache
 written for other data (dataset fingerprint, skipped images, image hashes) or other views, an
@@ -31,9 +32,10 @@ from detectors.data import CocoDetection
 from detectors.detector import Detector
 from detectors.views import ViewSpec, parse_view_list
 from store import Cache, CacheError, load_manifest, open_cache
-from store.schema import INHERIT_ARTIFACT
+from store.schema import INHERIT_ARTIFACT, ROI_HEAD_ARTIFACT
 from train.config import TrainConfig
 from train.methods import DistillationMethod
+from train.partial_teacher import PartialTeacher
 from train.sources import CachedTeacher, OnlineTeacher, adopt_cache_images, manifest_id
 
 
@@ -94,6 +96,16 @@ class OpenedTeacher:
             method.check_cache_options(self.cache.manifest["options"], where=self.where)
             return CachedTeacher(self.where, method.fields, cache=self.cache)
         return OnlineTeacher(self.model, method.fields, amp_dtype=self.amp_dtype, options=method.cache_options)
+
+    def partial_teacher(self, device: torch.device | str) -> PartialTeacher:
+        """A two-stage teacher's RoI head alone: rebuilt on ``device`` from the cache's
+        ``ROI_HEAD_ARTIFACT``, or the online teacher's own; it runs on the maps of its ``fields``."""
+        if self.cache is not None:
+            arrays = CachedTeacher(self.where, [], cache=self.cache).artifact(
+                ROI_HEAD_ARTIFACT, "the partial teacher rebuilds the teacher's RoI head from it (a two-stage "
+                                   "teacher's cache holds it)")
+            return PartialTeacher.from_artifact(arrays, device, self.amp_dtype)
+        return PartialTeacher.from_model(self.model, self.amp_dtype)
 
     def fpn_channels(self) -> int | None:
         """The teacher's FPN width, None when neither its config nor the cache's fields tell."""
