@@ -54,8 +54,9 @@ def codec_help() -> str:
     """One line per codec of store.codecs.PRESETS, with the fields it is the default of."""
     lines = []
     for name, preset in PRESETS.items():
-        defaults = sorted({field.rsplit(".", 1)[0] for field, spec in FIELDS.items()
-                           if spec.default_codec == name and spec.kind == "float"})
+        defaults = sorted({field.rsplit(".", 1)[0] + spec.default_codec[len(name):]
+                           for field, spec in FIELDS.items() if spec.kind == "float" and not spec.optional
+                           and spec.default_codec.split(":")[0] == name})
         default = f" [default: {', '.join(defaults)}]" if defaults else ""
         keys = f"; keys {', '.join(preset.params)}" if preset.params else ""
         lines.append(f"  {name:9s} {preset.summary}{default}{keys}")

@@ -90,7 +90,10 @@ class Run:
         # declared: the cache is complete only with the hash table (and a two-stage teacher's RoI head)
         self.artifacts = [*self.artifact_makers, IMAGE_HASHES_ARTIFACT,
                           *([ROI_HEAD_ARTIFACT] if self.outputs.two_stage else [])]
-        self.codecs = field_codecs(self.fields, config.codecs)
+        # The fpn default was chosen by dense students' AP (BENCHMARKS.md, rate-distortion); a two-stage
+        # teacher's RoI head reads its maps too and is not measured yet, so its fpn keeps 1 % RMSE.
+        defaults = {"fpn": TWO_STAGE_FPN_CODEC} if self.outputs.two_stage else {}
+        self.codecs = field_codecs(self.fields, {**defaults, **config.codecs})
         self.rank = rank
         self.run_id: str | None = None    # the writer run holding the cache's lock (store/lock.py)
 
@@ -170,6 +173,9 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies to host memory were asynchronous
         return samples
+
+
+TWO_STAGE_FPN_CODEC = "klt:0.01"
 
 
 def field_codecs(fields: list[str], overrides: dict[str, str]) -> dict[str, str]:

@@ -139,11 +139,14 @@ def group_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+FPN_DEFAULT_CODEC = "klt:0.25"
+
+
 def _build() -> dict[str, FieldSpec]:
     specs: list[FieldSpec] = [FieldSpec("fpn.p2", "float", None, ("C", "H_l", "W_l"), "klt",
                                         "FPN output P2 (two-stage teachers)", optional=True)]
-    for level in LEVELS:
-        specs.append(FieldSpec(f"fpn.{level}", "float", None, ("C", "H_l", "W_l"), "klt",
+    for level in LEVELS:   # klt:0.25: the cheapest bound inside every dense method's seed band (BENCHMARKS.md)
+        specs.append(FieldSpec(f"fpn.{level}", "float", None, ("C", "H_l", "W_l"), FPN_DEFAULT_CODEC,
                                f"FPN output {level.upper()}"))
     for level in LEVELS:
         specs.append(FieldSpec(f"head.cls.{level}", "float", None, ("AK", "H_l", "W_l"), "sparse",
