@@ -79,31 +79,46 @@ def make_cache(args, point: str, cache: Path) -> None:
     run(cmd, args.out / "logs" / f"precompute_{slug(point)}.log")
 
 
-def run_sweep(args, cache: Path, sweep: Path, methods: list[str]) -> None:
+def sweep_command(args, cache: Path, out: Path, methods: list[str], extra: list[str] = ()) -> list[str]:
+    """``python -m train.sweep`` of ``methods`` × ``args.seeds`` from ``cache``, on this bench's schedule."""
     cmd = [sys.executable, "-m", "train.sweep", "--cache", str(cache), "--data", args.data, "--student",
            args.student, "--methods", *methods, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
-           "--out", str(sweep), "--no-progress", "--no-report"]
-    for setting in SCHEDULE + [s for s in METHOD_SETTINGS if s.split(".")[0] in methods] + args.set:
+           "--out", str(out), "--no-progress", "--no-report"]
+    for setting in SCHEDULE + list(extra) + [s for s in METHOD_SETTINGS if s.split(".")[0] in methods]:
         cmd += ["--set", setting]
-    run(cmd, args.out / "logs" / f"sweep_{sweep.name}.log")
+    return cmd
+
+
+def online_command(args, method: str, seed: int, views: str, out: Path, artifacts: Path | None,
+                   extra: list[str] = ()) -> list[str]:
+    """``python -m train`` of one online-teacher run on this bench's schedule (``extra``: more options)."""
+    options = dict(s.split("=", 1) for s in SCHEDULE)
+    milestones = options["milestones"].strip("()").split(",")
+    cmd = [sys.executable, "-m", "train", "--method", method, "--student", args.student, "--data", args.data,
+           "--teacher", args.ckpt, "--views", views, "--out", str(out), "--seed", str(seed),
+           "--epochs", options["epochs"], "--batch-size", options["batch_size"], "--lr", options["lr"],
+           "--warmup-iters", options["warmup_iters"], "--milestones", *milestones, "--workers", options["workers"],
+           "--device", "cpu", "--no-progress", "--no-tensorboard", *extra]
+    cmd += ["--artifacts-from", str(artifacts)] if artifacts else []
+    cmd += ["--resume"] if (out / "last.pt").exists() else []
+    for setting in METHOD_SETTINGS:
+        if setting.startswith(method + "."):
+            cmd += ["--set", setting]
+    return cmd
+
+
+def run_sweep(args, cache: Path, sweep: Path, methods: list[str]) -> None:
+    run(sweep_command(args, cache, sweep, methods, args.set),
+        args.out / "logs" / f"sweep_{sweep.name}.log")
 
 
 def online_run(args, method: str, seed: int, artifacts: Path) -> None:
     out = args.out / "online" / "runs" / f"{method}_s{seed}"
     if (out / "results.json").exists():
         return
-    options = dict(s.split("=", 1) for s in SCHEDULE)
-    cmd = [sys.executable, "-m", "train", "--method", method, "--student", args.student, "--data", args.data,
-           "--teacher", args.ckpt, "--views", VIEWS, "--artifacts-from", str(artifacts), "--out", str(out),
-           "--seed", str(seed), "--epochs", options["epochs"], "--batch-size", options["batch_size"],
-           "--lr", options["lr"], "--warmup-iters", options["warmup_iters"], "--milestones", "9", "11",
-           "--workers", options["workers"], "--device", "cpu", "--no-progress", "--no-tensorboard"]
-    if (out / "last.pt").exists():
-        cmd.append("--resume")
-    for setting in [s for s in METHOD_SETTINGS if s.startswith(method + ".")] + \
-            [s for s in args.set if s.startswith(method + ".")]:
-        cmd += ["--set", setting]
-    run(cmd, args.out / "logs" / f"online_{method}_s{seed}.log", threads=max(1, (os.cpu_count() or 1) // args.jobs))
+    extra = [item for setting in args.set if setting.startswith(method + ".") for item in ("--set", setting)]
+    run(online_command(args, method, seed, VIEWS, out, artifacts, extra),
+        args.out / "logs" / f"online_{method}_s{seed}.log", threads=max(1, (os.cpu_count() or 1) // args.jobs))
 
 
 # ---------------------------------------------------------------------------------------------

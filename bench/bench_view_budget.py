@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.bench_rate_distortion import METHOD_SETTINGS, PAIR_CKPT, PRECOMPUTE_SETTINGS, SCHEDULE, run
+from bench.bench_rate_distortion import PAIR_CKPT, PRECOMPUTE_SETTINGS, online_command, run, sweep_command
 from train.report import RunRecord
 
 EVAL_VIEW = "160:256"
@@ -48,30 +48,15 @@ def make_cache(args, k: str, cache: Path) -> None:
 
 
 def sweep(args, k: str, cache: Path) -> None:
-    cmd = [sys.executable, "-m", "train.sweep", "--cache", str(cache), "--data", args.data, "--student",
-           args.student, "--methods", *args.methods, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
-           "--out", str(args.out / "sweeps" / f"k{k}"), "--no-progress", "--no-report"]
-    for setting in SCHEDULE + [f"eval_view={EVAL_VIEW}"] + \
-            [s for s in METHOD_SETTINGS if s.split(".")[0] in args.methods]:
-        cmd += ["--set", setting]
-    run(cmd, args.out / "logs" / f"sweep_k{k}.log")
+    run(sweep_command(args, cache, args.out / "sweeps" / f"k{k}", args.methods, [f"eval_view={EVAL_VIEW}"]),
+        args.out / "logs" / f"sweep_k{k}.log")
 
 
 def online(args, method: str, seed: int, artifacts: Path) -> None:
     out = args.out / "online" / "runs" / f"{method}_s{seed}"
-    if (out / "results.json").exists():
-        return
-    options = dict(s.split("=", 1) for s in SCHEDULE)
-    cmd = [sys.executable, "-m", "train", "--method", method, "--student", args.student, "--data", args.data,
-           "--teacher", args.ckpt, "--views", ONLINE_VIEWS, "--eval-view", EVAL_VIEW, "--artifacts-from",
-           str(artifacts), "--out", str(out), "--seed", str(seed), "--epochs", options["epochs"],
-           "--batch-size", options["batch_size"], "--lr", options["lr"], "--warmup-iters", options["warmup_iters"],
-           "--milestones", "9", "11", "--workers", options["workers"], "--device", "cpu", "--no-progress",
-           "--no-tensorboard"] + (["--resume"] if (out / "last.pt").exists() else [])
-    for setting in METHOD_SETTINGS:
-        if setting.startswith(method + "."):
-            cmd += ["--set", setting]
-    run(cmd, args.out / "logs" / f"online_{method}_s{seed}.log", threads=1)
+    if not (out / "results.json").exists():
+        run(online_command(args, method, seed, ONLINE_VIEWS, out, artifacts, ["--eval-view", EVAL_VIEW]),
+            args.out / "logs" / f"online_{method}_s{seed}.log", threads=1)
 
 
 def report(args) -> str:
