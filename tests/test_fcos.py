@@ -15,6 +15,7 @@ from detectors.detector import BACKGROUND, IGNORE, DetectorOutput, flatten_level
 from detectors.fcos import (FCOS, MMDET_PLAIN_FCOS, TORCHVISION_FCOS, FCOSConfig, centerness_target,
                             distance_targets, fcos_assign)
 from detectors.zoo import build_detector, config_from_dict, get_config, load_checkpoint, save_checkpoint
+from mmdet_shapes import add_resnet50
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -97,21 +98,7 @@ def mmdet_fcos_state_dict(num_classes: int = 3, channels: int = 256, num_convs: 
                            f"{prefix}.num_batches_tracked": ()})
 
     if backbone:
-        shapes["backbone.conv1.weight"] = (64, 3, 7, 7)
-        norm("backbone.bn1", 64)
-        inplanes = 64
-        for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-            for block in range(blocks):
-                prefix = f"backbone.layer{stage}.{block}"
-                shapes[f"{prefix}.conv1.weight"] = (planes, inplanes if block == 0 else planes * 4, 1, 1)
-                shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
-                shapes[f"{prefix}.conv3.weight"] = (planes * 4, planes, 1, 1)
-                for index, width in ((1, planes), (2, planes), (3, planes * 4)):
-                    norm(f"{prefix}.bn{index}", width)
-                if block == 0:
-                    shapes[f"{prefix}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                    norm(f"{prefix}.downsample.1", planes * 4)
-            inplanes = planes * 4
+        add_resnet50(shapes)
         for index, width in enumerate((512, 1024, 2048)):
             shapes.update({f"neck.lateral_convs.{index}.conv.weight": (channels, width, 1, 1),
                            f"neck.lateral_convs.{index}.conv.bias": (channels,)})

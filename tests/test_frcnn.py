@@ -16,6 +16,7 @@ from detectors.detector import BACKGROUND, IGNORE, grid_anchors
 from detectors.frcnn import (STRIDES, TORCHVISION_FRCNN, FasterRCNN, FasterRCNNConfig, MMDetDeltaCoder, RoIBoxHead,
                              TwoStageOutput, make_box_coder, max_iou_match, rpn_anchor_generator)
 from detectors.zoo import build_detector, get_config, list_models, load_checkpoint, save_checkpoint
+from mmdet_shapes import add_resnet50
 
 FRCNN_MODELS = [name for name in list_models() if name.startswith("frcnn-")]
 
@@ -99,25 +100,7 @@ def mmdet_frcnn_state_dict(num_classes: int = 3, channels: int = 256, fc_channel
     generator = torch.Generator().manual_seed(1)
     shapes: dict[str, tuple[int, ...]] = {}
     if backbone:
-        def batch_norm(prefix: str, width: int) -> None:
-            shapes.update({f"{prefix}.{name}": (width,) for name in ("weight", "bias", "running_mean", "running_var")})
-            shapes[f"{prefix}.num_batches_tracked"] = ()
-
-        shapes["backbone.conv1.weight"] = (64, 3, 7, 7)
-        batch_norm("backbone.bn1", 64)
-        inplanes = 64
-        for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-            for block in range(blocks):
-                prefix = f"backbone.layer{stage}.{block}"
-                shapes[f"{prefix}.conv1.weight"] = (planes, inplanes if block == 0 else planes * 4, 1, 1)
-                shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
-                shapes[f"{prefix}.conv3.weight"] = (planes * 4, planes, 1, 1)
-                for index, width in ((1, planes), (2, planes), (3, planes * 4)):
-                    batch_norm(f"{prefix}.bn{index}", width)
-                if block == 0:
-                    shapes[f"{prefix}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                    batch_norm(f"{prefix}.downsample.1", planes * 4)
-            inplanes = planes * 4
+        add_resnet50(shapes)
         for index, width in enumerate((256, 512, 1024, 2048)):
             shapes.update({f"neck.lateral_convs.{index}.conv.weight": (channels, width, 1, 1),
                            f"neck.lateral_convs.{index}.conv.bias": (channels,),
