@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from store import BACKENDS
 
@@ -44,3 +45,14 @@ def backend(request):
 def url(request, tmp_path):
     """A fresh cache location in memory (fsspec memory://) or on the local disk."""
     return f"memory://cache-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: its tensors are tiny, and on a shared 2-core machine two
+    OpenMP threads wait on each other for seconds per convolution (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

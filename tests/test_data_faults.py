@@ -32,12 +32,7 @@ VIEWS = "64:96,64:96:flip"
 NUM_TRAIN = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------- annotations

@@ -28,13 +28,7 @@ CENTERNESS = expand_fields(["head.ctr"])
 ITERATION = 10_000  # past every method's ramp and warm-up: every term reaches the student
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors, a shared machine (as tests/test_trainer.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _precompute(root: Path, name: str, ckpt: Path, **options) -> str:

@@ -37,13 +37,7 @@ MAP_FIELDS = [f"fpn.{level}" for level in TWO_STAGE_LEVELS] + expand_fields(["he
 PAIRS = [(0, 0), (1, 1), (2, 1), (3, 0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors, a shared machine (as tests/test_trainer.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _precompute(root: Path, name: str, **options) -> str:

@@ -54,14 +54,7 @@ def _precompute(root: Path, name: str, **options) -> str:
     return str(root / name)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared 2-core machine two OpenMP threads
-    wait on each other for seconds per convolution."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
