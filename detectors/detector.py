@@ -147,6 +147,9 @@ class BaseDetector(nn.Module):
 
     strides: tuple[int, ...]
     config_class: ClassVar[type[DetectorConfig]]  # the family's config (its ``family`` names the family)
+    # State-dict prefixes of the neck and heads: what a student "inherits" from its teacher (ICD's and
+    # MasKD's official runs initialise the student's FPN and heads from the teacher's).
+    NECK_AND_HEADS: ClassVar[tuple[str, ...]] = ("backbone.fpn.", "head.")
 
     def __init__(self, config: DetectorConfig, backbone: nn.Module) -> None:
         self.check_config(config)

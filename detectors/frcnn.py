@@ -386,6 +386,8 @@ def max_iou_match(iou: Tensor, fg_iou_thresh: float, bg_iou_thresh: float, low_q
 class FasterRCNN(BaseDetector):
     """Faster R-CNN on a ResNet-FPN P2–P6 backbone; components default to the config's standard build."""
 
+    NECK_AND_HEADS = ("backbone.fpn.", "rpn.", "roi_heads.")
+
     strides = STRIDES
     config_class = FasterRCNNConfig
 

@@ -28,7 +28,7 @@ import torch
 
 from detectors.backbone import RESNET_DEPTHS
 from detectors.config import DetectorConfig
-from detectors.detector import BaseDetector
+from detectors.detector import BaseDetector, Detector
 from detectors.fcos import FCOS
 from detectors.frcnn import FasterRCNN
 from detectors.gfl import GFL
@@ -36,6 +36,8 @@ from detectors.retinanet import RetinaNet
 
 # Family name ("family" of its config) -> its detector class. A new family: its file, then one entry here.
 FAMILIES: dict[str, type[BaseDetector]] = {cls.config_class.family: cls for cls in (GFL, RetinaNet, FCOS, FasterRCNN)}
+# Two-stage families (their forward returns a detectors.frcnn.TwoStageOutput, P2..P6), and the dense rest.
+TWO_STAGE_FAMILIES = frozenset(family for family, cls in FAMILIES.items() if not issubclass(cls, Detector))
 CHECKPOINT_FORMAT = "detkd-detector/1"
 _SMALL = dict(depth=None, norm="bn", trainable_layers=5)  # from scratch: every stage and BatchNorm trains
 # Size name -> the shared config keys it sets, the same for every family.

@@ -193,7 +193,7 @@ def resolve_fields(spec: str | Iterable[str], teacher: TeacherOutputs | None = N
     teacher lacks (the field, its prefix, a group it has nothing of, a method's field set), or a
     method without official values for the teacher's family, is a ValueError naming the family.
     """
-    method_sets = named_field_sets()
+    method_sets = named_field_sets(None if teacher is None else teacher.family)
     wanted: list[str] = []
     for item in _items(spec):
         if item == "all":
@@ -250,7 +250,7 @@ def artifact_configs(spec: str | Iterable[str], family: str, settings: Mapping[s
                      ) -> dict[str, Any]:
     """The config of each method with artefacts that the field spec names: ``Config.for_family``
     of the teacher's ``family`` with precompute's ``--set`` ``settings`` (what its artefacts are made with).
-    "all" names the methods with official values for ``family`` (none for a two-stage teacher yet)."""
+    "all" names the methods with official values for ``family``."""
     methods = methods_of(spec)
     named = methods_of([item for item in _items(spec) if item != "all"]).names
     return method_configs(methods, family, settings, only=[

@@ -25,7 +25,7 @@ import torch
 from detectors.convert import (MMDET_SOURCE, PROJECT_SOURCE, TORCHVISION_SOURCE, checkpoint_filter_fn,
                                detect_source, infer_resnet_depth, mmdet_config_overrides, num_classes_of,
                                select_retinanet_classes, torchvision_config_overrides, unwrap_state_dict)
-from detectors.detector import Detector
+from detectors.detector import BaseDetector, Detector
 from detectors.config import DetectorConfig
 from detectors.zoo import CHECKPOINT_FORMAT, MODELS, build_detector, config_from_dict, get_config
 from store import sha256_file
@@ -209,13 +209,14 @@ def _arch_name(config: DetectorConfig) -> str:
     return f"{config.family}-custom"
 
 
-def neck_head_state(model: Detector) -> dict[str, torch.Tensor]:
-    """The teacher's FPN (``backbone.fpn.*``) and head (``head.*``) weights, for students that
-    "inherit" them (ICD, MasKD official runs); load with ``load_state_dict(..., strict=False)``."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-            if k.startswith(("backbone.fpn.", "head."))}
+def neck_head_state(model: BaseDetector) -> dict[str, torch.Tensor]:
+    """The teacher's FPN and head weights (``model.NECK_AND_HEADS``: ``backbone.fpn.*`` and ``head.*``; a
+    two-stage model's ``rpn.*`` and ``roi_heads.*``), for students that "inherit" them (ICD, MasKD official
+    runs); load with ``load_state_dict(..., strict=False)``."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(model.NECK_AND_HEADS)}
 
 
-def neck_head_meta(model: Detector) -> dict[str, Any]:
+def neck_head_meta(model: BaseDetector) -> dict[str, Any]:
     """JSON-ready description stored with the weights: what a student must match to load them."""
-    return {"keys": "backbone.fpn.* and head.* of detectors.zoo models", "config": model.config.to_dict()}
+    return {"keys": " and ".join(f"{prefix}*" for prefix in model.NECK_AND_HEADS) + " of detectors.zoo models",
+            "config": model.config.to_dict()}

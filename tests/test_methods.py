@@ -16,7 +16,8 @@ import torch
 from detectors import build_detector, flatten_levels
 from detectors.detector import DetectorOutput, valid_level_sizes
 from store.schema import LEVELS, REGION_POSITIVE, REGION_VLR
-from precompute.fields import resolve_fields
+from detectors.zoo import TWO_STAGE_FAMILIES
+from precompute.fields import TeacherOutputs, resolve_fields
 from store import expand_fields
 from train.methods import (FRS, ICD, LD, METHODS, DatasetStats, DeFeat, MasKD, MethodSpec, NoDistillation,
                            build_method, named_field_sets)
@@ -270,7 +271,7 @@ def test_fcos_official_values_and_the_methods_that_refuse_fcos():
                                          r"RetinaGFLHead"):
         build_method("ld", "retina")
     with pytest.raises(ValueError, match=r"'fcos' \(the official code builds its GT mask in "
-                                         r"AnchorHead.get_gt_mask.*supported: \['gfl', 'retina'\]"):
+                                         r"AnchorHead.get_gt_mask.*supported: \['frcnn', 'gfl', 'retina'\]"):
         build_method("defeat", "fcos")
 
 
@@ -631,14 +632,16 @@ def build(spec, family, **overrides):
                         num_levels=2, prepared={"maskd": tokens})
 
 
-# Every method that reads the teacher, with every detector family it has official settings for.
+# Every method that reads the teacher, with every detector family it has official settings for; the dense
+# ones (random_case is a dense student; two-stage students: tests/test_two_stage_*.py).
 CASES = [(name, family) for name, cls in METHODS.items() if cls.FIELDS for family in cls.Config.FAMILY_DEFAULTS]
+DENSE_CASES = [(name, family) for name, family in CASES if family not in TWO_STAGE_FAMILIES]
 SHAPE_OVERRIDES = {"icd": {"num_heads": 2}}  # C_T = 8: 8 heads would leave 1 dim per head
 HEAD_OVERRIDES = {**SHAPE_OVERRIDES, "defeat": {"head_fg_weight": 2.0, "head_bg_weight": 2.0}}
 ITERATION = 8000  # past every warmup: ramps done, ICD's student features attached, MasKD's student masks on
 
 
-@pytest.mark.parametrize("name,family", CASES)
+@pytest.mark.parametrize("name,family", DENSE_CASES)
 def test_gradients_reach_student_outputs_and_learnable_parts(name, family):
     student, teacher, targets = random_case(family)
     method = build(name, family, **HEAD_OVERRIDES.get(name, {}))
@@ -656,7 +659,7 @@ def test_gradients_reach_student_outputs_and_learnable_parts(name, family):
         assert group.params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in group.params), group.name
 
 
-@pytest.mark.parametrize("name,family", CASES)
+@pytest.mark.parametrize("name,family", DENSE_CASES)
 def test_teacher_values_outside_valid_change_nothing(name, family):
     student, teacher, targets = random_case(family)
     method = build(name, family, **HEAD_OVERRIDES.get(name, {}))
@@ -707,9 +710,12 @@ def test_overrides_are_routed_and_unknown_keys_rejected():
 
 @pytest.mark.parametrize("name,family", CASES)
 def test_a_cache_written_for_a_method_holds_what_its_default_config_reads(name, family):
-    """``precompute --fields NAME`` caches the class's FIELDS: every field the default instance reads."""
+    """``precompute --fields NAME`` for a teacher of the family caches every field the default instance reads:
+    the class's FIELDS, or its FAMILY_FIELDS for that family (a two-stage student's P2..P6 and RPN maps)."""
     method = build(name, family, **SHAPE_OVERRIDES.get(name, {}))
-    assert set(expand_fields(list(method.fields))) <= set(resolve_fields(name))
+    teacher = TeacherOutputs(family, (), two_stage=family in TWO_STAGE_FAMILIES)
+    assert set(expand_fields(list(method.fields))) <= set(resolve_fields(name, teacher))
+    assert named_field_sets(family)[name] == METHODS[name].FAMILY_FIELDS.get(family, METHODS[name].FIELDS)
     assert named_field_sets()[name] == METHODS[name].FIELDS
     for preset, groups in METHODS[name].FIELD_PRESETS.items():  # a preset is a superset of the default reads
         assert set(resolve_fields(name)) <= set(resolve_fields(preset)) == set(resolve_fields(list(groups)))

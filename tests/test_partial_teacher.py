@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 def _precompute(root: Path, name: str, **options) -> str:
     config = PrecomputeConfig(ckpt=str(root / "teacher.pt"), data=str(root / "data"), cache=str(root / name),
                               views=VIEWS, device="cpu", shard_size=4, batch_size=1, workers=0, calibration=2,
-                              progress=False, **options)
+                              progress=False, overrides={"maskd.stage1_iters": 0}, **options)   # no MasKD tokens
     run_precompute(config)
     return str(root / name)
 
@@ -300,9 +300,12 @@ def test_each_kind_of_teacher_is_refused_the_other_kinds_fields():
     assert resolve_fields("head", TWO_STAGE) == resolve_fields("head.rpn")
     assert resolve_fields("all", TWO_STAGE) == resolve_fields("fpn.p2,fpn.p3,fpn.p4,fpn.p5,fpn.p6,head.rpn,meta")
     assert resolve_fields("fpn,head", TeacherOutputs.probe(gfl)) == resolve_fields("fpn,head")  # dense: unchanged
-    with pytest.raises(ValueError, match="--fields frs: FRSConfig has no official settings for detector family "
+    # a method name means what its default config reads on the teacher's family; LD has no two-stage config
+    assert resolve_fields("frs", TWO_STAGE) == resolve_fields("fpn.p2,fpn.p3,fpn.p4,fpn.p5,fpn.p6,head.rpn.obj")
+    assert resolve_fields("defeat,icd,maskd", TWO_STAGE) == resolve_fields("fpn", TWO_STAGE)
+    with pytest.raises(ValueError, match="--fields ld: LDConfig has no official settings for detector family "
                                          "'frcnn'"):
-        resolve_fields("frs", TWO_STAGE)
+        resolve_fields("ld", TWO_STAGE)
     batch = Batch(torch.randn(1, 3, 64, 96), [(64, 96)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}],
                   [1], [0], [None], [(64, 96)])
     with pytest.raises(ValueError, match="'frcnn' teacher is a two-stage detector, so it cannot provide head.cls"):

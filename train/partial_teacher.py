@@ -11,6 +11,7 @@ its sha256 like every artefact). The partial teacher is that head rebuilt from t
     partial = PartialTeacher.from_model(teacher_model)                         # online: the teacher's own head
     samples = source.fetch(batch, payloads, device)                            # reading partial.fields
     pooled, cls_logits, box_deltas = partial.outputs(partial.maps(samples), rois, batch.image_sizes)
+    teacher_batch.roi_head = partial.bind(samples, batch.image_sizes)           # what the trainer does
 
 (``train.teacher_source.OpenedTeacher.partial_teacher`` opens the one of a run's teacher.)
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,8 @@ class PartialTeacher:
                              f"(arrays {sorted(arrays)[:6]})")
         described = json.loads(np.asarray(arrays[SETTINGS_KEY], dtype=np.uint8).tobytes().decode())
         state_dict = {key: torch.from_numpy(np.array(value)) for key, value in arrays.items() if key != SETTINGS_KEY}
-        head = RoIBoxHead.from_state({**described, "state_dict": state_dict})
+        with torch.random.fork_rng(devices=[]):   # the head's init draws are overwritten: leave the run's RNG alone
+            head = RoIBoxHead.from_state({**described, "state_dict": state_dict})
         return cls(head.requires_grad_(False).to(device), amp_dtype)
 
     @classmethod
@@ -103,6 +105,13 @@ class PartialTeacher:
             raise ValueError(f"the partial teacher reads {self.fields}; the teacher samples lack {missing} (read "
                              f"them from a two-stage teacher's cache or online teacher)")
         return [[sample[name] for name in self.fields] for sample in samples]
+
+    def bind(self, samples: Sequence[Mapping[str, Tensor]],
+             image_sizes: Sequence[tuple[int, int]]) -> Callable[[Sequence[Tensor]], tuple[Tensor, Tensor, Tensor]]:
+        """The head on one batch (``TeacherBatch.roi_head``): per-image RoIs -> :meth:`outputs` on the maps
+        of ``samples`` (checked now) for the batch's ``image_sizes``."""
+        fpn_maps = self.maps(samples)
+        return lambda rois: self.outputs(fpn_maps, rois, image_sizes)
 
     def outputs(self, fpn_maps: Sequence[Sequence[Tensor]], rois: Sequence[Tensor],
                 image_sizes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:

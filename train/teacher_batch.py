@@ -11,14 +11,23 @@ student batch's level sizes and records the valid region per level, so that a me
     teacher = collate_teacher(samples, [tuple(f.shape[-2:]) for f in student.features], device,
                               image_sizes=batch.image_sizes)
 
+Level lists run over the student's pyramid, named by stride (``level_names``): P3..P7 for a
+dense student, P2..P6 for a two-stage one (``fpn.p2`` .. ``fpn.p6``, ``head.rpn.obj.p2`` ..).
+
 Region rows (LD's positives and VLR locations) are concatenated over the batch with a
 ``batch_index`` column; their ``index`` stays the flat ``(h * w_l + w) * A + a`` on the image's
 *own* level grid of width ``w_l = valid_sizes[n][l][1]``, not the batch grid.
+
+A two-stage teacher's RoI outputs on the student's RoIs are not fields: the trainer binds its
+partial teacher (``train.partial_teacher``) to the batch's maps as ``TeacherBatch.roi_head``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,14 +37,16 @@ from detectors.detector import valid_level_sizes
 from store.schema import BACKBONE_LEVEL, BACKBONE_STAGES, LEVELS, STRIDES
 
 # Dense field prefixes and the TeacherBatch attribute each fills.
-DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box", "head.ctr": "ctr"}
+DENSE_PREFIXES = {"fpn": "fpn", "head.cls": "cls", "head.box": "box", "head.ctr": "ctr",
+                  "head.rpn.obj": "rpn_obj", "head.rpn.box": "rpn_box"}
 REGION_PREFIX = "region."
 REGION_INT_FIELDS = ("level", "index", "kind", "gt")
 
 
 @dataclass
 class TeacherBatch:
-    """Teacher fields of one student batch. Level lists run over P3..P7."""
+    """Teacher fields of one student batch. Level lists run over the student's levels (P3..P7, or
+    P2..P6 for a two-stage student)."""
 
     fpn: list[Tensor] | None                 # per level (N, C, H_l, W_l), zero outside valid
     cls: list[Tensor] | None                 # per level (N, A*K, H_l, W_l) class logits, zero outside valid
@@ -53,6 +64,14 @@ class TeacherBatch:
     # Per level (N, A, H_l, W_l) centerness logits (``head.ctr``: FCOS), zero outside valid; None
     # when the samples hold none.
     ctr: list[Tensor] | None = None
+    # A two-stage teacher's RPN maps (``head.rpn.*``), per level (N, A, H_l, W_l) objectness logits and
+    # (N, 4A, H_l, W_l) deltas, zero outside valid; None when the samples hold none.
+    rpn_obj: list[Tensor] | None = None
+    rpn_box: list[Tensor] | None = None
+    # A two-stage teacher's RoI head on this batch's maps: per-image RoIs [(R_i, 4) xyxy view pixels]
+    # -> (pooled (R, C, S, S), class logits (R, K+1), deltas (R, 4(K+1))), rows image after image
+    # (``train.partial_teacher.PartialTeacher.bind``); None unless the method reads it.
+    roi_head: Callable[[Sequence[Tensor]], tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def num_images(self) -> int:
@@ -86,7 +105,7 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
     if image_sizes is not None and len(image_sizes) != len(samples):
         raise ValueError(f"{len(image_sizes)} image sizes for {len(samples)} teacher samples")
     num_levels = len(level_sizes)
-    levels = LEVELS[:num_levels]
+    levels = level_names(strides[:num_levels])
     device = torch.device(device)
     num_images = len(samples)
 
@@ -119,14 +138,14 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
                             for level, name in enumerate(names)]
 
     backbone = None
-    stages = [stage for stage in BACKBONE_STAGES if LEVELS.index(BACKBONE_LEVEL[stage]) < num_levels]
+    stages = [stage for stage in BACKBONE_STAGES if BACKBONE_LEVEL[stage] in levels]
     present = [tuple(s for s in stages if f"backbone.{s}" in sample) for sample in samples]
     if any(present):
         if any(other != present[0] for other in present):
             raise ValueError(f"every teacher sample must hold the same backbone fields; got {sorted(set(present))}")
         backbone = {}
         for stage in present[0]:
-            level = LEVELS.index(BACKBONE_LEVEL[stage])
+            level = levels.index(BACKBONE_LEVEL[stage])
             backbone[stage] = _stack_dense(samples, f"backbone.{stage}", level, level_sizes[level], valid_sizes,
                                            device)
 
@@ -136,7 +155,18 @@ def collate_teacher(samples: Sequence[dict], level_sizes: Sequence[tuple[int, in
 
     return TeacherBatch(fpn=dense["fpn"], cls=dense["cls"], box=dense["box"], valid=valid,
                         region=_collate_region(samples, device), valid_sizes=valid_sizes, image_ids=image_ids,
-                        backbone=backbone, ctr=dense["ctr"])
+                        backbone=backbone, ctr=dense["ctr"], rpn_obj=dense["rpn_obj"], rpn_box=dense["rpn_box"])
+
+
+def level_names(strides: Sequence[int]) -> list[str]:
+    """Field level names of pyramid strides: 8 -> "p3", 4 -> "p2" (a level's stride is 2 ** its number)."""
+    names = []
+    for stride in strides:
+        number = int(round(math.log2(stride)))
+        if 2 ** number != stride:
+            raise ValueError(f"a pyramid stride must be a power of 2, got {stride}")
+        names.append(f"p{number}")
+    return names
 
 
 def _stack_dense(samples: Sequence[dict], name: str, level: int, map_size: tuple[int, int],
@@ -191,7 +221,7 @@ def _valid_sizes(sample: dict, levels: Sequence[str], strides: tuple[int, ...],
     if "meta.valid_hw" in sample:
         h, w = (int(v) for v in _as_tensor(sample["meta.valid_hw"]).tolist())
         return valid_level_sizes((h, w), strides)
-    if "meta.level_hw" in sample:
+    if "meta.level_hw" in sample and list(levels) == list(LEVELS[:len(levels)]):  # level_hw is P3..P7
         level_hw = _as_tensor(sample["meta.level_hw"]).tolist()
         return [(int(h), int(w)) for h, w in level_hw[:len(levels)]]
     for prefix in DENSE_PREFIXES:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from detectors.backbone import resnet_stage_channels
 from detectors.data import CocoDetection
-from detectors.detector import Detector
+from detectors.detector import BaseDetector
 from detectors.views import ViewSpec, parse_view_list
 from store import Cache, CacheError, load_manifest, open_cache
 from store.schema import INHERIT_ARTIFACT, ROI_HEAD_ARTIFACT
@@ -87,7 +87,7 @@ class OpenedTeacher:
     artifact: Callable[[str, str], dict] | None   # (name, why) -> an artefact (MasKD tokens); raises saying why
     amp_dtype: torch.dtype | None        # autocast dtype of the online teacher's forward
     cache: Cache | None = None
-    model: Detector | None = None        # the online teacher: frozen, on the training device
+    model: BaseDetector | None = None    # the online teacher: frozen, on the training device
 
     def fields_source(self, method: DistillationMethod) -> CachedTeacher | OnlineTeacher:
         """The per-batch source of the fields ``method`` reads; refuses a cache that lacks one of them
@@ -122,11 +122,12 @@ class OpenedTeacher:
             return None
         return resnet_stage_channels(self.config.get("depth"), self.config.get("widths"))
 
-    def check_pairing(self, fields: list[str], student: Detector, num_classes: int) -> None:
+    def check_pairing(self, fields: list[str], student: BaseDetector, num_classes: int, roi_head: bool = False) -> None:
         """Refuse a teacher whose head outputs cannot be compared with the student's on ``fields`` (store
-        field names), naming the difference."""
-        head_fields = [name for name in fields if name.startswith(("head.", "region."))]
-        if self.config is None or not head_fields:
+        field names) or, with ``roi_head``, whose RoI head's outputs cannot, naming the difference."""
+        compared = sorted({name.rsplit(".", 1)[0] for name in fields if name.startswith(("head.", "region."))})
+        compared += ["the RoI head"] if roi_head else []
+        if self.config is None or not compared:
             return
         problems = []
         if self.config.get("num_classes") != num_classes:
@@ -136,12 +137,13 @@ class OpenedTeacher:
         elif student.config.family == "gfl" and self.config.get("reg_max") != student.config.reg_max:
             problems.append(f"GFL reg_max: teacher {self.config.get('reg_max')}, student {student.config.reg_max}")
         if problems:
-            raise ValueError(f"the teacher of {self.where} cannot be paired with the student for head fields "
-                             f"{sorted({name.rsplit('.', 1)[0] for name in head_fields})}: " + "; ".join(problems))
+            raise ValueError(f"the teacher of {self.where} cannot be paired with the student for {compared}: "
+                             + "; ".join(problems))
 
-    def inherit_into(self, student: Detector) -> int:
-        """Load the teacher's FPN (``backbone.fpn.*``) and head (``head.*``) into ``student``; every tensor's
-        shape must match and the student must have no neck/head tensor the teacher lacks. Returns the count."""
+    def inherit_into(self, student: BaseDetector) -> int:
+        """Load the teacher's FPN and heads (``student.NECK_AND_HEADS``: ``backbone.fpn.*``, ``head.*``; a two-stage
+        student's ``rpn.*``, ``roi_heads.*``) into ``student``; every tensor's shape must match and the student must
+        have no neck/head tensor the teacher lacks. Returns the count."""
         if self.cache is not None:
             state = CachedTeacher(self.where, [], cache=self.cache).artifact(
                 INHERIT_ARTIFACT, "--inherit reads the teacher's neck and head from it")
@@ -157,7 +159,7 @@ class OpenedTeacher:
                 problems.append(f"{key} is not in the student")
             elif tuple(own[key].shape) != tuple(value.shape):
                 problems.append(f"{key}: teacher {tuple(value.shape)}, student {tuple(own[key].shape)}")
-        lacking = [key for key in own if key.startswith(("backbone.fpn.", "head.")) and key not in state]
+        lacking = [key for key in own if key.startswith(student.NECK_AND_HEADS) and key not in state]
         problems += [f"{key}: the student has it, the teacher does not" for key in lacking]
         if problems:
             shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")

@@ -53,7 +53,8 @@ from tqdm import tqdm
 
 from detectors import build_detector
 from detectors.data import CocoDetection, DataError
-from detectors.detector import Detector, DetectorOutput, valid_level_sizes
+from detectors.detector import BaseDetector, DetectorOutput, valid_level_sizes
+from detectors.frcnn import TwoStageOutput
 from detectors.runtime import dist_env, resolve_amp, resolve_device
 from detectors.views import Batch, ViewSpec, parse_view_list
 from train.checkpoint import read_run_state, run_state, set_rng_state, write_checkpoint
@@ -62,6 +63,7 @@ from train.evaluate import evaluate_detector
 from train.hooks import Evaluation, HookBase, LogRows, PeriodicCheckpoint, ProgressBar
 from train.methods import DistillationMethod, MethodSpec, RunResources, build_method, schedule_warnings
 from train.optimizers import RunOptimizers
+from train.partial_teacher import PartialTeacher
 from train.run_log import RunLog
 from train.sources import CachedTeacher, field_names
 from train.student_data import epoch_plan, make_loader, steps_per_epoch
@@ -71,29 +73,44 @@ from train.teacher_source import open_teacher, training_views
 
 # ---------------------------------------------------------------------------------------------- the model
 class DistillationModel(nn.Module):
-    """The student and the distiller's learnable parts as one module: one DDP wrapper, one state dict."""
+    """The student and the distiller's learnable parts as one module: one DDP wrapper, one state dict.
 
-    def __init__(self, student: Detector, method: DistillationMethod) -> None:
+    ``partial_teacher``: a two-stage teacher's RoI head (``train.partial_teacher``) for a method that
+    reads the teacher's RoI outputs on the student's RoIs; it is not a submodule (frozen, not saved).
+    """
+
+    def __init__(self, student: BaseDetector, method: DistillationMethod,
+                 partial_teacher: PartialTeacher | None = None) -> None:
         super().__init__()
         self.student = student
         self.method = method
+        self.partial_teacher = partial_teacher
         # A method that reads the teacher's backbone maps compares them with the student's (DeFeat's
         # backbone terms): only then does the student's forward keep its C3..C5 maps.
         self.return_backbone = any(name.startswith("backbone.") for name in field_names(method.fields))
 
     def forward(self, batch: Batch, teacher_samples: list[dict[str, Tensor]] | None, iteration: int,
-                amp_dtype: torch.dtype | None = None) -> tuple[DetectorOutput, dict[str, Tensor]]:
+                amp_dtype: torch.dtype | None = None) -> tuple[DetectorOutput | TwoStageOutput, dict[str, Tensor]]:
         """Student outputs (with ``losses``) and the method's named, weighted terms on one batch."""
         out = self.student(batch.images, batch.image_sizes, batch.targets, return_backbone=self.return_backbone,
                            amp_dtype=amp_dtype)
         if teacher_samples is None:  # a method that reads no teacher field
             return out, self.method(out, None, batch.targets, iteration)
-        teacher = collate_teacher(teacher_samples, [tuple(f.shape[-2:]) for f in out.features],
-                                  batch.images.device, image_sizes=batch.image_sizes, strides=out.strides)
+        teacher = self.teacher_batch(batch, teacher_samples, [tuple(f.shape[-2:]) for f in out.features],
+                                     tuple(out.strides))
         return out, self.method(out, teacher, batch.targets, iteration)
 
+    def teacher_batch(self, batch: Batch, teacher_samples: list[dict[str, Tensor]],
+                      level_sizes: list[tuple[int, int]], strides: tuple[int, ...]) -> TeacherBatch:
+        """The teacher side of ``batch`` on the student's level grids, with the RoI head bound to its maps."""
+        teacher = collate_teacher(teacher_samples, level_sizes, batch.images.device, image_sizes=batch.image_sizes,
+                                  strides=strides)
+        if self.partial_teacher is not None:
+            teacher.roi_head = self.partial_teacher.bind(teacher_samples, batch.image_sizes)
+        return teacher
 
-def total_loss(out: DetectorOutput, terms: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:
+
+def total_loss(out: DetectorOutput | TwoStageOutput, terms: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:
     """The sum of the detector's losses and the method's terms, and every term as a float (for the logs).
 
     Raises FloatingPointError naming the terms when the sum is not finite (DETR's rule: stop).
@@ -152,7 +169,10 @@ class StudentTrainer:
                                    run=self._run_resources())
         self.source = self.teacher.fields_source(self.method)
         self.fields = self.source.fields  # the only groups the trainer reads
-        self.teacher.check_pairing(self.fields, self.student, self.num_classes)
+        self.teacher.check_pairing(self.fields, self.student, self.num_classes,
+                                   roi_head=self.method.reads_teacher_roi_head)
+        # A method that compares RoI outputs runs the teacher's RoI head on the student's RoIs.
+        self.partial_teacher = self.teacher.partial_teacher(self.device) if self.method.reads_teacher_roi_head else None
         if c.inherit:
             self.teacher.inherit_into(self.student)
 
@@ -160,7 +180,7 @@ class StudentTrainer:
         self.val_set = self._validation_set() if c.eval else None
 
         # --- model, optimisers, schedules
-        self.model = DistillationModel(self.student, self.method).to(self.device)
+        self.model = DistillationModel(self.student, self.method, self.partial_teacher).to(self.device)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set.image_ids), c.batch_size, self.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{c.data}/{c.split}: {len(self.train_set.image_ids)} images make no batch of "
@@ -247,8 +267,7 @@ class StudentTrainer:
                 batch = item.batch.to(self.device, non_blocking=True)
                 samples = self.source.fetch(batch, item.teacher, self.device)
                 level_sizes = valid_level_sizes(tuple(batch.images.shape[-2:]), tuple(self.student.strides))
-                yield batch, collate_teacher(samples, level_sizes, self.device, image_sizes=batch.image_sizes,
-                                             strides=tuple(self.student.strides))
+                yield batch, self.model.teacher_batch(batch, samples, level_sizes, tuple(self.student.strides))
                 done += 1
                 bar.update(1)
             epoch += 1

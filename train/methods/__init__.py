@@ -166,12 +166,13 @@ class MethodSpec:
         return name in self.names
 
 
-def named_field_sets() -> dict[str, tuple[str, ...]]:
+def named_field_sets(family: str | None = None) -> dict[str, tuple[str, ...]]:
     """The names ``precompute --fields`` takes for what methods read, with their field groups: each
-    method's name (its ``FIELDS``, what the default config reads) and each method's ``FIELD_PRESETS``."""
+    method's name (what its default config reads: ``FIELDS``, or ``FAMILY_FIELDS[family]`` for a
+    teacher of ``family``) and each method's ``FIELD_PRESETS``."""
     sets: dict[str, tuple[str, ...]] = {}
     for name, cls in METHODS.items():
-        sets[name] = cls.FIELDS
+        sets[name] = cls.FAMILY_FIELDS.get(family, cls.FIELDS)
         sets.update(cls.FIELD_PRESETS)
     return sets
 
@@ -249,7 +250,13 @@ def build_method(spec: str | MethodSpec, family: str, overrides: dict[str, Any] 
                            student_backbone_channels=student_backbone_channels,
                            teacher_backbone_channels=teacher_backbone_channels, prepared=prepared)
     parts = [METHODS[name].build(config, context) for name, config in configs.items()]
-    return parts[0] if len(parts) == 1 else CombinedMethod(parts)
+    for part in parts:
+        part.family = family
+    if len(parts) == 1:
+        return parts[0]
+    combined = CombinedMethod(parts)
+    combined.family = family
+    return combined
 
 
 # The official schedules these methods' iteration counts were chosen for: mmdetection's 1x
@@ -392,6 +399,10 @@ class CombinedMethod(DistillationMethod):
         for part in self.parts.values():
             out += [f for f in part.fields if f not in out]
         return tuple(out)
+
+    @property
+    def reads_teacher_roi_head(self) -> bool:
+        return any(part.reads_teacher_roi_head for part in self.parts.values())
 
     @property
     def cache_options(self) -> dict:

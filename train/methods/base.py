@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput
+from detectors.zoo import TWO_STAGE_FAMILIES
+from store.schema import TWO_STAGE_LEVELS
 from train.schedule import ScheduleConfig, build_scheduler
 from train.teacher_batch import TeacherBatch
 
@@ -340,6 +342,9 @@ class DistillationMethod(nn.Module):
 
     NAME: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[str, ...]] = ()                       # what the default config reads
+    # What the default config reads on a family where that differs from FIELDS (a two-stage student's
+    # P2..P6 and RPN maps): precompute's ``--fields NAME`` for a teacher of that family.
+    FAMILY_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {}
     FIELD_PRESETS: ClassVar[dict[str, tuple[str, ...]]] = {}     # precompute --fields names of other configs
     ARTIFACTS: ClassVar[tuple[str, ...]] = ()                    # per-cache artefacts it reads (make_artifact)
     Config: ClassVar[type] = MethodConfig
@@ -350,6 +355,7 @@ class DistillationMethod(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        self.family = ""   # the student's detector family (``build_method`` sets it; its fields may depend on it)
 
     @classmethod
     def prepare(cls, config: Any, run: RunResources) -> Any:
@@ -380,6 +386,17 @@ class DistillationMethod(nn.Module):
     def fields(self) -> tuple[str, ...]:
         """The teacher fields this configured instance reads."""
         return self.FIELDS
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether the student's family is two-stage (its outputs a ``detectors.frcnn.TwoStageOutput``)."""
+        return self.family in TWO_STAGE_FAMILIES
+
+    @property
+    def reads_teacher_roi_head(self) -> bool:
+        """Whether this configured instance compares the teacher's RoI outputs on the student's RoIs
+        (``TeacherBatch.roi_head``: a two-stage teacher's partial teacher, ``train.partial_teacher``)."""
+        return False
 
     @property
     def cache_options(self) -> dict[str, Any]:
@@ -445,6 +462,14 @@ class PictureOption:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def pyramid_fields(family: str) -> tuple[str, ...]:
+    """The teacher's FPN fields over a student's pyramid: the ``fpn`` group (P3..P7) for a dense family,
+    ``fpn.p2`` .. ``fpn.p6`` for a two-stage one."""
+    if family in TWO_STAGE_FAMILIES:
+        return tuple(f"fpn.{level}" for level in TWO_STAGE_LEVELS)
+    return ("fpn",)
+
+
 # The official runs compute every loss per GPU on 2 images, and DDP averages the gradients: a method
 # normalises over each group of 2 consecutive images and averages the groups (METHODS.md, "Batch
 # semantics"), so 1 device x 16 images, 8 x 2 and DDP here train the same.

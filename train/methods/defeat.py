@@ -4,7 +4,8 @@ Paper: Guo et al., "Distilling Object Detectors via Decoupled Features", CVPR 20
 Official code: https://github.com/ggjy/DeFeat.pytorch @c46a793 (``mmdet/apis/train.py``:
 ``batch_processor_kd`` with ``neck-adapt,neck-decouple,mask-neck-gt,pixel-wise``;
 ``mmdet/models/dense_heads/anchor_head.py``: ``get_gt_mask``, ``_map_roi_levels``;
-``mmdet/models/detectors/single_stage_kd.py``: the adapters).
+``mmdet/models/detectors/single_stage_kd.py`` and ``two_stage_kd.py``: the adapters; Faster R-CNN
+below).
 
 GT mask M (N, 1, H, W) per level: each GT box goes to one level,
 
@@ -62,7 +63,8 @@ method reads ``backbone`` fields).
 
 Head term (optional, off by default): the author's head term is a KL on a two-stage detector's
 RoI class scores (``head-cls``, not enabled in the released config; its values there are weight 2
-for fg and bg, T = 1). For these one-stage heads we use, per anchor at the fg (M) and bg (B)
+for fg and bg, T = 1; on Faster R-CNN it is that term, below). For the one-stage heads we use, per
+anchor at the fg (M) and bg (B)
 locations, the binary KL of the sigmoid class scores at temperature T summed over classes,
 
     defeat_head_fg = w_hfg · T² · Σ_{fg anchors} Σ_k KL(Bern(σ(t_k/T)) ‖ Bern(σ(s_k/T))) / #fg anchors
@@ -71,7 +73,7 @@ and likewise ``defeat_head_bg``. Binary rather than softmax KL because a sigmoid
 background class: a softmax over K classes would throw away "how much background" a location is.
 
 Batch semantics: the official runs put 2 images on each GPU; the normalisers max(1, 2·Σ M_c)
-and max(1, 2·Σ B_c) (and the head term's anchor counts) are sums over those 2 images, and DDP
+and max(1, 2·Σ B_c) (and the head term's anchor or RoI counts) are sums over those 2 images, and DDP
 averages the GPUs. So a batch of B images is split into groups of 2 consecutive images (the last
 group of an odd B holds 1 image), every term is computed per group as above and the terms are
 the mean over the groups: 1 device × 16 images trains like 8 GPUs × 2.
@@ -89,11 +91,63 @@ Remaining differences from the official code:
   padding's errors. Not reproducible from the cache, which holds only each image's own region.
 - GT cells are clipped to the image's valid region rather than to the batch map (identical for
   boxes inside the image).
-- The head term is our one-stage design (see above), not the author's.
+- The head term on the one-stage families is our design (see above), not the author's.
 - Backbone mask: the stride-8 grid (P3) is the finest level of these one-stage heads, which the
   official single-stage code would use (``bbox_head.get_bb_gt_mask``; as released that call passes
   a ``version`` argument the function does not take, so only the two-stage path runs, on the RPN's
   finest level, stride 4). The background is again restricted to the valid region.
+
+Faster R-CNN (family ``frcnn``, ``detectors/frcnn.py``): the official code's own detector
+(``two_stage_kd.py`` ``TwoStageDetectorKD``; the released config
+``configs/kd_faster_rcnn/voc_stu_faster_rcnn_r50_decouple_neck.py`` lines 5–19). Teacher fields:
+``fpn.p2`` .. ``fpn.p6`` (``pyramid_fields``), nothing else; with a head weight > 0 also the
+teacher's RoI head on the student's RoIs (``reads_teacher_roi_head``), which reads ``fpn.p2`` ..
+``fpn.p5``, already among them.
+
+- Neck term: the formulas above on the student's P2..P6 (``TwoStageOutput.features``) with L = 5 and
+  level k = P(k+2) of stride ``student.strides[k]`` (4, 8, ..., 64): the official mask is
+  ``rpn_head.get_gt_mask(rpn_outs[0], ...)`` (``two_stage_kd.py`` line 189), the same
+  ``get_gt_mask`` / ``_map_roi_levels`` (``anchor_head.py`` lines 168–173, 262–297) over the RPN's 5
+  levels: √((w+1)(h+1)) < 112 -> P2, [112, 224) -> P3, [224, 448) -> P4, [448, 896) -> P5, else
+  P6. Same cell rule, the same adapter per level (``neck_adapt``, ``two_stage_kd.py`` lines 50–62,
+  99–102), the same normalisers per per-GPU batch (``batch_processor_kd`` lines 300–342). Weights:
+  the author's COCO 4/16 (the released VOC config: ``hint_neck_w=3``, ``hint_neck_back_w=12``).
+- Head term (off by default: ``head-cls`` is not in the released type): the paper's decoupled
+  proposals, the official ``head-cls`` + ``KL-decouple`` branch (``mmdet/apis/train.py``
+  ``KLDivergenceLoss`` lines 88–103, the branch lines 228–298; its values ``head_cls_w =
+  head_cls_back_w = 2``, ``head_cls_T = 1``). Over the student's sampled RoIs r
+  (``TwoStageOutput.rois``, split by the sampler's labels ``roi_labels``: > 0 fg, 0 bg), s_r the
+  student's K+1 RoI logits and t_r the teacher's RoI head on the same RoI
+  (``teacher.roi_head(student.rois)``: the partial teacher, ``train/partial_teacher.py``),
+
+      defeat_head_fg = w_hfg · T² · Σ_{r fg} Σ_c KL_c(softmax(t_r/T) ‖ softmax(s_r/T)) / #fg RoIs
+      defeat_head_bg = w_hbg · T² · Σ_{r bg} Σ_c KL_c(softmax(t_r/T) ‖ softmax(s_r/T)) / #bg RoIs
+
+  (0 for a part without RoIs), sums and counts per per-GPU batch of 2 images, then the mean over
+  the groups; one T for both parts (``head_cls_back_T`` is read nowhere in the official code).
+  These are the official ``SampleSTU`` rows (lines 154–172: the teacher's head run with
+  ``sampling=`` the student's sampling results), whose logits and labels belong to the same RoIs.
+  The official default, ``SampleTEA`` (lines 203–226), re-runs the student's head on the RoIs the
+  teacher sampled from its own proposals, and splits them by the *student's* sampled labels, so
+  the rows between the two samplers' positive counts of an image are mislabelled; and a RoI set
+  the teacher samples from its own RPN at training time cannot be cached.
+- Backbone terms: refused (ValueError naming ``backbone_fg_weight`` / ``backbone_bg_weight`` when
+  the config is built, ``DeFeatConfig.for_family``): a two-stage cache holds no backbone maps
+  (precompute writes none for a two-stage teacher); the released config has them off
+  (``hint_bb_w=0``, ``hint_bb_back_w=0``).
+- RPN: no term, because the official repository defines none, in any mode: ``batch_processor_kd``
+  receives both models' RPN outputs (``rpn_outs_s``, ``rpn_outs_t``) and never reads them, and its
+  RPN-style helpers (``l1rpnloss``, ``mseloss``, lines 121–144) are never called. The RPN's score
+  maps only give the GT masks their shapes; its input features P2..P6 are what the neck term distils.
+
+Remaining differences on Faster R-CNN: those of the neck term above (background and GT cells within
+each image's valid region); the head term on the student's RoIs (``SampleSTU``) rather than the
+official default ``SampleTEA``; the teacher's RoI head pooling each image's own (canonically
+padded) P2..P5, as cached, rather than the batch's padded maps; the class columns in another order
+(background first here, last in mmdetection), which a softmax KL over all columns does not see.
+``tests/test_two_stage_defeat.py`` checks both terms against transcriptions of the official
+two-stage code (``get_gt_mask`` on 5 levels, the neck loop, ``KLDivergenceLoss`` with ``KL-decouple``)
+at 2 and 4 images.
 """
 from __future__ import annotations
 
@@ -105,8 +159,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput
-from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, require,
-                                sum_per_gpu_batch)
+from detectors.frcnn import TwoStageOutput
+from detectors.zoo import TWO_STAGE_FAMILIES
+from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, pyramid_fields,
+                                require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 # FPN's RoI-to-level rule (as mmdetection's ``_map_roi_levels``): canonical size 56 -> level 0.
@@ -119,8 +175,8 @@ BACKBONE_STAGE_NUMBERS = (3, 4, 5)
 class DeFeatConfig(MethodConfig):
     fg_weight: float = 4.0          # w_fg (COCO, per the author; VOC release 3)
     bg_weight: float = 16.0         # w_bg (COCO, per the author; VOC release 12)
-    head_fg_weight: float = 0.0     # one-stage head KL at fg anchors (off; the author's two-stage value is 2)
-    head_bg_weight: float = 0.0     # one-stage head KL at bg anchors (off; the author's two-stage value is 2)
+    head_fg_weight: float = 0.0     # head KL at fg anchors, or fg RoIs on frcnn (off as released; head_cls_w=2)
+    head_bg_weight: float = 0.0     # head KL at bg anchors, or bg RoIs on frcnn (off; head_cls_back_w=2)
     head_temperature: float = 1.0   # T of the head term
     backbone_fg_weight: float = 0.0  # backbone term at fg cells (hint_bb_w; 0 in the released config)
     backbone_bg_weight: float = 0.0  # backbone term at bg cells (hint_bb_back_w; 0 in the released config)
@@ -131,7 +187,12 @@ class DeFeatConfig(MethodConfig):
     # called by SingleStageDetectorKD (detectors/single_stage_kd.py); released configs: Faster R-CNN (VOC).
     # RetinaNet is the paper's one-stage result; GFL (an anchor head too) is not in that code: the same
     # values here. Its FCOSHead (dense_heads/fcos_head.py) has no get_gt_mask: no FCOS.
-    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}}
+    # Faster R-CNN: the official code's own detector (ggjy/DeFeat.pytorch @c46a793
+    # configs/kd_faster_rcnn/voc_stu_faster_rcnn_r50_decouple_neck.py; detectors/two_stage_kd.py calls
+    # rpn_head.get_gt_mask, dense_heads/anchor_head.py get_gt_mask, over P2-P6): the author's COCO 4/16
+    # as above (that VOC config has hint_neck_w=3, hint_neck_back_w=12), head terms off as released
+    # (head-cls not in its type; head_cls_w = head_cls_back_w = 2, head_cls_T = 1 if switched on).
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}, "frcnn": {}}
     UNSUPPORTED = {"fcos": "the official code builds its GT mask in AnchorHead.get_gt_mask, which FCOS's "
                            "anchor-free head lacks, and neither its configs nor its paper have an FCOS run"}
 
@@ -146,9 +207,22 @@ class DeFeatConfig(MethodConfig):
                              "backbone_stages is empty")
         object.__setattr__(self, "backbone_stages", stages)
 
+    @classmethod
+    def for_family(cls, family: str, **overrides) -> DeFeatConfig:
+        config = super().for_family(family, **overrides)
+        if family in TWO_STAGE_FAMILIES and config.backbone_on:
+            raise ValueError(f"DeFeat's backbone terms (backbone_fg_weight={config.backbone_fg_weight}, "
+                             f"backbone_bg_weight={config.backbone_bg_weight}) are not available for the "
+                             f"two-stage family {family!r}: its caches hold no backbone maps; set both to 0")
+        return config
+
     @property
     def backbone_on(self) -> bool:
         return bool(self.backbone_fg_weight or self.backbone_bg_weight)
+
+    @property
+    def head_on(self) -> bool:
+        return bool(self.head_fg_weight or self.head_bg_weight)
 
 
 class DeFeat(DistillationMethod):
@@ -156,6 +230,8 @@ class DeFeat(DistillationMethod):
     # The released config reads the FPN maps alone (its GT masks come from the student's own targets);
     # the author's COCO recipe adds the class-head and backbone terms (module docstring).
     FIELDS = ("fpn",)
+    # Faster R-CNN: P2..P6, which hold the P2..P5 maps of the teacher's RoI head (the head term) too.
+    FAMILY_FIELDS = {"frcnn": pyramid_fields("frcnn")}
     FIELD_PRESETS = {"defeat-coco": ("fpn", "head.cls", "backbone")}
     Config = DeFeatConfig
 
@@ -195,17 +271,25 @@ class DeFeat(DistillationMethod):
     @property
     def fields(self) -> tuple[str, ...]:
         """``fpn``; ``head.cls`` with a head weight > 0; ``backbone.cS`` per distilled stage with a
-        backbone weight > 0 (so the released config never reads the backbone group)."""
+        backbone weight > 0 (so the released config never reads the backbone group). Two-stage:
+        ``fpn.p2`` .. ``fpn.p6`` alone, which hold the P2..P5 maps the teacher's RoI head reads."""
         config = self.config
+        if self.family in TWO_STAGE_FAMILIES:
+            return pyramid_fields(self.family)
         fields = ("fpn",)
-        if config.head_fg_weight or config.head_bg_weight:
+        if config.head_on:
             fields += ("head.cls",)
         if config.backbone_on:
             fields += tuple(f"backbone.c{stage}" for stage in config.backbone_stages)
         return fields
 
-    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
-                iteration: int) -> dict[str, Tensor]:
+    @property
+    def reads_teacher_roi_head(self) -> bool:
+        """Two-stage with a head weight > 0: the head term compares RoI scores on the student's RoIs."""
+        return self.family in TWO_STAGE_FAMILIES and self.config.head_on
+
+    def forward(self, student: DetectorOutput | TwoStageOutput, teacher: TeacherBatch,
+                targets: list[dict[str, Tensor]], iteration: int) -> dict[str, Tensor]:
         config = self.config
         teacher_fpn = require(teacher.fpn, "fpn", "DeFeat")
         gt_masks = gt_level_masks(targets, teacher.level_sizes, teacher.valid_sizes, student.strides,
@@ -222,7 +306,9 @@ class DeFeat(DistillationMethod):
         # Mean over the per-GPU batches.
         terms = {"defeat_fg": config.fg_weight / num_levels * fg_loss.mean(),
                  "defeat_bg": config.bg_weight / num_levels * bg_loss.mean()}
-        if config.head_fg_weight or config.head_bg_weight:
+        if config.head_on and isinstance(student, TwoStageOutput):
+            terms.update(self.roi_head_terms(student, teacher))
+        elif config.head_on:
             teacher_cls = require(teacher.cls, "head.cls", "DeFeat (head term)")
             fg_kl, bg_kl, fg_count, bg_count = 0.0, 0.0, 0, 0
             temperature = config.head_temperature
@@ -246,6 +332,34 @@ class DeFeat(DistillationMethod):
                 terms["defeat_head_bg"] = config.head_bg_weight * scale * per_gpu.mean()
         if config.backbone_on:
             terms.update(self.backbone_terms(student, teacher, targets))
+        return terms
+
+    def roi_head_terms(self, student: TwoStageOutput, teacher: TeacherBatch) -> dict[str, Tensor]:
+        """``defeat_head_fg`` / ``defeat_head_bg`` of a two-stage student (module docstring), each when
+        its weight is > 0: the teacher's RoI head on the student's sampled RoIs (official SampleSTU)."""
+        config = self.config
+        if teacher.roi_head is None:
+            raise ValueError("DeFeat's head term on a two-stage student needs the teacher's RoI head on the "
+                             "student's RoIs (TeacherBatch.roi_head, bound by the trainer when the method's "
+                             "reads_teacher_roi_head is True: build it for the student's family)")
+        if student.roi_labels is None:
+            raise ValueError("DeFeat's head term needs the student's sampled RoIs and their labels: run the "
+                             "student with targets")
+        _, teacher_logits, _ = teacher.roi_head(student.rois)  # (R, K+1), no gradient
+        check_same_shape(student.roi_cls_logits, teacher_logits, "RoI class logits")
+        temperature = config.head_temperature
+        kl = softmax_kl_with_temperature(student.roi_cls_logits, teacher_logits, temperature)  # (R,)
+        fg = torch.cat(student.roi_labels) > 0  # (R,): the sampler's positives; column 0 is the background
+        rois_per_image = [len(rois) for rois in student.rois]
+        terms = {}
+        for name, weight, rows in (("defeat_head_fg", config.head_fg_weight, fg),
+                                   ("defeat_head_bg", config.head_bg_weight, ~fg)):
+            if not weight:
+                continue
+            kl_sum = torch.stack([part.sum() for part in (kl * rows).split(rois_per_image)])  # (N,)
+            count = torch.stack([part.sum() for part in rows.split(rois_per_image)]).to(kl.dtype)  # (N,)
+            per_gpu = sum_per_gpu_batch(kl_sum) / sum_per_gpu_batch(count).clamp(min=1)  # (G,)
+            terms[name] = weight * temperature ** 2 * per_gpu.mean()
         return terms
 
     def backbone_terms(self, student: DetectorOutput, teacher: TeacherBatch,
@@ -288,6 +402,14 @@ def decoupled_term(squared_error: Tensor, mask: Tensor) -> Tensor:
     error = sum_per_gpu_batch((squared_error * mask).sum(dim=(1, 2, 3)))  # (G,)
     cells = sum_per_gpu_batch(mask.sum(dim=(1, 2, 3)).to(error.dtype))  # (G,) cells of M
     return error / (2.0 * squared_error.shape[1] * cells).clamp(min=1.0)  # Σ M_c = C · cells
+
+
+def softmax_kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per row KL(softmax(t/T) ‖ softmax(s/T)) summed over the columns: (R, K+1) -> (R,); the teacher
+    side is detached (the official ``KLDivergenceLoss`` before its sum over rows and its T²)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    p_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=1)
 
 
 def binary_kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -4,7 +4,8 @@ Paper: Du et al., "Distilling Object Detectors with Feature Richness", NeurIPS 2
 Official code: https://github.com/duzhixing/FRS @decd60c (``detectors/distill_frs_single.py``,
 ``neck/adap.py``, ``config/distill_frs/*``).
 
-Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's s:
+Per level l, with the teacher's class logits t (N, A*K, H, W) and the student's s (a two-stage
+student: the RPN objectness logits (N, A, H, W), below):
 
     S    = max over the A*K channels of σ(t)                      (N, 1, H, W), no gradient
     feat = Σ_{n,c,h,w} S·(F_t − Adapt_l(F_s))² / Σ_{n,h,w} S      (n over one per-GPU batch, below)
@@ -21,6 +22,15 @@ Official weights per family (``FAMILY_DEFAULTS``; ``distill_feat_weight``, ``dis
 ``distill_warm_step`` of ``config/distill_frs/resnet50_resnet101_{retinanet,gfl,fcos}_frs.py``):
 RetinaNet (0.005, 0.02), GFL (0.1, 0.05), FCOS (0.01, 0.05), ramp 500 for all three.
 
+Faster R-CNN (``frcnn``; ``detectors/distill_frs_two.py`` lines 78-111, config
+``config/distill_frs/resnet50_resnet101_faster_rcnn_frs.py`` lines 12-22): the same loss lines on
+``rpn_head(x)[0]``, the RPN objectness logits (N, A = 3, H, W), over the 5 RPN/FPN levels P2..P6
+(strides 4..64). S = max over the A anchors of σ(teacher objectness) (cached ``head.rpn.obj``,
+``TeacherBatch.rpn_obj``); the head term is the BCE between σ(student ``rpn_objectness``) and
+σ(teacher objectness) per anchor channel, masked by S and divided by Σ S as above; the feature term
+is unchanged (adapters 3×3, one per level, on P2..P6). Weights w_f 0.002, w_c 0.1, ramp 500. There
+is no RoI-head or box term. Fields: ``fpn.p2`` .. ``fpn.p6`` and ``head.rpn.obj``.
+
 FCOS: the same code reads ``bbox_head(x)[0]``, the class scores, for both S and the head term;
 the centerness (``[2]``) is read nowhere, so S is max σ(class logits) without the centerness
 factor of FCOS's detection score, and the head term covers the class logits only. (That config's
@@ -32,7 +42,8 @@ images; DDP then averages the GPUs. So a batch of B images is split into groups 
 images (the last group of an odd B holds 1 image), ``feat`` and ``cls`` are computed per group as
 above (Σ over the group / Σ S of the group) and the terms are the mean over the groups: 1 device ×
 16 images trains like 8 GPUs × 2. ``tests/test_reference_frs.py`` checks this against a plain-torch
-transcription of ``Distilling_FRS_Single.forward_train`` at 2 and 8 images, with and without padding.
+transcription of ``Distilling_FRS_Single.forward_train`` at 2 and 8 images, with and without padding;
+``tests/test_two_stage_frs_icd.py`` checks the Faster R-CNN case against ``Distilling_FRS_Two.forward_train``.
 
 Remaining differences from the official code:
 
@@ -55,35 +66,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput
+from detectors.frcnn import TwoStageOutput
+from detectors.zoo import TWO_STAGE_FAMILIES
 from store.schema import STRIDES
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
-                                require, sum_per_gpu_batch)
+                                pyramid_fields, require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 
 def richness_score(cls_logits: Tensor) -> Tensor:
-    """FRS's richness mask S of one level: class logits (N, A*K, H, W) -> max over the A*K channels
-    of σ(logits), (N, 1, H, W). Used by :meth:`FRS.forward` and by the pictures in ``train.viz``."""
+    """FRS's richness mask S of one level: class logits (N, A*K, H, W) (a two-stage teacher: RPN
+    objectness (N, A, H, W)) -> max over the channels of σ(logits), (N, 1, H, W). Used by
+    :meth:`FRS.forward` and by the pictures in ``train.viz``."""
     return cls_logits.sigmoid().amax(dim=1, keepdim=True)
-
-
 
 
 @dataclass(frozen=True)
 class FRSConfig(MethodConfig):
-    feat_weight: float = 0.005      # w_f (RetinaNet); GFL 0.1; FCOS 0.01
-    cls_weight: float = 0.02        # w_c (RetinaNet); GFL 0.05; FCOS 0.05
+    feat_weight: float = 0.005      # w_f (RetinaNet); GFL 0.1; FCOS 0.01; Faster R-CNN 0.002
+    cls_weight: float = 0.02        # w_c (RetinaNet); GFL 0.05; FCOS 0.05; Faster R-CNN 0.1
     warmup_iters: int = 500         # linear ramp of both terms from 0 (distill_warm_step, every family)
 
-    # duzhixing/FRS @decd60c config/distill_frs/resnet50_resnet101_{retinanet,gfl,fcos}_frs.py
+    # duzhixing/FRS @decd60c config/distill_frs/resnet50_resnet101_{retinanet,gfl,fcos}_frs.py;
+    # frcnn: resnet50_resnet101_faster_rcnn_frs.py lines 12-14 (Distilling_FRS_Two)
     FAMILY_DEFAULTS = {"retina": {},
                        "gfl": {"feat_weight": 0.1, "cls_weight": 0.05},
-                       "fcos": {"feat_weight": 0.01, "cls_weight": 0.05}}
+                       "fcos": {"feat_weight": 0.01, "cls_weight": 0.05},
+                       "frcnn": {"feat_weight": 0.002, "cls_weight": 0.1}}
 
 
 class FRS(DistillationMethod):
     NAME = "frs"
     FIELDS = ("fpn", "head.cls")
+    FAMILY_FIELDS = {"frcnn": (*pyramid_fields("frcnn"), "head.rpn.obj")}   # S and the head term: the RPN
     Config = FRSConfig
     PICTURE_FIELDS = ("head.cls",)
     PICTURE_HELP = ("FRS feature richness S = max over classes of σ(teacher class logits), per level P3..P7, "
@@ -102,19 +117,26 @@ class FRS(DistillationMethod):
 
     @property
     def fields(self) -> tuple[str, ...]:
-        # The richness mask always needs the class logits; the features only for the feature term.
-        return ("fpn", "head.cls") if self.config.feat_weight else ("head.cls",)
+        # The richness mask always needs the head's logits; the features only for the feature term.
+        logits = ("head.rpn.obj",) if self.two_stage else ("head.cls",)
+        return pyramid_fields(self.family) + logits if self.config.feat_weight else logits
 
-    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
-                iteration: int) -> dict[str, Tensor]:
+    def forward(self, student: DetectorOutput | TwoStageOutput, teacher: TeacherBatch,
+                targets: list[dict[str, Tensor]], iteration: int) -> dict[str, Tensor]:
         config = self.config
-        teacher_cls = require(teacher.cls, "head.cls", "FRS")
+        # S and the head term read the class logits, or a two-stage detector's RPN objectness.
+        if self.two_stage:
+            teacher_logits = require(teacher.rpn_obj, "head.rpn.obj", "FRS")  # per level (N, A, H, W)
+            student_logits, what = student.rpn_objectness, "RPN objectness"
+        else:
+            teacher_logits = require(teacher.cls, "head.cls", "FRS")  # per level (N, A*K, H, W)
+            student_logits, what = student.cls_logits, "class logits"
         if config.feat_weight:
             teacher_fpn = require(teacher.fpn, "fpn", "FRS")
         feat_loss = cls_loss = 0.0
         for level, valid in enumerate(teacher.valid):
-            t_logits, s_logits = teacher_cls[level], student.cls_logits[level]  # (N, A*K, H, W)
-            check_same_shape(s_logits, t_logits, f"class logits of level {level}")
+            t_logits, s_logits = teacher_logits[level], student_logits[level]
+            check_same_shape(s_logits, t_logits, f"{what} of level {level}")
             richness = richness_score(t_logits) * valid  # (N, 1, H, W), zero outside valid
             richness_sum = sum_per_gpu_batch(richness.sum(dim=(1, 2, 3))).clamp(min=1e-12)  # (G,)
             if config.feat_weight:
@@ -140,6 +162,10 @@ class FRS(DistillationMethod):
         from matplotlib.colors import Normalize
 
         from train import viz
+        family = (painter.teacher_config or {}).get("family")
+        if family in TWO_STAGE_FAMILIES:
+            raise viz.Skipped(f"the FRS picture draws a dense teacher's P3..P7 class logits; this cache's teacher "
+                              f"is a two-stage {family!r} (its S comes from head.rpn.obj over P2..P6)")
         painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
         maps = [richness_score(logits[None])[0, 0].numpy() for logits in view.level_maps("head.cls")]  # (h_l, w_l)
         fig, axes = viz.new_figure(2, 3, view.image_hw)

@@ -18,6 +18,16 @@ The teacher side reads nothing but the cached F_t, so it trains from the cache a
 The same holds for every family: the official FCOS run (``FCOS_R50_R101_icd.yaml``, AdelaiDet's
 FCOS) uses the RetinaNet values and reads no head output (centerness included).
 
+Faster R-CNN (``frcnn``; ``pytorch_release/configs/Distillation-ICD/RCNN_R_50_R101_icd_FPN_1x.yaml``
+lines 10-15): the FPN levels p2..p6 (strides 4..64, ``INS.INPUT_FEATS``, fields ``fpn.p2`` ..
+``fpn.p6``) instead of p3..p7, ``INS_ATT_MIMIC.WEIGHT_VALUE`` 3.0 instead of 8.0 and
+``INS.MAX_LABELS`` 100 instead of 300 (``max_queries``: at most max(100, n) queries per image);
+everything else at the defaults of ``utils/build.py`` as for the dense families, and no head or RoI
+term. The sequence, the key region and the position embeddings run over the student's levels
+(``student.strides``; in the warm-up the family's). That run also initialises the student's FPN,
+RPN and RoI head from the teacher (``PRELOAD_FPN``/``PRELOAD_HEAD``, ``utils/build.py`` lines 171-172):
+the trainer's ``--inherit``.
+
 Per batch (all positions of all levels flattened into one sequence of length S, batch padding
 masked out of every attention):
 
@@ -45,6 +55,7 @@ masked out of every attention):
        icd_distill = 8 · mean_{n, heads, c} [ Σ_s M·(V_s − V_t)² / Σ_s M ]
 
    For the first 1000 iterations F_s is detached (only W_v^s and the teacher side learn).
+   (Faster R-CNN: w = 3, above.)
 
 All of ICD's parameters (teacher side and W_v^s) train with their own optimiser
 (:meth:`ICD.param_groups`), as the official ``build_tea_optimizer`` (``utils/build.py``) and
@@ -86,7 +97,8 @@ Official quirks reproduced by default, each with the corrected behaviour as an o
   left out. Measured on 20 000 random pairs (shorter side 640–800 step 32, aspect ratio U(0.5, 2),
   longer side ≤ 1333): the official region drops 1.4 % of the cached P3 keys and 0.8 % of P4
   (1.2 % of all keys); 43 % of images have official P6/P7 keys beyond the cached region, 2.5 %
-  of P6 and 5.5 % of P7 keys (0.05 % of all keys), which are left out here.
+  of P6 and 5.5 % of P7 keys (0.05 % of all keys), which are left out here. Faster R-CNN (P2..P6):
+  the same rule, up to 7 rows/columns smaller on P2, 3 on P3, 1 on P4; P6 can be one larger.
 
 Remaining differences from the official code: the model width C is the teacher's FPN width (the
 official 256); dropout is 0 (the official DROPOUT = 0.0); box geometry is float32 (the official
@@ -127,10 +139,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput, valid_level_sizes
+from detectors.frcnn import STRIDES as TWO_STAGE_STRIDES
+from detectors.frcnn import TwoStageOutput
 from detectors.views import padded_size
+from detectors.zoo import TWO_STAGE_FAMILIES
 from store.schema import LEVELS, STRIDES
 from train.methods.base import (IMAGES_PER_GPU, BuildContext, DistillationMethod, MethodConfig, ParamGroupSpec,
-                                PictureOption, RunResources, TeacherBatches, require, sum_per_gpu_batch)
+                                PictureOption, RunResources, TeacherBatches, pyramid_fields, require,
+                                sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
 
 if TYPE_CHECKING:
@@ -414,14 +430,14 @@ class InstanceDecoderLayer(nn.Module):
 
 @dataclass(frozen=True)
 class ICDConfig(MethodConfig):
-    distill_weight: float = 8.0         # w, one-stage detectors
+    distill_weight: float = 8.0         # w, one-stage detectors (WEIGHT_VALUE); Faster R-CNN 3.0
     aux_cls_weight: float = 1.0         # BCE real vs fake
     aux_box_weight: float = 1.0         # L1 box-edge regression of real queries
     temperature: float = 1.0            # τ of the attention softmax in M
     num_heads: int = 8
     ffn_ratio: int = 4
     fake_ratio: int = 5                 # fake per real query -> 6n queries
-    max_queries: int = 300
+    max_queries: int = 300              # MAX_LABELS: min(max(1, 6n), max(300, n)) queries; Faster R-CNN 100
     center_jitter: float = 0.3          # U(±0.3)·(w, h)
     detach_student_iters: int = 1000    # F_s detached before this iteration
     lr: float = 1e-4                    # ICD's own AdamW
@@ -437,7 +453,8 @@ class ICDConfig(MethodConfig):
     # megvii-research/ICD @acf2726 pytorch_release/configs/Distillation-ICD/retinanet_R_50_R101_icd_FPN_1x.yaml
     # and FCOS_R50_R101_icd.yaml (AdelaiDet's FCOS): INS_ATT_MIMIC.WEIGHT_VALUE 8.0 in both, every other
     # distiller key at its default (utils/build.py), so FCOS is RetinaNet's values. No GFL config: the same.
-    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}, "fcos": {}}
+    # frcnn: RCNN_R_50_R101_icd_FPN_1x.yaml lines 11-15: INPUT_FEATS p2..p6, MAX_LABELS 100, WEIGHT_VALUE 3.0.
+    FAMILY_DEFAULTS = {"retina": {}, "gfl": {}, "fcos": {}, "frcnn": {"distill_weight": 3.0, "max_queries": 100}}
 
     def __post_init__(self) -> None:
         for key, allowed in (("scale_bins", SCALE_BIN_RULES), ("scale_image", SCALE_IMAGE_RULES),
@@ -449,6 +466,7 @@ class ICDConfig(MethodConfig):
 class ICD(DistillationMethod):
     NAME = "icd"
     FIELDS = ("fpn",)
+    FAMILY_FIELDS = {"frcnn": pyramid_fields("frcnn")}
     Config = ICDConfig
     PICTURE_FIELDS = ("fpn",)
     PICTURE_HELP = ("ICD: the attention of one GT instance's query (--icd-instance, default the largest box) over "
@@ -474,6 +492,16 @@ class ICD(DistillationMethod):
         # Student side: its own value projection.
         self.student_value = nn.Linear(student_channels, dim)
         _xavier_as_packed(self.student_value, 3 * dim)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return pyramid_fields(self.family)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """The family's pyramid strides (P2..P6 of a two-stage detector, else P3..P7): the key region's
+        when no student output gives them (the warm-up, the picture)."""
+        return TWO_STAGE_STRIDES if self.family in TWO_STAGE_FAMILIES else STRIDES
 
     @classmethod
     def prepare(cls, config: ICDConfig, run: RunResources) -> DatasetStats | None:
@@ -525,22 +553,25 @@ class ICD(DistillationMethod):
         return sample_queries(targets, image_sizes, self.stats, config.fake_ratio, config.max_queries,
                               config.center_jitter)
 
-    def decode_instances(self, teacher: TeacherBatch, queries: InstanceQueries) -> tuple[Tensor, Tensor, Tensor]:
+    def decode_instances(self, teacher: TeacherBatch, queries: InstanceQueries,
+                         strides: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher side's decoder over the cached F_t: what :meth:`forward` trains and distils with
         (and what ``train.viz`` draws).
 
         Args:
             teacher: the batch's teacher fields (``fpn`` is read).
             queries: on the device of the features.
+            strides: the levels' strides (the student's); default :attr:`strides`.
         Returns:
             decoded queries (N, Q, C); attention logits (N, heads, Q, S) over the sequence of all
-            positions of all levels (P3..P7 concatenated, each level's batch map flattened in (h, w)
-            order), −inf outside each image's valid region; projected teacher values (N, S, heads, C/heads).
+            positions of all levels (P3..P7, or P2..P6, concatenated, each level's batch map flattened
+            in (h, w) order), −inf outside each image's valid region; projected teacher values
+            (N, S, heads, C/heads).
         """
         config = self.config
         teacher_fpn = require(teacher.fpn, "fpn", "ICD")
         device = teacher_fpn[0].device
-        key_sizes = self.key_sizes(teacher, queries.image_sizes)  # per image, per level (rows, cols)
+        key_sizes = self.key_sizes(teacher, queries.image_sizes, strides)  # per image, per level (rows, cols)
         # Keys: that region, and never beyond the cached one (the cache holds no features there).
         key_valid = []
         for level, valid in enumerate(teacher.valid):
@@ -559,14 +590,18 @@ class ICD(DistillationMethod):
         descriptors = query_descriptors(queries, self.num_classes, config.scale_bins, scale_sizes)
         return self.decoder(self.query_encoder(descriptors), teacher_seq, positions, key_padding)
 
-    def key_sizes(self, teacher: TeacherBatch, image_sizes: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """Per image, per level: the (rows, cols) of keys (``config.key_region``, see the docstring)."""
+    def key_sizes(self, teacher: TeacherBatch, image_sizes: list[tuple[int, int]],
+                  strides: tuple[int, ...] | None = None) -> list[list[tuple[int, int]]]:
+        """Per image, per level: the (rows, cols) of keys (``config.key_region``, see the docstring);
+        ``strides``: the levels' strides (default :attr:`strides`)."""
         if self.config.key_region == "canonical":
             return teacher.valid_sizes
-        return official_key_sizes(image_sizes, STRIDES[:len(teacher.valid)])
+        return official_key_sizes(image_sizes, tuple(strides or self.strides)[:len(teacher.valid)])
 
-    def auxiliary_task(self, teacher: TeacherBatch, queries: InstanceQueries) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The teacher side on one batch: decode the queries over F_t and score the auxiliary task.
+    def auxiliary_task(self, teacher: TeacherBatch, queries: InstanceQueries,
+                       strides: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The teacher side on one batch: decode the queries over F_t and score the auxiliary task
+        (``strides`` as :meth:`decode_instances`).
 
         Returns ``aux_cls`` and ``aux_box`` per official per-GPU batch (G,), unweighted, and the
         decoder's attention logits (N, heads, Q, S) and projected teacher values (N, S, heads, C/heads).
@@ -575,7 +610,7 @@ class ICD(DistillationMethod):
         labels, boxes, centers = queries.labels.to(device), queries.boxes.to(device), queries.centers.to(device)
         is_real, is_query = queries.is_real.to(device), queries.is_query.to(device)
         decoded, logits, teacher_values = self.decode_instances(
-            teacher, InstanceQueries(labels, boxes, centers, is_real, is_query, queries.image_sizes))
+            teacher, InstanceQueries(labels, boxes, centers, is_real, is_query, queries.image_sizes), strides)
         prediction = self.aux_head(decoded)  # (N, Q, 5)
         is_query_f, is_real_f = is_query.float(), is_real.float()
         bce = F.binary_cross_entropy_with_logits(prediction[..., 0], is_real_f, reduction="none")  # (N, Q)
@@ -589,14 +624,15 @@ class ICD(DistillationMethod):
             sum_per_gpu_batch(is_real_f.sum(dim=1)).clamp(min=1e-6)  # (G,)
         return aux_cls, aux_box, logits, teacher_values
 
-    def forward(self, student: DetectorOutput, teacher: TeacherBatch, targets: list[dict[str, Tensor]],
-                iteration: int, queries: InstanceQueries | None = None) -> dict[str, Tensor]:
+    def forward(self, student: DetectorOutput | TwoStageOutput, teacher: TeacherBatch,
+                targets: list[dict[str, Tensor]], iteration: int,
+                queries: InstanceQueries | None = None) -> dict[str, Tensor]:
         """``queries``: fixed queries instead of sampling them (tests)."""
         config = self.config
         teacher_fpn = require(teacher.fpn, "fpn", "ICD")
         if queries is None:
             queries = self.make_queries(targets, student.image_sizes)
-        aux_cls, aux_box, logits, teacher_values = self.auxiliary_task(teacher, queries)
+        aux_cls, aux_box, logits, teacher_values = self.auxiliary_task(teacher, queries, tuple(student.strides))
         is_real_f = queries.is_real.to(teacher_fpn[0].device).float()
 
         # Distillation: the student's values where the teacher's real-instance attention looks.
@@ -675,6 +711,10 @@ class ICD(DistillationMethod):
         from train import viz
         from train.methods import build_method
         from train.teacher_batch import collate_teacher
+        family = (painter.teacher_config or {}).get("family")
+        if family in TWO_STAGE_FAMILIES:
+            raise viz.Skipped(f"the ICD picture draws a dense teacher's P3..P7; this cache's teacher is a "
+                              f"two-stage {family!r} (P2..P6)")
         painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
         gt_boxes, gt_labels = view.gt_boxes, view.gt_labels
         if gt_boxes.shape[0] == 0:

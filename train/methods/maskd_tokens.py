@@ -7,7 +7,7 @@ hunto/MasKD @b5af34f (``mmdetection/maskd.py``, ``mmdetection/maskd_hook.py``,
 Stage 2 (the distillation loss, ``train/methods/maskd.py``) rebuilds this module from the
 artefact with :func:`load_receptive_tokens`.
 
-Per FPN level l, with the teacher's features F (N, C, H, W):
+Per FPN level l (P3..P7, or P2..P6 for Faster R-CNN), with the teacher's features F (N, C, H, W):
 
 - T tokens (T, C), init N(0, 0.01); masks M = σ(tokens · F) -> (N, T, H, W), one per token.
 - Token weights p = softmax over tokens of the prob head conv3×3 (C→C) → global avg pool →
@@ -17,8 +17,25 @@ Per FPN level l, with the teacher's features F (N, C, H, W):
 - Loss = the teacher's own detection loss on the masked features + Σ_levels Dice diversity,
   Dice(M) = mean over images and ordered token pairs i ≠ j of 2⟨M_i, M_j⟩ / (‖M_i‖² + ‖M_j‖²)
   (sums over the whole map, ε = 1e-12 added to each squared norm; weight 1 per level).
-- 2000 iterations, Adam lr 0.01 with L2 weight decay 1e-3, cosine per iteration to 1e-6. The
-  teacher is in eval mode (its BN too) and gets no gradient. Official batch: 16 (8 GPUs × 2).
+  For Faster R-CNN the detection loss is RPN + RoI (:func:`faster_rcnn_losses`): the RPN runs
+  on the masked maps, its proposals (no gradient) are sampled and the RoI head pools the masked
+  P2..P5, as ``FasterRCNN.forward`` does after its neck.
+- 2000 iterations, lr cosine per iteration to 1e-6 (no warm-up: the configs delete the base's),
+  official batch 16 (8 GPUs × 2). Optimiser: RetinaNet and FCOS Adam lr 0.01 with L2 weight decay
+  1e-3 (``retinanet_r101_fpn_2x_coco.py``, ``fcos_r101_caffe_fpn_gn-head_mstrain_640-800_2x_coco.py``);
+  Faster R-CNN SGD lr 0.1, momentum 0.9, weight decay 1e-4 (``faster_rcnn_r101_fpn_2x_coco.py`` sets
+  only ``lr=0.1`` on its base's ``configs/_base_/schedules/schedule_2x.py`` SGD).
+- The teacher gets no gradient and is in training mode with its BatchNorms in eval, as the
+  official hook sets it (``maskd_hook.py`` ``_fix_weights`` / ``before_train_iter``): BN uses and
+  keeps its running statistics, and Faster R-CNN draws its training proposal counts (2000 per
+  level before NMS, 1000 after: mmdetection's ``rpn_proposal``). Faster R-CNN's anchor and RoI
+  sampling draws from torch's RNG, forked and seeded with ``seed``: the tokens are a function of
+  the seed and the caller's RNG does not move.
+- Faster R-CNN's detection loss is one over the whole batch, not the mean of per-GPU losses of 2
+  images: the same whenever every image fills its 256 anchor and 512 RoI samples (its normalisers
+  count the samples).
+- The official Faster R-CNN stage-1 config builds an R50 and loads the R101 teacher's checkpoint into
+  it non-strictly (``train/methods/maskd.py`` states it); here the tokens are learnt on the teacher itself.
 
 Stored once per cache (precompute does this):
 
@@ -33,22 +50,24 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from detectors.detector import BaseDetector, grid_anchors
+from detectors.frcnn import FasterRCNN, TwoStageOutput
 from detectors.views import Batch, collate
-
-if TYPE_CHECKING:
-    from detectors.detector import Detector
 
 MASKD_ARTIFACT = "maskd_tokens"
 NUM_TOKENS = 6
 TOKEN_INIT_STD = 0.01
 DICE_EPS = 1e-12
+OPTIMIZERS = ("adam", "sgd")
+SGD_MOMENTUM = 0.9  # mmdetection's configs/_base_/schedules/schedule_2x.py (the Faster R-CNN stage 1)
 # Final losses in the meta are averaged over this many last iterations (fewer if iters is smaller).
 FINAL_LOSS_WINDOW = 20
 
@@ -105,7 +124,8 @@ class LevelTokens(nn.Module):
 
 
 class ReceptiveTokens(nn.Module):
-    """MasKD receptive tokens for every FPN level (P3..P7): ``levels[l]`` is a :class:`LevelTokens`.
+    """MasKD receptive tokens for every FPN level (P3..P7, or Faster R-CNN's P2..P6): ``levels[l]`` is a
+    :class:`LevelTokens`.
 
     State dict keys: ``levels.{l}.tokens`` (T, C) and ``levels.{l}.prob_head.{0,2}.{weight,bias}``.
     """
@@ -152,19 +172,52 @@ def load_receptive_tokens(arrays: dict[str, Any]) -> ReceptiveTokens:
     return module
 
 
-def stage1_losses(model: Detector, tokens: ReceptiveTokens, batch: Batch) -> dict[str, Tensor]:
+def stage1_losses(model: BaseDetector, tokens: ReceptiveTokens, batch: Batch) -> dict[str, Tensor]:
     """The stage-1 loss terms on one batch: ``detection`` (the frozen teacher's loss on the masked
     features, summed over its terms) and ``diversity`` (Dice, summed over levels).
 
     Gradients reach ``tokens`` only; the caller freezes the teacher (see :func:`learn_receptive_tokens`).
     """
     with torch.no_grad():
-        features = list(model.backbone(batch.images).values())  # P3..P7, each (N, C, H_l, W_l)
+        features = list(model.backbone(batch.images).values())  # P3..P7 (P2..P6), each (N, C, H_l, W_l)
     masked, masks = tokens(features)
-    out = model.forward_features(masked, batch.image_sizes, batch.targets)
-    detection = torch.stack(list(out.losses.values())).sum()
+    if isinstance(model, FasterRCNN):
+        losses = faster_rcnn_losses(model, masked, batch.image_sizes, batch.targets)
+    else:
+        losses = model.forward_features(masked, batch.image_sizes, batch.targets).losses
+    detection = torch.stack(list(losses.values())).sum()
     diversity = torch.stack([dice_diversity(level_masks) for level_masks in masks]).sum()
     return {"detection": detection, "diversity": diversity}
+
+
+def faster_rcnn_losses(model: FasterRCNN, features: list[Tensor], image_sizes: list[tuple[int, int]],
+                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``FasterRCNN.forward``'s losses (rpn_cls, rpn_box, cls, box) with ``features`` (P2..P6, each
+    (N, C, H_l, W_l), laid out as the backbone lays out the padded batch) in place of its neck's:
+    RPN head, proposals (train or test counts as ``model.training``), RoI sampling, RoI head, in
+    the forward's order, so that the same RNG state draws the same samples."""
+    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+    objectness, deltas = model.rpn.head(features)  # per level (N, A, H, W), (N, 4A, H, W)
+    anchors = grid_anchors(model.anchor_generator, model.strides, [tuple(f.shape[-2:]) for f in features],
+                           features[0])
+    proposals, scores = model.propose(objectness, deltas, anchors, image_sizes)
+    sampled = model.sample_rois(proposals, targets)
+    pooled, cls_logits, box_deltas = model.roi_head_outputs(features, sampled["rois"], image_sizes)
+    out = TwoStageOutput(features, objectness, deltas, anchors, model.strides, image_sizes, proposals, scores,
+                         sampled["rois"], pooled, cls_logits, box_deltas, roi_matched_gt=sampled["matched_gt"],
+                         roi_labels=sampled["labels"], roi_box_targets=sampled["box_targets"])
+    out.rpn_assignment = model.assign_anchors(out, targets)
+    return {**model.rpn_losses(out, targets), **model.roi_losses(out)}
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
+                   ) -> torch.optim.Optimizer:
+    """Stage 1's optimiser: ``"adam"`` (L2 weight decay, as mmcv's Adam) or ``"sgd"`` (momentum 0.9)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    raise ValueError(f"MasKD stage-1 optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def cosine_lr(iteration: int, iters: int, lr: float, min_lr: float) -> float:
@@ -249,31 +302,34 @@ def _endless_batches(dataset_or_loader: torch.utils.data.Dataset | Iterable[Batc
             raise ValueError(f"no batches in {type(dataset_or_loader).__name__} (epoch {epoch})")
 
 
-def learn_receptive_tokens(model: Detector, dataset_or_loader: torch.utils.data.Dataset | Iterable[Batch],
+def learn_receptive_tokens(model: BaseDetector, dataset_or_loader: torch.utils.data.Dataset | Iterable[Batch],
                            iters: int = 2000, lr: float = 0.01, weight_decay: float = 1e-3,
                            batch_size: int = 16, device: torch.device | str | None = None,
                            progress: bool = True, seed: int = 0, *, num_tokens: int = NUM_TOKENS,
-                           min_lr: float = 1e-6, num_workers: int = 0,
+                           min_lr: float = 1e-6, num_workers: int = 0, optimizer: str = "adam",
                            tokens: ReceptiveTokens | None = None) -> dict[str, dict]:
     """MasKD stage 1 with the teacher ``model`` frozen; returns ``{"state": ..., "meta": ...}``.
 
     Args:
-        model: the teacher detector; moved to ``device`` (default: where it is). Left as it was:
-            its parameters, buffers, ``requires_grad`` flags and train/eval mode are restored.
+        model: the teacher detector (dense or Faster R-CNN); moved to ``device`` (default: where it
+            is). Left as it was: its parameters, buffers, ``requires_grad`` flags and train/eval mode
+            are restored.
         dataset_or_loader: a Dataset of ``Sample`` (e.g. ``CocoDetection``: shuffled with ``seed``,
             batches of ``batch_size``, ``num_workers`` loader processes), or an iterable of
             ``Batch`` (a DataLoader with ``collate``, a list), restarted whenever it runs out.
-        iters, lr, weight_decay, min_lr: Adam with L2 weight decay, lr cosine from ``lr`` to ``min_lr``
-            over ``iters`` iterations (the official 2000, 0.01, 1e-3, 1e-6).
+        iters, lr, weight_decay, min_lr, optimizer: ``optimizer`` ("adam", or "sgd" with momentum 0.9)
+            with L2 weight decay, lr cosine from ``lr`` to ``min_lr`` over ``iters`` iterations (the
+            official 2000, Adam 0.01 and 1e-3 for the dense families, SGD 0.1 and 1e-4 for Faster R-CNN, 1e-6).
         batch_size: images per iteration for a Dataset (official: 16 in total over 8 GPUs).
-        seed: token and prob-head initialisation, the shuffling order and each sample's random draws
-            (its view): the tokens are bit-identical for a seed whatever ``num_workers``.
+        seed: token and prob-head initialisation, the shuffling order, each sample's random draws
+            (its view) and Faster R-CNN's sampling: the tokens are bit-identical for a seed whatever
+            ``num_workers``.
         tokens: start from these tokens instead of a fresh initialisation (trained in place).
 
     Returns:
         ``state``: the tokens' state dict (CPU tensors), for ``writer.put_artifact(MASKD_ARTIFACT,
         state, meta)`` and :func:`load_receptive_tokens`; ``meta``: JSON-ready settings (num_tokens,
-        channels, num_levels, iters, lr, images_seen, ...) and the losses of the first iteration
+        channels, num_levels, iters, optimizer, lr, images_seen, ...) and the losses of the first iteration
         and the mean over the last ``FINAL_LOSS_WINDOW`` iterations (``initial_*`` and ``final_*``:
         detection, diversity).
 
@@ -291,27 +347,35 @@ def learn_receptive_tokens(model: Detector, dataset_or_loader: torch.utils.data.
         raise ValueError(f"tokens for {tokens.num_levels} levels of {tokens.channels} channels do not fit a "
                          f"teacher with {num_levels} levels of {channels} channels")
     tokens = tokens.to(device).train().requires_grad_(True)
-    optimizer = torch.optim.Adam(tokens.parameters(), lr=lr, weight_decay=weight_decay)
+    token_optimizer = make_optimizer(optimizer, tokens.parameters(), lr, weight_decay)
 
     was_training = model.training
     requires_grad = [p.requires_grad for p in model.parameters()]
-    model.to(device).eval().requires_grad_(False)  # eval: BN uses and keeps its running statistics
+    # The official hook: training mode (Faster R-CNN's training proposal counts), BN in eval (uses
+    # and keeps its running statistics).
+    model.to(device).train().requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()
     history: list[tuple[float, float]] = []  # (detection, diversity) per iteration
     images_seen = 0
     try:
         batches = _endless_batches(dataset_or_loader, batch_size, num_workers, seed)
-        with tqdm(total=iters, desc="maskd tokens", disable=not progress) as bar:
+        # Faster R-CNN samples anchors and RoIs from torch's RNG: a fork of it, seeded.
+        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+              tqdm(total=iters, desc="maskd tokens", disable=not progress) as bar):
+            torch.manual_seed(seed)
             for iteration, batch in zip(range(iters), batches):
-                for group in optimizer.param_groups:
+                for group in token_optimizer.param_groups:
                     group["lr"] = cosine_lr(iteration, iters, lr, min_lr)
                 losses = stage1_losses(model, tokens, batch.to(device))
                 loss = losses["detection"] + losses["diversity"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite MasKD stage-1 loss at iteration {iteration}: "
                                              + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
-                optimizer.zero_grad(set_to_none=True)
+                token_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                token_optimizer.step()
                 history.append((losses["detection"].item(), losses["diversity"].item()))
                 images_seen += len(batch.image_sizes)
                 bar.update(1)
@@ -323,7 +387,8 @@ def learn_receptive_tokens(model: Detector, dataset_or_loader: torch.utils.data.
 
     window = history[-FINAL_LOSS_WINDOW:]
     meta = dict(method="maskd", stage=1, num_tokens=tokens.num_tokens, channels=channels, num_levels=num_levels,
-                iters=iters, lr=lr, min_lr=min_lr, weight_decay=weight_decay, images_seen=images_seen, seed=seed,
+                iters=iters, optimizer=optimizer, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                images_seen=images_seen, seed=seed,
                 initial_detection_loss=history[0][0], initial_diversity_loss=history[0][1],
                 final_detection_loss=sum(d for d, _ in window) / len(window),
                 final_diversity_loss=sum(v for _, v in window) / len(window))

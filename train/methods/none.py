@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from detectors.detector import Detector, DetectorOutput
+from detectors.detector import DetectorOutput
 from detectors.zoo import FAMILIES
 from train.methods.base import DistillationMethod, MethodConfig
 from train.teacher_batch import TeacherBatch
@@ -18,8 +18,8 @@ from train.teacher_batch import TeacherBatch
 class NoneConfig(MethodConfig):
     """No hyperparameters."""
 
-    # the baseline of every dense detector family; the trainer does not take two-stage students yet
-    FAMILY_DEFAULTS = {family: {} for family, model in FAMILIES.items() if issubclass(model, Detector)}
+    # the baseline of every detector family
+    FAMILY_DEFAULTS = {family: {} for family in FAMILIES}
 
 
 class NoDistillation(DistillationMethod):
