@@ -1,6 +1,7 @@
 """Student training cost per step: no distillation, each method from the cache, each method online.
 
     python -m bench.bench_train                         # synthetic set, random gfl-small -> gfl-nano, CPU
+    python -m bench.bench_train --teacher frcnn-small --student frcnn-nano   # two-stage: the partial teacher
     python -m bench.bench_train --device cuda --teacher gfl-r101 --student gfl-r50 --size 800 \\
         --max-size 1333 --images 64 --batch-size 4 --steps 20
 
@@ -13,8 +14,10 @@ warmup + steps, no evaluation) so that its peak memory is its own: CPU peak RSS 
 ``torch.cuda.max_memory_allocated``. A step is measured from the
 end of the previous one: loader wait (image decode, view, cache decompression with
 ``--workers 0``) + dequantisation + forward + backward + optimiser steps. Prints a markdown table
-with the ratios (b)/(a) and (c)/(b). Warmups and ramps of the methods are set to 0 so every
-term is computed from the first step.
+with the ratios (b)/(a) and (c)/(b), and the size of the cache's artefacts (a two-stage teacher's
+RoI head, which the partial teacher runs on the student's RoIs over the cached maps in (b) while
+(c) runs the whole teacher). Warmups and ramps of the methods are set to 0 so every term is
+computed from the first step.
 """
 from __future__ import annotations
 
@@ -142,6 +145,7 @@ def run_one(args, setup, method, online, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    from store import open_cache
     from train.methods import BASELINE
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != BASELINE]
@@ -152,6 +156,8 @@ def main(argv=None) -> None:
         print(f"cache built in {setup['precompute_s']:.1f} s ({setup['cache']}); teacher {args.ckpt or args.teacher}, "
               f"student {args.student}, batch {args.batch_size}, views {setup['views']}, device {args.device}, "
               f"{args.steps} timed steps after {args.warmup}", file=sys.stderr, flush=True)
+        artifacts = open_cache(setup["cache"]).artifacts()   # e.g. a two-stage teacher's RoI head
+        sizes = ", ".join(f"{name} {record['nbytes'] / 2 ** 20:.2f} MB" for name, record in sorted(artifacts.items()))
         base = run_one(args, setup, BASELINE, False, work)
         rows = []
         for method in methods:
@@ -164,6 +170,7 @@ def main(argv=None) -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     memory = "GPU max allocated MB" if base["cuda"] else "peak RSS MB"
+    print(f"\ncache artefacts (stored once per cache): {sizes}")
     print(f"\n(a) no distillation: {base['step_s'] * 1000:.0f} ms/step, {memory} {base['peak_mb']:.0f} "
           f"(median of {args.steps} steps after {args.warmup}; batch {args.batch_size}; {args.device})\n")
     print(f"| method | (b) cache ms/step | (c) online ms/step | (b)/(a) | (c)/(b) | {memory} (b) | {memory} (c) |")

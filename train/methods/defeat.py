@@ -274,7 +274,7 @@ class DeFeat(DistillationMethod):
         backbone weight > 0 (so the released config never reads the backbone group). Two-stage:
         ``fpn.p2`` .. ``fpn.p6`` alone, which hold the P2..P5 maps the teacher's RoI head reads."""
         config = self.config
-        if self.family in TWO_STAGE_FAMILIES:
+        if self.two_stage:
             return pyramid_fields(self.family)
         fields = ("fpn",)
         if config.head_on:
@@ -286,7 +286,7 @@ class DeFeat(DistillationMethod):
     @property
     def reads_teacher_roi_head(self) -> bool:
         """Two-stage with a head weight > 0: the head term compares RoI scores on the student's RoIs."""
-        return self.family in TWO_STAGE_FAMILIES and self.config.head_on
+        return self.two_stage and self.config.head_on
 
     def forward(self, student: DetectorOutput | TwoStageOutput, teacher: TeacherBatch,
                 targets: list[dict[str, Tensor]], iteration: int) -> dict[str, Tensor]:

@@ -501,7 +501,7 @@ class ICD(DistillationMethod):
     def strides(self) -> tuple[int, ...]:
         """The family's pyramid strides (P2..P6 of a two-stage detector, else P3..P7): the key region's
         when no student output gives them (the warm-up, the picture)."""
-        return TWO_STAGE_STRIDES if self.family in TWO_STAGE_FAMILIES else STRIDES
+        return TWO_STAGE_STRIDES if self.two_stage else STRIDES
 
     @classmethod
     def prepare(cls, config: ICDConfig, run: RunResources) -> DatasetStats | None:
