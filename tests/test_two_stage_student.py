@@ -175,3 +175,20 @@ def test_each_method_trains_a_frcnn_student_from_the_cache_as_from_the_online_te
     assert terms <= set(values["cache"])
     for name in terms:
         assert values["cache"][name] > 0 and values["cache"][name] == pytest.approx(values["online"][name], rel=1e-3)
+
+
+def test_a_stopped_and_resumed_frcnn_run_ends_with_the_weights_of_an_uninterrupted_run(world):
+    """DeFeat with its RoI-head term (the partial teacher on the student's sampled RoIs: RoI sampling draws
+    from the global RNG), stopped mid-run and resumed with a loader worker."""
+    options = dict(method="defeat", epochs=2, eval=False, ckpt_every=1,
+                   overrides={"defeat.head_fg_weight": 2.0, "defeat.head_bg_weight": 2.0})
+    StudentTrainer(train_config(world, "resume_full", **options)).train()
+    assert StudentTrainer(train_config(world, "resume_cut", stop_after=3, **options)).train()["status"] == "stopped"
+    StudentTrainer(train_config(world, "resume_cut", resume=True, workers=1, **options)).train()
+    full, cut = (torch.load(world["root"] / run / "last.pt", weights_only=True) for run in ("resume_full", "resume_cut"))
+    assert full["extra"]["train_state"]["iteration"] == cut["extra"]["train_state"]["iteration"] == 4
+    for name, value in full["state_dict"].items():
+        assert torch.equal(value, cut["state_dict"][name]), name
+    method_full, method_cut = (run["extra"]["train_state"]["method"] for run in (full, cut))
+    for name, value in method_full.items():
+        assert torch.equal(value, method_cut[name]), name

@@ -16,6 +16,7 @@ own code (FRS's ``richness_score``, ICD's ``decode_instances``, ...), in the reg
 Everything is drawn in view pixels on the view image (the resized, possibly flipped image the teacher
 saw, de-normalised), so maps, anchors and boxes line up with what was cached. A level-l map cell
 (i, j) is a stride-sized square centred on its anchor centre (j·s, i·s), as ``Detector.grid_anchors``.
+The levels are the cache's (:func:`cache_pyramid`): P3..P7, or a two-stage teacher's P2..P6.
 
 A picture whose inputs are missing (no fields, no student checkpoint, ...) is skipped with a printed
 reason; the others are drawn. Bad arguments (an image id not in the split or the cache, a view index
@@ -42,8 +43,12 @@ from torchvision.ops import box_iou
 from detectors import build_detector, config_from_dict, load_checkpoint
 from detectors.data import CocoDetection
 from detectors.detector import Detector, DetectorOutput, valid_level_sizes
+from detectors.frcnn import STRIDES as TWO_STAGE_STRIDES
 from detectors.views import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Sample, ViewSpec, collate
-from store import LEVELS, STRIDES, Cache, CacheError, ManifestMismatch, expand_fields, open_cache
+from detectors.zoo import TWO_STAGE_FAMILIES
+from precompute.fields import TWO_STAGE_FIELDS
+from store import FIELDS, LEVELS, STRIDES, Cache, CacheError, ManifestMismatch, expand_fields, open_cache
+from store.schema import TWO_STAGE_LEVELS
 from train.methods import METHODS
 from train.methods.base import DistillationMethod, PictureOption
 from train.sources import adopt_cache_images
@@ -90,6 +95,8 @@ class ImageView:
     fields: dict[str, Tensor]           # dequantised cache fields (float32 / integer tensors)
     image_hw: tuple[int, int]           # valid (h, w), view pixels
     level_hw: list[tuple[int, int]]     # (h_l, w_l) of each level's valid region
+    levels: tuple[str, ...]             # the cache's pyramid (cache_pyramid): ("p3", ..., "p7") or P2..P6
+    strides: tuple[int, ...]            # pixels per cell of each level
 
     @property
     def rgb(self) -> np.ndarray:
@@ -116,8 +123,25 @@ class ImageView:
         return f"image {self.image_id}, view {self.view_index} ({self.view.short}:{self.view.max_size}{flip})"
 
     def level_maps(self, prefix: str) -> list[Tensor]:
-        """Per level (C, h_l, w_l) cached maps of ``prefix`` (``fpn``, ``head.cls``, ``head.box``)."""
-        return [self.fields[f"{prefix}.{level}"] for level in LEVELS]
+        """Per level (C, h_l, w_l) cached maps of ``prefix`` (``fpn``, ``head.cls``, ``head.rpn.obj``)."""
+        return [self.fields[f"{prefix}.{level}"] for level in self.levels]
+
+
+def cache_pyramid(cache: Cache) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The cache's levels and strides: a two-stage teacher's P2..P6 (by its family or P2 fields), else P3..P7."""
+    family = (cache.manifest["teacher"].get("config") or {}).get("family")
+    if family in TWO_STAGE_FAMILIES or any(name.endswith(".p2") for name in cache.manifest.fields):
+        return TWO_STAGE_LEVELS, TWO_STAGE_STRIDES
+    return LEVELS, STRIDES
+
+
+def level_fields(names: Sequence[str], levels: Sequence[str]) -> list[str]:
+    """Field names of ``names`` as :func:`store.expand_fields`, but a per-level prefix (``fpn``) over ``levels``."""
+    out: list[str] = []
+    for name in names:
+        per_level = [f"{name}.{level}" for level in levels]
+        out += per_level if any(field in FIELDS for field in per_level) else expand_fields([name])
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------------------------- drawing helpers
@@ -199,7 +223,7 @@ def short_path(path: str | Path, parts: int = 2) -> str:
 
 def level_title(level: int, view: ImageView) -> str:
     h, w = view.level_hw[level]
-    return f"{LEVELS[level].upper()} (stride {STRIDES[level]}, {h}×{w})"
+    return f"{view.levels[level].upper()} (stride {view.strides[level]}, {h}×{w})"
 
 
 # ---------------------------------------------------------------------------------------------- the frame
@@ -216,6 +240,8 @@ class Painter:
         self.options = {dest: option.default for dest, option in picture_options().items()} | dict(options or {})
         self.state: dict[str, Any] = {}   # per method: what its picture loaded once (tokens, a decoder)
         self.teacher_config = cache.manifest["teacher"].get("config")
+        self.levels = cache_pyramid(cache)[0]
+        self.two_stage = self.levels == TWO_STAGE_LEVELS
         self.student_ckpt = student_ckpt
         self._teacher: Detector | None = None
         self._student: Detector | None = None if student_ckpt is None else self._load_student(student_ckpt)
@@ -230,10 +256,13 @@ class Painter:
 
     def require(self, view: ImageView, picture: str, names: Sequence[str]) -> None:
         """Raises :class:`Skipped` naming the groups of ``names`` the view's cache lacks."""
-        lacking = [name for name in expand_fields(list(names)) if name not in view.fields]
+        lacking = [name for name in level_fields(names, view.levels) if name not in view.fields]
         if lacking:
-            groups = sorted({name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1] in LEVELS else name
+            groups = sorted({name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1] in view.levels else name
                              for name in lacking})
+            if self.two_stage and not any(name in TWO_STAGE_FIELDS for name in lacking):
+                raise Skipped(f"a two-stage teacher's cache has no {', '.join(groups)}: those are a dense head's "
+                              f"(a two-stage teacher gives fpn.p2 .. fpn.p6 and its RPN's head.rpn.*)")
             spec = "head" if picture == DETECTIONS else picture  # precompute's --fields takes method names
             raise Skipped(f"the cache has no {', '.join(groups)} (python -m precompute --fields {spec} or all "
                           f"writes it)")
@@ -362,7 +391,8 @@ def load_view(dataset: CocoDetection, cache: Cache, image_id: int, view_index: i
               fields: Sequence[str]) -> ImageView:
     """The view image from the data (as the trainer rebuilds it) and its cached fields, checked to agree."""
     sample = dataset.load(dataset.image_ids.index(image_id), view_index)
-    wanted = [name for name in expand_fields(list(fields) + ["meta"]) if name in cache.manifest.fields]
+    levels, strides = cache_pyramid(cache)
+    wanted = [name for name in level_fields([*fields, "meta"], levels) if name in cache.manifest.fields]
     cached = cache.dequantize(cache.get(image_id, view_index, fields=wanted), device="cpu")
     image_hw = (int(sample.image.shape[-2]), int(sample.image.shape[-1]))
     if "meta.valid_hw" in cached and tuple(cached["meta.valid_hw"].tolist()) != image_hw:
@@ -371,7 +401,7 @@ def load_view(dataset: CocoDetection, cache: Cache, image_id: int, view_index: i
                          f"not made from the same images")
     fields_out = {name: value for name, value in cached.items() if not name.startswith("__")}
     return ImageView(image_id, view_index, dataset.views[view_index], sample, fields_out, image_hw,
-                     valid_level_sizes(image_hw, STRIDES))
+                     valid_level_sizes(image_hw, strides), levels, strides)
 
 
 def draw(data: str | Path, cache: str | Path, out: str | Path, *, split: str = "train2017",

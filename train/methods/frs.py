@@ -67,8 +67,6 @@ from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput
 from detectors.frcnn import TwoStageOutput
-from detectors.zoo import TWO_STAGE_FAMILIES
-from store.schema import STRIDES
 from train.methods.base import (BuildContext, DistillationMethod, MethodConfig, check_same_shape, linear_ramp,
                                 pyramid_fields, require, sum_per_gpu_batch)
 from train.teacher_batch import TeacherBatch
@@ -100,9 +98,10 @@ class FRS(DistillationMethod):
     FIELDS = ("fpn", "head.cls")
     FAMILY_FIELDS = {"frcnn": (*pyramid_fields("frcnn"), "head.rpn.obj")}   # S and the head term: the RPN
     Config = FRSConfig
-    PICTURE_FIELDS = ("head.cls",)
+    PICTURE_FIELDS = ("head.cls", "head.rpn.obj")   # a dense teacher's class logits, a two-stage one's RPN
     PICTURE_HELP = ("FRS feature richness S = max over classes of σ(teacher class logits), per level P3..P7, "
-                    "over the image (cached head.cls)")
+                    "over the image (cached head.cls); a two-stage teacher's: max over its anchors of σ(RPN "
+                    "objectness), per level P2..P6 (cached head.rpn.obj)")
 
     def __init__(self, config: FRSConfig, student_channels: int = 256, teacher_channels: int = 256,
                  num_levels: int = 5) -> None:
@@ -157,17 +156,20 @@ class FRS(DistillationMethod):
         return terms
 
     @classmethod
+    def picture_maps(cls, painter, view) -> tuple[list, str]:
+        """The richness S (h_l, w_l) of each of the cache's levels, and the field prefix it comes from:
+        the class logits, or a two-stage teacher's RPN objectness."""
+        logits = "head.rpn.obj" if painter.two_stage else "head.cls"
+        painter.require(view, cls.NAME, (logits,))
+        return [richness_score(maps[None])[0, 0].numpy() for maps in view.level_maps(logits)], logits
+
+    @classmethod
     def draw_picture(cls, painter, view):
-        """The richness S of each level over the view image, from the cached class logits."""
+        """The richness S of each level over the view image, from the cached class logits (RPN objectness)."""
         from matplotlib.colors import Normalize
 
         from train import viz
-        family = (painter.teacher_config or {}).get("family")
-        if family in TWO_STAGE_FAMILIES:
-            raise viz.Skipped(f"the FRS picture draws a dense teacher's P3..P7 class logits; this cache's teacher "
-                              f"is a two-stage {family!r} (its S comes from head.rpn.obj over P2..P6)")
-        painter.require(view, cls.NAME, cls.PICTURE_FIELDS)
-        maps = [richness_score(logits[None])[0, 0].numpy() for logits in view.level_maps("head.cls")]  # (h_l, w_l)
+        maps, logits = cls.picture_maps(painter, view)
         fig, axes = viz.new_figure(2, 3, view.image_hw)
         viz.show_view(axes[0, 0], view)
         painter.draw_gt(axes[0, 0], view)
@@ -176,10 +178,12 @@ class FRS(DistillationMethod):
         mappable = None
         for level, (ax, grid) in enumerate(zip(axes.flat[1:], maps)):
             viz.show_view(ax, view, grey=True)
-            mappable = viz.overlay_map(ax, grid, STRIDES[level], view, norm)
+            mappable = viz.overlay_map(ax, grid, view.strides[level], view, norm)
             painter.draw_gt(ax, view, with_labels=False)
             ax.set_title(f"{viz.level_title(level, view)}\nmax S {grid.max():.2f}, mean {grid.mean():.2f}", fontsize=9)
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="richness S")
-        fig.suptitle(f"FRS feature richness S = max over classes of σ(teacher class logits), per FPN level\n"
-                     f"{view.describe()}; from the cached head.cls", fontsize=10)
+        what = ("the A anchors of σ(teacher RPN objectness)" if painter.two_stage
+                else "classes of σ(teacher class logits)")
+        fig.suptitle(f"FRS feature richness S = max over {what}, per FPN level\n"
+                     f"{view.describe()}; from the cached {logits}", fontsize=10)
         return painter.save(fig, view, cls.NAME)

@@ -99,7 +99,7 @@ from torch import Tensor, nn
 
 from detectors.detector import DetectorOutput
 from detectors.frcnn import TwoStageOutput
-from store.schema import LEVELS, STRIDES
+from store.schema import LEVELS, TWO_STAGE_LEVELS
 # Stage 1 is called through its module: bench/bench_kill.py pauses it there to kill precompute.
 from train.methods import maskd_tokens
 from train.methods.base import (ArtifactInputs, BuildContext, DistillationMethod, MethodConfig, PictureOption,
@@ -167,8 +167,10 @@ class MasKD(DistillationMethod):
     PICTURE_FIELDS = ("fpn",)
     PICTURE_HELP = ("MasKD: the masks σ(token_t · F_t) of the receptive tokens learnt in precompute (the cache's "
                     f"{MASKD_ARTIFACT} artefact) on one level (--maskd-level), with their weights")
-    PICTURE_OPTIONS = (PictureOption("--maskd-level", "level of the MasKD token masks [p3]", default="p3",
-                                     choices=LEVELS),)
+    # p3 (stride 8) is a level of both pyramids; prepare_picture refuses one the cache lacks.
+    PICTURE_OPTIONS = (PictureOption("--maskd-level", "level of the MasKD token masks: p3..p7 on a dense teacher's "
+                                     "cache, p2..p6 on a two-stage one's [p3]", default="p3",
+                                     choices=tuple(dict.fromkeys(TWO_STAGE_LEVELS + LEVELS))),)
 
     def __init__(self, config: MasKDConfig, tokens: ReceptiveTokensLike, student_channels: int = 256,
                  teacher_channels: int = 256, num_levels: int = 5) -> None:
@@ -272,6 +274,15 @@ class MasKD(DistillationMethod):
         return terms
 
     @classmethod
+    def prepare_picture(cls, painter) -> None:
+        """Refuses a ``--maskd-level`` that the cache's pyramid lacks (p2 of a dense one, p7 of a two-stage one)."""
+        level = painter.options["maskd_level"]
+        if level not in painter.levels:
+            kind = "a two-stage" if painter.two_stage else "a dense"
+            raise ValueError(f"--maskd-level {level}: the cache's teacher is {kind} detector with the levels "
+                             f"{', '.join(painter.levels)}")
+
+    @classmethod
     def draw_picture(cls, painter, view):
         """The token masks and weights on one level (``--maskd-level``), from the cache's tokens artefact."""
         from matplotlib.colors import Normalize
@@ -285,7 +296,7 @@ class MasKD(DistillationMethod):
             except CacheError as error:
                 raise viz.Skipped(f"{error} (MasKD stage 1: python -m precompute --fields all or maskd, "
                                   f"--set maskd.stage1_iters > 0)") from None
-        tokens, level = painter.state[cls.NAME], LEVELS.index(painter.options["maskd_level"])
+        tokens, level = painter.state[cls.NAME], view.levels.index(painter.options["maskd_level"])
         features = view.level_maps("fpn")[level][None]  # (1, C, h_l, w_l)
         with torch.no_grad():
             masks = tokens.masks(features, level)[0].numpy()  # (T, h_l, w_l)
@@ -303,7 +314,7 @@ class MasKD(DistillationMethod):
                 ax.set_axis_off()
                 continue
             viz.show_view(ax, view, grey=True)
-            mappable = viz.overlay_map(ax, masks[token], STRIDES[level], view, norm, cmap="viridis")
+            mappable = viz.overlay_map(ax, masks[token], view.strides[level], view, norm, cmap="viridis")
             painter.draw_gt(ax, view, with_labels=False)
             ax.set_title(f"token {token}: weight p = {weights[token]:.2f}", fontsize=9)
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="mask M_t")
