@@ -11,11 +11,13 @@ from train.methods import METHODS
 
 
 def describe(cls) -> str:
-    """A method's lines: its name and summary, teacher fields, field presets, artefacts, and its
+    """A method's lines: its name and summary, teacher fields (and where a family's differ), field presets,
+    artefacts, and its
     config keys with their RetinaNet values and what other families change."""
     module_doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
     summary = module_doc.strip().splitlines()[0] if module_doc.strip() else ""
     lines = [f"{cls.NAME:<8} {summary}", f"  fields     {', '.join(cls.FIELDS) or '-'}"]
+    lines += [_wrapped("", f"{family}: {', '.join(fields)}") for family, fields in cls.FAMILY_FIELDS.items()]
     lines += [f"  preset     {name}: {', '.join(fields)}" for name, fields in cls.FIELD_PRESETS.items()]
     if cls.ARTIFACTS:
         lines.append(f"  artefacts  {', '.join(cls.ARTIFACTS)} (made once per cache by precompute)")
