@@ -192,3 +192,10 @@ def test_a_stopped_and_resumed_frcnn_run_ends_with_the_weights_of_an_uninterrupt
     method_full, method_cut = (run["extra"]["train_state"]["method"] for run in (full, cut))
     for name, value in method_full.items():
         assert torch.equal(value, method_cut[name]), name
+
+
+def test_the_registry_listing_names_what_a_method_reads_on_a_two_stage_family():
+    from train.methods import METHODS
+    from train.methods.__main__ import describe
+    assert "frcnn: fpn.p2, fpn.p3, fpn.p4, fpn.p5, fpn.p6, head.rpn.obj" in describe(METHODS["frs"])
+    assert "frcnn: fpn.p2, fpn.p3, fpn.p4, fpn.p5, fpn.p6\n" in describe(METHODS["defeat"]) + "\n"
