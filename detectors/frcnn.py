@@ -430,17 +430,39 @@ class FasterRCNN(BaseDetector):
         self._check_inputs(images, image_sizes, targets)
         with _amp(images.device, amp_dtype):
             features, stages = self.extract_features(images, return_backbone)  # P2..P6; C2..C5 or None
+        if amp_dtype is not None:
+            features = [m.float() for m in features]
+            stages = None if stages is None else [m.float() for m in stages]
+        out = self.forward_features(features, image_sizes, targets, amp_dtype)
+        out.backbone_features = stages
+        return out
+
+    def forward_features(self, features: list[Tensor], image_sizes: list[tuple[int, int]],
+                         targets: list[dict[str, Tensor]] | None = None,
+                         amp_dtype: torch.dtype | None = None) -> TwoStageOutput:
+        """The part of ``forward`` after the neck: RPN, proposals, and with ``targets`` RoI sampling, the RoI
+        head and the losses (without: the RoI head on the proposals).
+
+        For code that changes the FPN maps before the heads (MasKD stage 1 feeds masked teacher maps to
+        the frozen heads). ``features`` are P2..P6, each (N, C, H_l, W_l) float32, laid out as the
+        backbone lays out a padded batch; ``image_sizes`` and ``targets`` as in ``forward``; the heads run
+        under ``amp_dtype`` autocast when given.
+        """
+        image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+        if len(features) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature levels (P2..P6), got {len(features)}")
+        with _amp(features[0].device, amp_dtype):
             objectness, deltas = self.rpn.head(features)  # per level (N, A, H, W), (N, 4A, H, W)
         if amp_dtype is not None:
-            features, objectness, deltas = ([m.float() for m in maps] for maps in (features, objectness, deltas))
-            stages = None if stages is None else [m.float() for m in stages]
-        anchors = grid_anchors(self.anchor_generator, self.strides, [tuple(f.shape[-2:]) for f in features], images)
+            objectness, deltas = [m.float() for m in objectness], [m.float() for m in deltas]
+        anchors = grid_anchors(self.anchor_generator, self.strides, [tuple(f.shape[-2:]) for f in features],
+                               features[0])
         proposals, scores = self.propose(objectness, deltas, anchors, image_sizes)
         sampled = self.sample_rois(proposals, targets) if targets is not None else None
         rois = proposals if sampled is None else sampled["rois"]
         pooled, cls_logits, box_deltas = self.roi_head_outputs(features, rois, image_sizes, amp_dtype)
         out = TwoStageOutput(features, objectness, deltas, anchors, self.strides, image_sizes, proposals, scores,
-                             rois, pooled, cls_logits, box_deltas, backbone_features=stages)
+                             rois, pooled, cls_logits, box_deltas)
         if targets is not None:
             out.rpn_assignment = self.assign_anchors(out, targets)
             out.roi_matched_gt, out.roi_labels, out.roi_box_targets = (

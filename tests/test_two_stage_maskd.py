@@ -20,7 +20,7 @@ from detectors.frcnn import TwoStageOutput
 from detectors.views import Batch, ViewSpec
 from test_reference_maskd import OfficialMaskModule, ProjectTokens, official_maskd_loss
 from train.methods import MasKD, build_method
-from train.methods.maskd_tokens import (ReceptiveTokens, cosine_lr, faster_rcnn_losses, learn_receptive_tokens,
+from train.methods.maskd_tokens import (ReceptiveTokens, cosine_lr, learn_receptive_tokens,
                                         load_receptive_tokens, stage1_losses)
 from train.teacher_batch import collate_teacher
 
@@ -189,7 +189,7 @@ def test_stage1_detection_loss_is_the_faster_rcnn_forward_after_the_neck(teacher
         torch.manual_seed(11)
         out = model(batch.images, batch.image_sizes, batch.targets)
         torch.manual_seed(11)
-        losses = faster_rcnn_losses(model, out.features, batch.image_sizes, batch.targets)
+        losses = model.forward_features(out.features, batch.image_sizes, batch.targets).losses
     assert losses.keys() == out.losses.keys() == {"rpn_cls", "rpn_box", "cls", "box"}
     for key in losses:
         assert torch.equal(losses[key], out.losses[key]), key

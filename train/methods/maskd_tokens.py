@@ -17,9 +17,9 @@ Per FPN level l (P3..P7, or P2..P6 for Faster R-CNN), with the teacher's feature
 - Loss = the teacher's own detection loss on the masked features + Σ_levels Dice diversity,
   Dice(M) = mean over images and ordered token pairs i ≠ j of 2⟨M_i, M_j⟩ / (‖M_i‖² + ‖M_j‖²)
   (sums over the whole map, ε = 1e-12 added to each squared norm; weight 1 per level).
-  For Faster R-CNN the detection loss is RPN + RoI (:func:`faster_rcnn_losses`): the RPN runs
-  on the masked maps, its proposals (no gradient) are sampled and the RoI head pools the masked
-  P2..P5, as ``FasterRCNN.forward`` does after its neck.
+  For Faster R-CNN the detection loss is RPN + RoI (``FasterRCNN.forward_features``): the RPN
+  runs on the masked maps, its proposals (no gradient) are sampled and the RoI head pools the
+  masked P2..P5, as ``FasterRCNN.forward`` does after its neck.
 - 2000 iterations, lr cosine per iteration to 1e-6 (no warm-up: the configs delete the base's),
   official batch 16 (8 GPUs × 2). Optimiser: RetinaNet and FCOS Adam lr 0.01 with L2 weight decay
   1e-3 (``retinanet_r101_fpn_2x_coco.py``, ``fcos_r101_caffe_fpn_gn-head_mstrain_640-800_2x_coco.py``);
@@ -58,8 +58,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from detectors.detector import BaseDetector, grid_anchors
-from detectors.frcnn import FasterRCNN, TwoStageOutput
+from detectors.detector import BaseDetector
 from detectors.views import Batch, collate
 
 MASKD_ARTIFACT = "maskd_tokens"
@@ -181,33 +180,10 @@ def stage1_losses(model: BaseDetector, tokens: ReceptiveTokens, batch: Batch) ->
     with torch.no_grad():
         features = list(model.backbone(batch.images).values())  # P3..P7 (P2..P6), each (N, C, H_l, W_l)
     masked, masks = tokens(features)
-    if isinstance(model, FasterRCNN):
-        losses = faster_rcnn_losses(model, masked, batch.image_sizes, batch.targets)
-    else:
-        losses = model.forward_features(masked, batch.image_sizes, batch.targets).losses
+    losses = model.forward_features(masked, batch.image_sizes, batch.targets).losses
     detection = torch.stack(list(losses.values())).sum()
     diversity = torch.stack([dice_diversity(level_masks) for level_masks in masks]).sum()
     return {"detection": detection, "diversity": diversity}
-
-
-def faster_rcnn_losses(model: FasterRCNN, features: list[Tensor], image_sizes: list[tuple[int, int]],
-                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``FasterRCNN.forward``'s losses (rpn_cls, rpn_box, cls, box) with ``features`` (P2..P6, each
-    (N, C, H_l, W_l), laid out as the backbone lays out the padded batch) in place of its neck's:
-    RPN head, proposals (train or test counts as ``model.training``), RoI sampling, RoI head, in
-    the forward's order, so that the same RNG state draws the same samples."""
-    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-    objectness, deltas = model.rpn.head(features)  # per level (N, A, H, W), (N, 4A, H, W)
-    anchors = grid_anchors(model.anchor_generator, model.strides, [tuple(f.shape[-2:]) for f in features],
-                           features[0])
-    proposals, scores = model.propose(objectness, deltas, anchors, image_sizes)
-    sampled = model.sample_rois(proposals, targets)
-    pooled, cls_logits, box_deltas = model.roi_head_outputs(features, sampled["rois"], image_sizes)
-    out = TwoStageOutput(features, objectness, deltas, anchors, model.strides, image_sizes, proposals, scores,
-                         sampled["rois"], pooled, cls_logits, box_deltas, roi_matched_gt=sampled["matched_gt"],
-                         roi_labels=sampled["labels"], roi_box_targets=sampled["box_targets"])
-    out.rpn_assignment = model.assign_anchors(out, targets)
-    return {**model.rpn_losses(out, targets), **model.roi_losses(out)}
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
