@@ -199,3 +199,14 @@ def test_the_registry_listing_names_what_a_method_reads_on_a_two_stage_family():
     from train.methods.__main__ import describe
     assert "frcnn: fpn.p2, fpn.p3, fpn.p4, fpn.p5, fpn.p6, head.rpn.obj" in describe(METHODS["frs"])
     assert "frcnn: fpn.p2, fpn.p3, fpn.p4, fpn.p5, fpn.p6\n" in describe(METHODS["defeat"]) + "\n"
+
+
+def test_a_teacher_whose_rpn_anchors_differ_is_refused_for_its_rpn_maps(world):
+    """FRS compares RPN objectness per anchor: the teacher's anchors must be the student's."""
+    with pytest.raises(ValueError, match=r"cannot be paired .*\['head.rpn.obj'\]: RPN anchor_scale: teacher 8.0, "
+                                         r"student 4.0"):
+        StudentTrainer(train_config(world, "anchors", method="frs", eval=False,
+                                    student_config={"anchor_scale": 4.0}))
+    with pytest.raises(ValueError, match=r"cannot be paired .*\['the RoI head'\]: classes: teacher 8, data/student 3"):
+        OpenedTeacher(world["cache"], {"family": "frcnn", "num_classes": 8}, {}, None, None, None).check_pairing(
+            [], build_detector("frcnn-nano", num_classes=3), 3, roi_head=True)

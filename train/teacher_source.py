@@ -136,6 +136,12 @@ class OpenedTeacher:
             problems.append(f"detector family: teacher {self.config.get('family')}, student {student.config.family}")
         elif student.config.family == "gfl" and self.config.get("reg_max") != student.config.reg_max:
             problems.append(f"GFL reg_max: teacher {self.config.get('reg_max')}, student {student.config.reg_max}")
+        elif any(name.startswith("head.rpn") for name in compared):  # RPN maps are per anchor: the same anchors
+            for key in ("anchor_scale", "anchor_ratios", "round_anchors"):
+                theirs, ours = self.config.get(key), getattr(student.config, key)
+                if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
+                        (list(ours) if isinstance(ours, (list, tuple)) else ours):
+                    problems.append(f"RPN {key}: teacher {theirs}, student {ours}")
         if problems:
             raise ValueError(f"the teacher of {self.where} cannot be paired with the student for {compared}: "
                              + "; ".join(problems))
