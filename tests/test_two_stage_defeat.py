@@ -1,7 +1,7 @@
 """DeFeat on Faster R-CNN against a plain-torch transcription of the official two-stage code
 (ggjy/DeFeat.pytorch @c46a793).
 
-- ``official_get_gt_mask``: ``AnchorHead.get_gt_mask`` with ``_map_roi_levels``
+- ``official_get_gt_mask`` (tests/test_reference_defeat.py): ``AnchorHead.get_gt_mask`` with ``_map_roi_levels``
   (``mmdet/models/dense_heads/anchor_head.py``), as ``TwoStageDetectorKD`` calls it on the RPN's 5
   levels (``rpn_head.get_gt_mask(rpn_outs[0], ...)``, strides 4, 8, 16, 32, 64, imit_range all 0).
 - ``official_neck_losses``: ``batch_processor_kd`` (``mmdet/apis/train.py``), branch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from detectors.detector import valid_level_sizes
 from detectors.frcnn import TwoStageOutput
 from train.methods import build_method
+from test_reference_defeat import official_get_gt_mask, official_map_roi_levels
 from train.methods.defeat import DeFeat
 from train.teacher_batch import collate_teacher
 
@@ -34,32 +35,6 @@ LEVEL_MAPS = valid_level_sizes(BATCH_SIZE, STRIDES)  # (240, 240) .. (15, 15)
 
 
 # ---------------------------------------------------------------------------------------------- the official code
-def official_map_roi_levels(rois, num_levels):
-    scale = torch.sqrt((rois[:, 2] - rois[:, 0] + 1) * (rois[:, 3] - rois[:, 1] + 1))
-    target_lvls = torch.floor(torch.log2(scale / 56 + 1e-6))
-    return target_lvls.clamp(min=0, max=num_levels - 1).long()
-
-
-def official_get_gt_mask(featmap_sizes, featmap_strides, gt_bboxes):
-    mask_batch = []
-    for batch in range(len(gt_bboxes)):
-        mask_level = []
-        target_lvls = official_map_roi_levels(gt_bboxes[batch], len(featmap_sizes))
-        for level in range(len(featmap_sizes)):
-            gt_level = gt_bboxes[batch][target_lvls == level]
-            h, w = featmap_sizes[level]
-            mask_per_img = torch.zeros([h, w], dtype=torch.double)
-            for ins in range(gt_level.shape[0]):
-                gt_level_map = gt_level[ins] / featmap_strides[level]
-                lx, rx = max(int(gt_level_map[0]), 0), min(int(gt_level_map[2]), w)
-                ly, ry = max(int(gt_level_map[1]), 0), min(int(gt_level_map[3]), h)
-                if (lx == rx) or (ly == ry):
-                    mask_per_img[ly, lx] += 1
-                else:
-                    mask_per_img[ly:ry, lx:rx] += 1
-            mask_level.append((mask_per_img > 0).double())
-        mask_batch.append(mask_level)
-    return [torch.stack([mask_batch[b][level] for b in range(len(mask_batch))]) for level in range(len(mask_batch[0]))]
 
 
 def official_neck_losses(neck_feat_adapt, neck_feat_t, neck_mask_batch, hint_neck_w, hint_neck_back_w, valid):

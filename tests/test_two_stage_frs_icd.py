@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from detectors.frcnn import TwoStageOutput
 from detectors.detector import valid_level_sizes
+from test_reference_frs import official_frs_per_gpu
 from train.methods import build_method
 from train.methods.icd import num_queries
 from train.teacher_batch import collate_teacher
@@ -56,24 +56,10 @@ def teacher_samples(image_sizes, groups, generator, objectness_scale=2.0):
 # ---------------------------------------------------------------------------------------------- FRS
 def official_frs_two_per_gpu(y, stu_feature_adap, stu_cls_score, tea_cls_score, iteration,
                              feat_weight=0.002, cls_weight=0.1, warm_step=500):
-    """distill_frs_two.py, forward_train, from ``layers = len(stu_cls_score)`` to the warmup."""
-    layers = len(stu_cls_score)
-    distill_feat_loss, distill_cls_loss = 0, 0
-    for layer in range(layers):
-        stu_cls_score_sigmoid = stu_cls_score[layer].sigmoid()
-        tea_cls_score_sigmoid = tea_cls_score[layer].sigmoid()
-        mask = torch.max(tea_cls_score_sigmoid, dim=1).values
-        mask = mask.detach()
-        feat_loss = torch.pow((y[layer] - stu_feature_adap[layer]), 2)
-        cls_loss = F.binary_cross_entropy(stu_cls_score_sigmoid, tea_cls_score_sigmoid, reduction="none")
-        distill_feat_loss += (feat_loss * mask[:, None, :, :]).sum() / mask.sum()
-        distill_cls_loss += (cls_loss * mask[:, None, :, :]).sum() / mask.sum()
-    distill_feat_loss = distill_feat_loss * feat_weight
-    distill_cls_loss = distill_cls_loss * cls_weight
-    if warm_step > iteration:
-        distill_feat_loss = (iteration / warm_step) * distill_feat_loss
-        distill_cls_loss = (iteration / warm_step) * distill_cls_loss
-    return distill_feat_loss, distill_cls_loss
+    """distill_frs_two.py, forward_train, from ``layers = len(stu_cls_score)`` to the warmup: the loss lines
+    of distill_frs_single.py (tests/test_reference_frs.py) on the RPN's objectness instead of class scores."""
+    return official_frs_per_gpu(y, stu_feature_adap, stu_cls_score, tea_cls_score, feat_weight, cls_weight,
+                                iteration, warm_step)
 
 
 def test_frs_frcnn_settings_and_fields():

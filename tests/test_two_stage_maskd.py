@@ -17,7 +17,7 @@ from torch import nn
 
 from detectors import build_detector
 from detectors.frcnn import TwoStageOutput
-from detectors.views import Batch, ViewSpec
+from test_maskd_tokens import fixed_batch
 from test_reference_maskd import OfficialMaskModule, ProjectTokens, official_maskd_loss
 from train.methods import MasKD, build_method
 from train.methods.maskd_tokens import (ReceptiveTokens, cosine_lr, learn_receptive_tokens,
@@ -165,16 +165,6 @@ def test_feature_term_on_p2_to_p6_matches_the_official_loss(num_images, iteratio
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
-def fixed_batch() -> Batch:
-    """Two images (one smaller than the batch) with three boxes, 64×96 padded."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 96, generator=generator)
-    images[1, :, 60:, 70:] = 0
-    targets = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0], [50.0, 5.0, 90.0, 30.0]]),
-                "labels": torch.tensor([0, 2])},
-               {"boxes": torch.tensor([[5.0, 8.0, 30.0, 40.0]]), "labels": torch.tensor([1])}]
-    return Batch(images=images, image_sizes=[(64, 96), (60, 70)], targets=targets, image_ids=[1, 2],
-                 view_indices=[0, 0], views=[ViewSpec(), ViewSpec()], orig_sizes=[(64, 96), (60, 70)])
 
 
 @pytest.fixture(scope="module")
