@@ -28,6 +28,13 @@ gives bytes per view. Sizes without a real source are the synthetic caches' own 
 The table: bytes per view, views/s on one core, CPU cores one GPU student needs at
 ``--student-rate`` images/s (one view per image per step), and the disk for COCO train2017
 (118,287 images) x 2 views.
+
+With ``--device cuda`` (issue 12, item 8) a second table gives the other half of the path: the
+same compact batches, pinned as the student loader pins them, copied to the GPU and dequantised
+there by ``Cache.dequantize`` (what ``CachedTeacher.fetch`` runs in the training step), timed
+with the device synchronised: views/s, milliseconds per batch, the compact bytes that cross the
+bus against the float32 maps they expand to, and the largest difference from dequantising the
+same payload on the CPU.
 """
 from __future__ import annotations
 
@@ -49,8 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_rate_distortion import bytes_per_view  # noqa: E402
 from store import (BACKENDS, LEVELS, STRIDES, CacheError, KLTCodec, Manifest, load_manifest,  # noqa: E402
                    open_writer, parse_codec_spec)
+from store.codecs import map_tensors  # noqa: E402
 from store.synthetic import StructuredFPN  # noqa: E402
-from train.sources import NBYTES, CachedTeacher  # noqa: E402
+from train.sources import KEY, NBYTES, CachedTeacher  # noqa: E402
 
 CODECS = ("fp16", "int8", "klt:0.01", "klt:0.04", "klt:0.12", "klt:0.25", "klt-dpcm:0.04")
 TRAIN2017_IMAGES = 118_287
@@ -226,6 +234,57 @@ def read_rate(url: str, manifest: Manifest, fields: list[str], batch: int, passe
     return best
 
 
+def _fields_only(payload: dict) -> dict:
+    return {k: v for k, v in payload.items() if k not in (KEY, NBYTES)}
+
+
+def _nbytes(value) -> int:
+    """Bytes of a compact payload value that cross to the device per view (tensors, also inside
+    Affine / KLTCoeffs; a KLT basis and mean are the codec's, copied once)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(value, f)) for f in value.__dataclass_fields__ if f not in ("basis", "mean"))
+    return 0
+
+
+def device_rate(url: str, fields: list[str], batch: int, passes: int, device: torch.device, pin: bool = True) -> dict:
+    """Views/s of ``Cache.dequantize`` on ``device`` from compact batches (copy included), pinned as
+    the student loader pins them (``pin=False``: pageable), the compact and expanded bytes per view,
+    and the largest |device - CPU| over the first view."""
+    teacher = CachedTeacher(url, fields)
+    keys = teacher.cache.keys()
+    batches = []
+    for start in range(0, len(keys), batch):
+        payloads = teacher.prefetch_many(keys[start:start + batch])
+        batches.append([{k: map_tensors(v, torch.Tensor.pin_memory) if pin and device.type == "cuda" else v
+                         for k, v in _fields_only(payload).items()} for payload in payloads])
+    first = batches[0][0]
+    on_device = teacher.cache.dequantize(first, device=device)
+    on_cpu = teacher.cache.dequantize(first, device="cpu")
+    max_diff = max(float((on_device[k].cpu() - on_cpu[k]).abs().max()) for k in on_cpu)
+    compact = sum(_nbytes(v) for v in first.values())
+    expanded = sum(t.numel() * t.element_size() for t in on_cpu.values())
+    best = None
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(passes + 1):                  # the first pass warms the kernels and the bases' copies
+        synchronize()
+        start = time.perf_counter()
+        for payloads in batches:
+            for payload in payloads:
+                teacher.cache.dequantize(payload, device=device)
+        synchronize()
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    return dict(views_per_s=len(keys) / best, ms_per_batch=1e3 * best / len(batches), compact=compact,
+                expanded=expanded, max_diff=max_diff)
+
+
 def measure(args, views: list[dict], workdir: Path) -> list[dict]:
     """One row per backend and codec: the synthetic cache's group ratios and the read rates."""
     rows = []
@@ -239,6 +298,12 @@ def measure(args, views: list[dict], workdir: Path) -> list[dict]:
                     row[name] = read_rate(url, manifest, fields, args.batch, args.passes, args.seed)
             print(f"# {backend} {row['codec']}: " + ", ".join(
                 f"{name} {row[name]['views_per_s']:.1f} views/s" for name in READS), flush=True)
+            if args.device.type == "cuda":
+                row["device"] = {name: device_rate(url, fields, args.batch, args.passes, args.device)
+                                 for name, fields in READS.items()}
+                row["pageable"] = device_rate(url, READS["fpn+head"], args.batch, args.passes, args.device, pin=False)
+                print(f"# {backend} {row['codec']} on {args.device}: " + ", ".join(
+                    f"{name} {rate['views_per_s']:.0f} views/s" for name, rate in row["device"].items()), flush=True)
             rows.append(row)
             shutil.rmtree(url, ignore_errors=True)
     return rows
@@ -273,6 +338,28 @@ def table(rows: list[dict], raw: dict[str, int], fpn_sizes: dict, head_sizes: di
     return lines
 
 
+def device_table(rows: list[dict], device_name: str, batch: int) -> list[str]:
+    """The second table: compact batches dequantised on the GPU."""
+    lines = [f"Dequantised on {device_name} (`Cache.dequantize` of pinned compact batches of {batch}, "
+             "copy included, device synchronised):", "",
+             f"| backend | fpn codec | GPU views/s fpn / +head | ms per batch of {batch} fpn / +head "
+             f"| +head from pageable memory: views/s, ms per batch "
+             "| compact MB/view over the bus fpn / +head | float32 MB/view on the GPU fpn / +head "
+             "| max abs GPU - CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "device" not in row:
+            continue
+        fast, full = row["device"]["fpn"], row["device"]["fpn+head"]
+        lines.append(f"| {row['backend']} | {row['codec']} | {fast['views_per_s']:.0f} / {full['views_per_s']:.0f} | "
+                     f"{fast['ms_per_batch']:.2f} / {full['ms_per_batch']:.2f} | "
+                     f"{row['pageable']['views_per_s']:.0f}, {row['pageable']['ms_per_batch']:.2f} | "
+                     f"{fast['compact'] / 1e6:.2f} / {full['compact'] / 1e6:.2f} | "
+                     f"{fast['expanded'] / 1e6:.1f} / {full['expanded'] / 1e6:.1f} | "
+                     f"{max(fast['max_diff'], full['max_diff']):.2g} |")
+    return lines
+
+
 def report(args, argv: list[str], rows: list[dict], raw: dict[str, int], sizes) -> str:
     fpn_sizes, head_sizes = sizes
     h, w = args.size
@@ -296,6 +383,8 @@ def report(args, argv: list[str], rows: list[dict], raw: dict[str, int], sizes) 
     if any("*" in line for line in lines[2:]):
         text.append("\\* measured on the synthetic maps (store.synthetic.StructuredFPN), not a real teacher's "
                     "size: give --sizes-from a real cache or its ratios.")
+    if args.device.type == "cuda":
+        text += ["", *device_table(rows, torch.cuda.get_device_name(args.device), args.batch)]
     return "\n".join(text)
 
 
@@ -330,8 +419,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the caches are written, one at a time, each removed once read "
                              "(default: a temporary directory)")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                        help="cuda: also time the compact batches dequantised on this GPU (item 8) [cpu]")
     parser.add_argument("--out", help="also write the markdown to this file")
     args = parser.parse_args(argv)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here")
     argv_text = sys.argv[1:] if argv is None else list(argv)
     args.codecs = args.codecs or list(CODECS)
     for codec in args.codecs:

@@ -93,6 +93,23 @@ def to_torch(value):
     return value
 
 
+def map_tensors(value, fn):
+    """``value`` with ``fn`` applied to each torch tensor in it, also those inside Affine / KLTCoeffs
+    (a KLT basis and mean stay: they are the codec's, copied to a device once). For ``pin_memory``:
+    a DataLoader pins the tensors it sees, not those inside these dataclasses, and a copy from
+    pageable memory runs several times slower (BENCHMARKS.md, "Dequantised on the GPU")."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (Affine, KLTCoeffs)):
+        return dataclasses.replace(value, **{f.name: fn(getattr(value, f.name)) for f in dataclasses.fields(value)
+                                             if isinstance(getattr(value, f.name), torch.Tensor)})
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # codecs (the KLT family: store/klt.py)
 def _float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

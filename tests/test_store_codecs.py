@@ -153,6 +153,52 @@ def test_compact_forms_dequantize_to_the_same_values():
     assert bf16.decode_compact(bf16.encode(RANDOM)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("bound, narrow", [(0.25, True), (0.002, False)])
+def test_klt_compact_codes_take_one_byte_when_they_fit(bound, narrow):
+    """A loose bound's codes cross as uint8 (half the bytes to pin and copy), a tight one's as uint16;
+    either expands to the full decode, on the CPU and after the loader's uint -> int reinterpretation."""
+    from store.codecs import to_torch
+    codec = make_codec(f"klt:{bound}", calibration=STRUCTURED_FIT)
+    blob = codec.encode(STRUCTURED)
+    compact = codec.decode_compact(blob)
+    assert compact.codes.dtype == (np.uint8 if narrow else np.uint16)
+    assert narrow == (int(compact.codes.max()) < 256)
+    for value in (compact, to_torch(compact)):
+        np.testing.assert_allclose(dequantize(value, device="cpu").numpy(), codec.decode(blob), rtol=1e-5, atol=1e-5)
+
+
+def test_pinning_reaches_the_arrays_inside_compact_forms(monkeypatch):
+    """The loader pins teacher payloads (DataLoader(pin_memory=True) -> StudentItem.pin_memory): every
+    tensor of an Affine or KLTCoeffs goes through pin_memory too, not only the dict's top level
+    (a pageable int8 / KLT payload crossed to an H200 at a fifth of the pinned rate), and the pinned
+    payload dequantises to the same values."""
+    from store.codecs import to_torch
+    from train.student_data import StudentItem, _pin
+
+    pinned = []
+
+    def fake_pin(tensor):                      # no CUDA here: record what would be pinned
+        copy = tensor.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    payload = {}
+    for preset in ("int8", "klt", "fp16"):
+        codec = make_codec(preset, calibration=STRUCTURED_FIT)
+        payload[preset] = to_torch(codec.decode_compact(codec.encode(STRUCTURED)))
+    out = _pin(payload)
+    inner = [out["int8"].q, out["int8"].scale, out["int8"].offset, out["klt"].codes, out["klt"].components,
+             out["fp16"]]
+    assert len(pinned) == len(inner) and all(any(t is p for p in pinned) for t in inner)
+    assert out["klt"].basis is payload["klt"].basis            # the codec's basis is copied once, not per view
+    for preset in payload:
+        torch.testing.assert_close(dequantize(out[preset], device="cpu"), dequantize(payload[preset], device="cpu"),
+                                   rtol=0, atol=0)
+    item = StudentItem(batch=None, teacher=[payload])           # a failed batch is handed on as it is
+    assert item.pin_memory() is item and item.teacher[0] is payload
+
+
 def test_unrepresentable_input_is_refused():
     with pytest.raises(CacheError, match="overflows fp16"):
         make_codec("fp16").encode(np.array([1e6], np.float32))

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from detectors.data import CocoDetection, DataError
 from detectors.views import Batch, collate
+from store.codecs import map_tensors
 
 View = tuple[int, int]  # (image_index into dataset.image_ids, view_index into the cache's views)
 
@@ -102,8 +103,9 @@ class StudentItem:
 
 
 def _pin(payload: Any) -> Any:
+    """A teacher payload in pinned memory, the compact forms' inner arrays included."""
     if isinstance(payload, dict):
-        return {k: (v.pin_memory() if isinstance(v, Tensor) else v) for k, v in payload.items()}
+        return {k: map_tensors(v, Tensor.pin_memory) for k, v in payload.items()}
     return payload
 
 
