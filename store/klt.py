@@ -12,8 +12,8 @@ exact relative RMSE and tightens the step if it would exceed ``max_rel_rmse``.
 The spatial variants code each plane of quantised coefficients further: ``dpcm`` predicts it from
 its decoded neighbours (lossless on the integers), ``dct`` quantises its 2-D DCT (see ``KLTCodec``).
 
-Decoding to compact form gives ``KLTCoeffs``, the uint16 zigzag codes of the coefficients, which
-travel to the accelerator as they are; ``dequantize_klt`` expands them there (the basis is sent
+Decoding to compact form gives ``KLTCoeffs``, the zigzag codes of the coefficients (uint8 when they
+fit, as they do at loose bounds, else uint16), which travel to the accelerator as they are; ``dequantize_klt`` expands them there (the basis is sent
 once per device).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class KLTCoeffs:
     ``basis`` and ``mean`` are the codec's (shared by every sample of the field); they are left out
     when the object is pickled (loader worker -> main process), and ``Cache.dequantize`` or
     ``dequantize(value, codec=...)`` supplies them again."""
-    codes: object            # uint16 (or uint32) zigzag codes (k, H*W): 0, 1, 2, 3, ... = 0, -1, 1, -2, ...
+    codes: object            # uint8 / uint16 / uint32 zigzag codes (k, H*W): 0, 1, 2, 3, ... = 0, -1, 1, -2, ...
     components: object       # int64 (k,) indices into the basis columns
     step: float
     shape: tuple
@@ -78,7 +78,8 @@ def dequantize_klt(value: KLTCoeffs, device, dtype, codec=None):
     else:
         codes = as_device_tensor(value.codes, device)
         wide = codes.to(torch.int64)
-        wide &= 0xFFFF if codes.dtype == torch.int16 else 0xFFFFFFFF    # back to the unsigned code
+        if codes.dtype in (torch.int16, torch.int32):                      # back to the unsigned code
+            wide &= 0xFFFF if codes.dtype == torch.int16 else 0xFFFFFFFF
         q = (wide >> 1) ^ -(wide & 1)                                    # (k, HW) signed
         coeff = q.to(torch.float32) * value.step
         components = as_device_tensor(value.components, device)
@@ -262,6 +263,10 @@ class KLTCodec(FieldCodec):
             out = self._decode(header, parts)
             return out.astype(np.float16) if np.abs(out).max(initial=0) < 65504 else out
         codes, components = self._codes(header, parts)
+        if codes.dtype != np.uint8 and codes.max(initial=0) < 256:
+            # Loose bounds keep codes small (under 50 at the default 0.25): one byte each halves what
+            # a loader holds, pins and copies to the device, which expands them there.
+            codes = codes.astype(np.uint8)
         return KLTCoeffs(codes=codes, components=components, step=float(header["step"]),
                          shape=tuple(header["shape"]), basis=self.basis, mean=self.mean)
 
