@@ -65,6 +65,8 @@ class PrecomputeConfig:
     amp: str = field(default="none", metadata={
         "group": THROUGHPUT, "choices": AMP_CHOICES,
         "help": "autocast dtype of the teacher forward; outputs are cast to float32"})
+    cudnn_benchmark: bool = field(default=False, metadata={
+        "group": THROUGHPUT, "help": "let cuDNN time its kernels for each new input shape (see python -m train --help)"})
     workers: int = field(default=2, metadata={"group": THROUGHPUT, "help": "data loader processes per rank"})
     encode_threads: int = field(default=-1, metadata={
         "group": THROUGHPUT, "help": "encoding threads per rank; -1: auto (GPU: the rank's spare CPU cores, CPU: 2)"})

@@ -76,7 +76,7 @@ class Run:
         self.dataset.exclude(self.scan.bad)
         self.dataset.expect_image_hashes(self.scan.hashes)
         self.order = TaskOrder(len(self.dataset.image_ids), len(self.views))
-        self.device = resolve_device(config.device, local_rank)
+        self.device = resolve_device(config.device, local_rank, config.cudnn_benchmark)
         self.amp_dtype = resolve_amp(config.amp, self.device)
         self.teacher: Teacher = load_teacher(config.teacher, config.ckpt, self.dataset.num_classes, config.source,
                                              self.device, category_ids=self.dataset.label_to_cat_id)

@@ -24,6 +24,24 @@ def test_resolve_device_cpu():
             resolve_device("cuda", 0)
 
 
+def test_cudnn_benchmark_is_off_unless_asked(monkeypatch):
+    """Detection batches are padded to their images' aspect ratios: cuDNN's per-shape kernel timing
+    stays off on a CUDA device unless --cudnn-benchmark asks for it (no GPU here: CUDA's calls faked)."""
+    from precompute.config import PrecomputeConfig
+    from train.config import TrainConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert resolve_device("cuda", 3) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert torch.backends.cudnn.benchmark is False
+    resolve_device("cuda:0", 0, cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is True
+    assert TrainConfig.__dataclass_fields__["cudnn_benchmark"].default is False
+    assert PrecomputeConfig.__dataclass_fields__["cudnn_benchmark"].default is False
+
+
 def test_resolve_amp():
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) is None           # bf16 only on a CUDA device

@@ -90,6 +90,10 @@ class TrainConfig:
         "group": OPTIMISATION, "help": "autocast of the student's backbone and head",
         "default_text": "auto: bf16 on CUDA, none on CPU"})
     device: str = field(default="auto", metadata={"group": OPTIMISATION, "help": "auto | cpu | cuda | cuda:N"})
+    cudnn_benchmark: bool = field(default=False, metadata={
+        "group": OPTIMISATION, "help": "let cuDNN time its kernels for each new input shape: pays only when batches "
+                                       "repeat a few padded shapes (fixed-size views); with COCO's many aspect "
+                                       "ratios it re-times every conv at almost every step"})
     workers: int = field(default=2, metadata={"group": DATA, "help": "loader processes per rank"})
     prefetch_batches: int = field(default=2, metadata={
         "group": DATA, "help": "teacher reads of the next N batches started ahead of the step, concurrently, in "

@@ -137,7 +137,7 @@ class StudentTrainer:
         self.rank, self.world_size, self.local_rank = dist_env()
         self.distributed = self.world_size > 1
         self.is_main = self.rank == 0
-        self.device = resolve_device(c.device, self.local_rank)
+        self.device = resolve_device(c.device, self.local_rank, c.cudnn_benchmark)
         if self.distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                                  rank=self.rank, world_size=self.world_size,
