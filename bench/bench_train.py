@@ -1,4 +1,4 @@
-"""Student training cost per step: no distillation, each method from the cache, each method online.
+"""Student training cost per step: no distillation, each method from the cache, online, and from memory.
 
     python -m bench.bench_train                         # synthetic set, random gfl-small -> gfl-nano, CPU
     python -m bench.bench_train --teacher frcnn-small --student frcnn-nano   # two-stage: the partial teacher
@@ -8,13 +8,16 @@
 In one run: builds a synthetic set and a teacher cache with precompute's API (default lossy
 codecs), then times training steps of the same student for (a) no distillation, (b) every method
 from the cache, (c) every method with the online teacher (precompute's ``extract_fields`` in the
-loop). Each configuration runs in a fresh process (``StudentTrainer`` with ``max_iters`` =
+loop), (d) every method with the cache's fields dequantised on the training device before the run
+(``InMemoryTeacher``: a step reads and decodes nothing). (b) - (d) is what reading the cache costs a
+step; (d) - (a) is the method's own work (its loss, adapters, masks), which no read path removes.
+Each configuration runs in a fresh process (``StudentTrainer`` with ``max_iters`` =
 warmup + steps, no evaluation) so that its peak memory is its own: CPU peak RSS of that process
 (``VmHWM`` of /proc/self/status; ``ru_maxrss`` would carry the parent's peak across exec), GPU
 ``torch.cuda.max_memory_allocated``. A step is measured from the
 end of the previous one: loader wait (image decode, view, cache decompression with
 ``--workers 0``) + dequantisation + forward + backward + optimiser steps. Prints a markdown table
-with the ratios (b)/(a) and (c)/(b), and the size of the cache's artefacts (a two-stage teacher's
+with the ratios (b)/(a), (c)/(b), (d)/(a) and the read share ((b) - (d)) / (a), and the size of the cache's artefacts (a two-stage teacher's
 RoI head, which the partial teacher runs on the student's RoIs over the cached maps in (b) while
 (c) runs the whole teacher). Warmups and ramps of the methods are set to 0 so every term is
 computed from the first step.
@@ -91,7 +94,28 @@ def prepare(args, work: Path) -> dict:
             "precompute_s": time.perf_counter() - start}
 
 
-def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, out: str, results) -> None:
+MODES = ("cache", "online", "memory")
+
+
+class InMemoryTeacher:
+    """Every view's fields of a cache, dequantised on ``device`` once: ``fetch`` only looks them up.
+    The lower bound of any read path (what a step costs when reading is free)."""
+
+    def __init__(self, cached, device) -> None:
+        from train.sources import KEY, NBYTES
+        self.fields = cached.fields
+        self.samples = {}
+        keys = cached.cache.keys()
+        for start in range(0, len(keys), 16):
+            for payload in cached.prefetch_many(keys[start:start + 16]):
+                fields = {k: v for k, v in payload.items() if k not in (KEY, NBYTES)}
+                self.samples[tuple(int(k) for k in payload[KEY])] = cached.cache.dequantize(fields, device=device)
+
+    def fetch(self, batch, payloads, device) -> list[dict]:
+        return [dict(self.samples[(int(i), int(v))]) for i, v in zip(batch.image_ids, batch.view_indices)]
+
+
+def measure(args: argparse.Namespace, setup: dict, method: str, mode: str, out: str, results) -> None:
     """In a fresh process: train warmup + steps iterations, report the median step time and peak memory."""
     import torch
 
@@ -104,12 +128,14 @@ def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, ou
     # Every term on from the first iteration (the steady-state cost, not the warmup's): each ramp,
     # warmup and detached phase of the method set to 0.
     overrides = {key: 0 for key in default_iteration_settings(method, get_config(args.student).family)}
-    source = dict(teacher=setup["ckpt"], views=setup["views"], artifacts_from=setup["cache"]) if online \
+    source = dict(teacher=setup["ckpt"], views=setup["views"], artifacts_from=setup["cache"]) if mode == "online" \
         else dict(cache=setup["cache"])
     config = TrainConfig(data=setup["data"], out=out, method=method, student=args.student, batch_size=args.batch_size,
                          max_iters=args.warmup + args.steps, warmup_iters=1, workers=args.workers, device=args.device,
                          amp=args.amp, eval=False, tensorboard=False, progress=False, overrides=overrides, **source)
     trainer = StudentTrainer(config)
+    if mode == "memory" and trainer.fields:
+        trainer.source = InMemoryTeacher(trainer.source, trainer.device)   # the loader then prefetches nothing
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -117,7 +143,7 @@ def measure(args: argparse.Namespace, setup: dict, method: str, online: bool, ou
     trainer.train()
     timed = trainer.step_times[args.warmup:]
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
-    results.put({"method": method, "online": online, "step_s": statistics.median(timed), "peak_mb": peak,
+    results.put({"method": method, "mode": mode, "step_s": statistics.median(timed), "peak_mb": peak,
                  "cuda": cuda})
 
 
@@ -132,15 +158,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux KiB
 
 
-def run_one(args, setup, method, online, work: Path) -> dict:
+def run_one(args, setup, method, mode, work: Path) -> dict:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    out = work / f"run_{method}_{'online' if online else 'cache'}"
-    process = context.Process(target=measure, args=(args, setup, method, online, str(out), results))
+    out = work / f"run_{method}_{mode}"
+    process = context.Process(target=measure, args=(args, setup, method, mode, str(out), results))
     process.start()
     process.join()
     if process.exitcode != 0 or results.empty():
-        raise RuntimeError(f"{method} ({'online' if online else 'cache'}) failed with exit code {process.exitcode}")
+        raise RuntimeError(f"{method} ({mode}) failed with exit code {process.exitcode}")
     return results.get()
 
 
@@ -158,13 +184,12 @@ def main(argv=None) -> None:
               f"{args.steps} timed steps after {args.warmup}", file=sys.stderr, flush=True)
         artifacts = open_cache(setup["cache"]).artifacts()   # e.g. a two-stage teacher's RoI head
         sizes = ", ".join(f"{name} {record['nbytes'] / 2 ** 20:.2f} MB" for name, record in sorted(artifacts.items()))
-        base = run_one(args, setup, BASELINE, False, work)
+        base = run_one(args, setup, BASELINE, "cache", work)
         rows = []
         for method in methods:
-            cached = run_one(args, setup, method, False, work)
-            online = run_one(args, setup, method, True, work)
-            rows.append((method, cached, online))
-            print(f"{method}: cache {cached['step_s']:.3f} s/step, online {online['step_s']:.3f} s/step",
+            steps = {mode: run_one(args, setup, method, mode, work) for mode in MODES}
+            rows.append((method, steps))
+            print(f"{method}: " + ", ".join(f"{mode} {step['step_s']:.3f} s/step" for mode, step in steps.items()),
                   file=sys.stderr, flush=True)
     finally:
         if not args.work:
@@ -173,12 +198,14 @@ def main(argv=None) -> None:
     print(f"\ncache artefacts (stored once per cache): {sizes}")
     print(f"\n(a) no distillation: {base['step_s'] * 1000:.0f} ms/step, {memory} {base['peak_mb']:.0f} "
           f"(median of {args.steps} steps after {args.warmup}; batch {args.batch_size}; {args.device})\n")
-    print(f"| method | (b) cache ms/step | (c) online ms/step | (b)/(a) | (c)/(b) | {memory} (b) | {memory} (c) |")
-    print("|---|---|---|---|---|---|---|")
-    for method, cached, online in rows:
-        print(f"| {method} | {cached['step_s'] * 1000:.0f} | {online['step_s'] * 1000:.0f} | "
-              f"{cached['step_s'] / base['step_s']:.2f} | {online['step_s'] / cached['step_s']:.2f} | "
-              f"{cached['peak_mb']:.0f} | {online['peak_mb']:.0f} |")
+    print(f"| method | (b) cache ms/step | (c) online ms/step | (d) memory ms/step | (b)/(a) | (c)/(b) | (d)/(a) "
+          f"| read share ((b)-(d))/(a) | {memory} (b) | {memory} (c) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    a = base["step_s"]
+    for method, steps in rows:
+        b, c, d = (steps[mode]["step_s"] for mode in MODES)
+        print(f"| {method} | {b * 1000:.0f} | {c * 1000:.0f} | {d * 1000:.0f} | {b / a:.2f} | {c / b:.2f} | {d / a:.2f} | "
+              f"{(b - d) / a:+.2f} | {steps['cache']['peak_mb']:.0f} | {steps['online']['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
