@@ -125,6 +125,10 @@ def measure(args: argparse.Namespace, setup: dict, method: str, mode: str, out: 
     from train.trainer import StudentTrainer
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "fork" in mp.get_all_start_methods():
+        # This process was spawned, and its loader workers would be spawned too (seconds each, every
+        # epoch); `python -m train` on Linux forks them.
+        mp.set_start_method("fork", force=True)
     # Every term on from the first iteration (the steady-state cost, not the warmup's): each ramp,
     # warmup and detached phase of the method set to 0.
     overrides = {key: 0 for key in default_iteration_settings(method, get_config(args.student).family)}
