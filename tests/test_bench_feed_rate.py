@@ -87,3 +87,31 @@ def test_the_synthetic_maps_have_the_shapes_of_the_view(small_views):
     assert view["fpn.p3"].shape == (16, 16, 24) and view["fpn.p7"].shape == (16, 1, 2)
     assert view["head.cls.p4"].shape == (4, 8, 12) and view["head.box.p5"].shape == (68, 4, 6)
     assert all(v.dtype == np.float32 for v in view.values())
+
+
+@pytest.mark.parametrize("codec", ["int8", "klt:0.25"])
+def test_device_half_counts_what_crosses_and_matches_the_cpu(tmp_path, small_views, codec):
+    """The dequantise-on-device measurement, run on the CPU: the compact bytes per view are those of
+    the payload's arrays (one-byte KLT codes at a loose bound; no basis), the expanded ones float32
+    of every field, and the device path equals the CPU path."""
+    url = str(tmp_path / "cache")
+    feed.write_cache(url, "zarr", codec, small_views, 4, (128, 192))
+    rate = feed.device_rate(url, feed.READS["fpn"], 2, 1, torch.device("cpu"))
+    locations = sum(h * w for h, w in feed.level_sizes(128, 192))
+    assert rate["expanded"] == 4 * 16 * locations
+    if codec == "int8":                             # uint8 values + a float32 scale and offset per channel
+        assert rate["compact"] == 16 * locations + 5 * 2 * 16 * 4
+    else:
+        from train.sources import CachedTeacher
+        payload = CachedTeacher(url, feed.READS["fpn"]).prefetch_many([(0, 0)])[0]
+        codes = [payload[f"fpn.{level}"].codes for level in ("p3", "p4", "p5", "p6", "p7")]
+        assert all(c.dtype == torch.uint8 for c in codes)
+        assert rate["compact"] == sum(c.numel() + 8 * len(payload[f"fpn.{lv}"].components)
+                                      for c, lv in zip(codes, ("p3", "p4", "p5", "p6", "p7")))
+    assert rate["max_diff"] == 0 and rate["views_per_s"] > 0 and rate["ms_per_batch"] > 0
+
+
+def test_device_cuda_is_refused_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+        feed.main(["--device", "cuda", "--views", "1"])
