@@ -17,7 +17,9 @@ what exists.
 The x axis is what each run read: the stored bytes per view of the fields its method reads (from
 the cache's manifest; fpn for FRS, MasKD, ICD and DeFeat, region rows for LD), as a fraction of
 the same fields in raw fp16 too. The seed-noise band is the lossless point's mean ± its seeds'
-standard deviation. Writes OUT/rd.md (the table), OUT/rd.csv and OUT/rd.png.
+standard deviation (a run's spread), and ± its standard error (the band of the mean, which more
+seeds narrow); each point's mean is compared with the lossless mean with the standard error of
+the difference. Writes OUT/rd.md (the table), OUT/rd.csv and OUT/rd.png.
 """
 from __future__ import annotations
 
@@ -211,10 +213,20 @@ def band(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def difference_of_means(values: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """mean(values) - mean(reference) and its standard error, sqrt(s1^2/n1 + s2^2/n2) (None below two
+    runs on either side): the noise band of a point's mean against the lossless point's, which shrinks
+    with more seeds where the per-run std does not."""
+    delta = statistics.fmean(values) - statistics.fmean(reference)
+    if len(values) < 2 or len(reference) < 2:
+        return delta, None
+    return delta, (statistics.variance(values) / len(values) + statistics.variance(reference) / len(reference)) ** 0.5
+
+
 def write_report(args, rows: list[dict], methods: list[str]) -> None:
     lossless = {r["method"]: r for r in rows if r["point"] == "fp16"}
     lines = ["| method | point | codecs of the fields it reads | bytes / view | × raw fp16 | calib. rel RMSE | "
-             "AP (seeds) | mean ± std | Δ vs lossless (paired by seed) |", "|---" * 9 + "|"]
+             "AP (seeds) | mean ± std | Δ mean vs lossless ± s.e. | Δ vs lossless (paired by seed) |", "|---" * 10 + "|"]
     with open(args.out / "rd.csv", "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["method", "point", "codecs", "bytes_per_view", "ratio_raw_fp16", "rel_rmse", "seeds", "ap"])
@@ -223,8 +235,10 @@ def write_report(args, rows: list[dict], methods: list[str]) -> None:
             out.writerow([r["method"], r["point"], r["codecs"], r["bytes_per_view"], r["ratio"], r["rel_rmse"],
                           " ".join(map(str, r["seeds"])), " ".join(f"{a:.2f}" for a in r["ap"])])
             base = lossless.get(r["method"])
-            paired = ""
+            paired = difference = ""
             if base and r is not base:
+                delta, error = difference_of_means(r["ap"], base["ap"])
+                difference = f"{delta:+.1f}" + ("" if error is None else f" ± {error:.1f}")
                 by_seed = dict(zip(base["seeds"], base["ap"]))
                 deltas = [a - by_seed[s] for s, a in zip(r["seeds"], r["ap"]) if s in by_seed]
                 paired = " / ".join(f"{d:+.1f}" for d in deltas)
@@ -233,7 +247,7 @@ def write_report(args, rows: list[dict], methods: list[str]) -> None:
             rmse = "" if r["rel_rmse"] is None else f"{r['rel_rmse']:.3g}"
             seeds = ", ".join(f"{a:.1f}" for a in r["ap"])
             lines.append(f"| {r['method']} | {r['point']} | {r['codecs']} | {kb} | {ratio} | {rmse} | {seeds} | "
-                         f"{statistics.fmean(r['ap']):.1f} ± {band(r['ap']):.1f} | {paired} |")
+                         f"{statistics.fmean(r['ap']):.1f} ± {band(r['ap']):.1f} | {difference} | {paired} |")
     lines += ["", size_table(args, [r["point"] for r in rows if r["bytes_per_view"]])]
     (args.out / "rd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -262,6 +276,8 @@ def plot(args, rows: list[dict], methods: list[str]) -> None:
         if base:
             mean, spread = statistics.fmean(base["ap"]), band(base["ap"])
             ax.axhspan(mean - spread, mean + spread, color="tab:blue", alpha=0.15, label="lossless ± std")
+            error = spread / len(base["ap"]) ** 0.5
+            ax.axhspan(mean - error, mean + error, color="tab:blue", alpha=0.25, label="lossless mean ± s.e.")
         online = next((r for r in rows if r["method"] == method and r["point"] == "online"), None)
         if online:
             ax.axhline(statistics.fmean(online["ap"]), color="tab:green", ls="--", label="online teacher")
