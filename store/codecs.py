@@ -97,7 +97,7 @@ def map_tensors(value, fn):
     """``value`` with ``fn`` applied to each torch tensor in it, also those inside Affine / KLTCoeffs
     (a KLT basis and mean stay: they are the codec's, copied to a device once). For ``pin_memory``:
     a DataLoader pins the tensors it sees, not those inside these dataclasses, and a copy from
-    pageable memory runs several times slower (BENCHMARKS.md, "Dequantised on the GPU")."""
+    pageable memory runs several times slower (BENCHMARKS.md, "On an H200")."""
     import dataclasses
 
     import torch

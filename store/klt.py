@@ -13,8 +13,8 @@ The spatial variants code each plane of quantised coefficients further: ``dpcm``
 its decoded neighbours (lossless on the integers), ``dct`` quantises its 2-D DCT (see ``KLTCodec``).
 
 Decoding to compact form gives ``KLTCoeffs``, the zigzag codes of the coefficients (uint8 when they
-fit, as they do at loose bounds, else uint16), which travel to the accelerator as they are; ``dequantize_klt`` expands them there (the basis is sent
-once per device).
+fit, as they do at loose bounds, else uint16), which travel to the accelerator as they are;
+``dequantize_klt`` expands them there (the basis is sent once per device).
 """
 from __future__ import annotations
 
