@@ -286,7 +286,7 @@ def plot(args, rows: list[dict], methods: list[str]) -> None:
         for r, xi, yi in zip(points, x, y):
             ax.annotate(r["point"].split(":")[-1], (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7)
         ax.set_xscale("log")
-        ax.set_xticks([0.15, 0.25, 0.5, 1.0])
+        ax.set_xticks([0.1, 0.15, 0.25, 0.5, 1.0])
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(method)
